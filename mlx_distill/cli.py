@@ -1,0 +1,54 @@
+"""`python -m mlx_distill <command>`: each command is one stage module's ``main(argv)``; nothing else."""
+
+import importlib
+import sys
+
+# command -> (module, function, one-line help)
+COMMANDS = {
+    "train": ("mlx_distill.train", "main", "LoRA/DoRA/full SFT (+ top-K logit KD) with validation early stopping"),
+    "corpus": ("mlx_distill.corpus.build", "main", "build / inspect a verified chain-of-thought corpus (`corpus build`, `corpus stats`)"),
+    "logits": ("mlx_distill.logits", "main", "re-score verified traces with a local teacher and store its top-M logits"),
+    "eval": ("mlx_distill.evaluate", "main", "generate answers for a benchmark and grade them"),
+    "grade": ("mlx_distill.evaluate", "grade_main", "re-grade saved predictions without a model"),
+    "study": ("mlx_distill.study", "main", "response-length studies (`study length -c study.yaml`)"),
+    "parity": ("mlx_distill.parity", "main", "compare MLX and PyTorch on the same weights and batch"),
+    "convert-adapter": ("mlx_distill.adapters", "main", "convert adapters between mlx-lm and PEFT folders"),
+    "model": ("mlx_distill.embedded", "main", "prepare the embedded SmolLM2-135M-Instruct model (`model prepare`)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m mlx_distill <command> [options]   (`<command> -h` for its options)", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    from .blas import ensure_fast_blas
+
+    ensure_fast_blas(["-m", "mlx_distill", *argv])
+    module, func, _ = COMMANDS[cmd]
+    from .io import InputError
+    from .config import ConfigError
+
+    try:
+        getattr(importlib.import_module(module), func)(rest)
+    except (InputError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted; everything finished so far is saved (re-run with --resume to continue)", file=sys.stderr)
+        raise SystemExit(130)

@@ -1,0 +1,32 @@
+"""Where things live: the repository's prompts/ and corpora/, ../shared/data, the model cache."""
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prompts_dir() -> Path:
+    return Path(os.environ.get("MLX_DISTILL_PROMPTS", REPO / "prompts"))
+
+
+def prompt_path(name: str | Path) -> Path:
+    """A prompt template: an existing path as given, else a file under prompts/."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    q = prompts_dir() / p.name if p.parent in (Path("."), Path("prompts")) else prompts_dir() / p
+    return q if q.is_file() else p
+
+
+def shared_data_dir() -> Path:
+    """Benchmark data (GSM8K, MATH, MATH-500, AIME 2024, AMC 2023) copied beside the checkout."""
+    return Path(os.environ.get("MLX_DISTILL_DATA", REPO.parent / "shared" / "data"))
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MLX_DISTILL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlx_distill")
+    p = Path(base)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
