@@ -1,0 +1,219 @@
+"""MLX backend: mlx-lm models, LoRA/DoRA layers, AdamW, a compiled step.
+
+Implements the small interface the training loop (`mlx_distill.train`) drives; the torch
+backend (`backends/torch.py`) implements the same methods.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+
+def resolve_model_path(name: str) -> str:
+    """'smollm2' -> the embedded model folder; anything else unchanged (path or HF repo id)."""
+    from ..embedded import resolve_model
+
+    return str(resolve_model(name))
+
+
+def save_arrays_atomic(path: Path, arrays: dict, metadata: dict | None = None) -> None:
+    import mlx.core as mx
+
+    from ..io import atomic_path
+
+    with atomic_path(path) as tmp:
+        # mx.save_safetensors appends .safetensors when missing
+        target = str(tmp) + ".safetensors"
+        mx.save_safetensors(target, arrays, metadata=metadata or {})
+        os.replace(target, tmp)
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, cfg):
+        import mlx.core as mx
+
+        self.cfg = cfg
+        self.mx = mx
+        self.model = None
+        self.optimizer = None
+        self._step = None
+
+    # ------------------------------------------------------------------ model
+    def load(self):
+        from mlx_lm import load
+
+        self.model_path = resolve_model_path(self.cfg.model)
+        self.model, self.tokenizer = load(self.model_path)
+        return self.model, self.tokenizer
+
+    def prepare(self):
+        """Freeze the base, add LoRA/DoRA layers (or unfreeze blocks for full fine-tuning)."""
+        from mlx_lm.tuner.trainer import grad_checkpoint
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+
+        cfg, mx, model = self.cfg, self.mx, self.model
+        mx.random.seed(cfg.seed)
+        n_layers = len(model.layers)
+        self.num_layers = n_layers if cfg.lora_layers < 0 else min(cfg.lora_layers, n_layers)
+        model.freeze()
+        if cfg.fine_tune_type == "full":
+            for layer in model.layers[-self.num_layers:]:
+                layer.unfreeze()
+        else:
+            linear_to_lora_layers(model, self.num_layers, self.lora_parameters(), use_dora=cfg.fine_tune_type == "dora")
+        if cfg.grad_checkpoint:
+            grad_checkpoint(model.layers[0])
+        return model
+
+    def lora_parameters(self) -> dict:
+        p = {"rank": self.cfg.lora_rank, "scale": self.cfg.lora_scale, "dropout": self.cfg.lora_dropout}
+        if self.cfg.lora_keys:
+            p["keys"] = list(self.cfg.lora_keys)
+        return p
+
+    def adapter_config(self) -> dict:
+        """mlx-lm's adapter_config.json (read by `mlx_lm generate --adapter-path`, `mlx_lm fuse`)."""
+        cfg = self.cfg
+        return {"model": self.model_path, "fine_tune_type": cfg.fine_tune_type, "num_layers": self.num_layers,
+                "lora_parameters": self.lora_parameters(), "data": cfg.data, "seed": cfg.seed,
+                "max_seq_length": cfg.max_seq_length, "trained_by": "mlx_distill"}
+
+    def parameter_counts(self) -> dict:
+        from mlx.utils import tree_flatten
+
+        total = sum(v.size for _, v in tree_flatten(self.model.parameters()))
+        trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+        return {"total": int(total), "trainable": int(trainable)}
+
+    def forward(self, model, inputs):
+        return model(inputs)
+
+    def to_arrays(self, arrays: dict) -> dict:
+        mx = self.mx
+        return {k: (mx.array(v) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+
+    # ------------------------------------------------------------------ optimisation
+    def schedule(self):
+        import mlx.optimizers as optim
+
+        cfg = self.cfg
+        lr, warm = cfg.learning_rate, max(cfg.warmup, 0)
+        decay_steps = max(cfg.iters - warm, 1)
+        if cfg.lr_schedule == "cosine":
+            main = optim.cosine_decay(lr, decay_steps, end=lr * cfg.min_lr_ratio)
+        elif cfg.lr_schedule == "linear":
+            main = optim.linear_schedule(lr, lr * cfg.min_lr_ratio, decay_steps)
+        else:
+            main = lambda _: lr  # noqa: E731
+        if warm == 0:
+            return main
+        # step s (0-based) of the warm-up gets lr*(s+1)/warm: no wasted step at lr=0
+        return optim.join_schedules([optim.linear_schedule(lr / warm, lr, warm - 1), main], [warm])
+
+    def init_optimizer(self):
+        import mlx.optimizers as optim
+
+        self.optimizer = optim.AdamW(learning_rate=self.schedule(), weight_decay=self.cfg.weight_decay)
+        self.optimizer.init(self.model.trainable_parameters())
+
+    def build_step(self, objective):
+        """Compile one micro-step: loss, grads; on `update`, divide the accumulated grads by
+        the accumulated token count once, clip, and apply AdamW."""
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+
+        cfg, model = self.cfg, self.model
+        if self.optimizer is None:
+            self.init_optimizer()
+
+        def step(batch, acc, acc_n, update: bool):
+            def f(m, b):
+                s, n, parts = objective(m, b)
+                return s, (n, parts)
+
+            (s, (n, parts)), grads = nn.value_and_grad(model, f)(model, batch)
+            if acc is not None:
+                grads = tree_map(lambda a, g: a + g, acc, grads)
+                n_tot = acc_n + n
+            else:
+                n_tot = n
+            if update:
+                grads = tree_map(lambda g: g / mx.maximum(n_tot, 1.0), grads)
+                if cfg.max_grad_norm > 0:
+                    grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+                self.optimizer.update(model, grads)
+                grads, n_tot = None, None
+            return s, n, parts, grads, n_tot
+
+        if cfg.compile:
+            state = [model.state, self.optimizer.state, mx.random.state]
+            step = partial(mx.compile, inputs=state, outputs=state)(step)
+        self._step = step
+        self._acc, self._acc_n = None, None
+        self._state = [model.state, self.optimizer.state, mx.random.state]
+
+    def train_step(self, arrays: dict, update: bool) -> dict:
+        s, n, parts, self._acc, self._acc_n = self._step(self.to_arrays(arrays), self._acc, self._acc_n, update)
+        self.mx.eval(self._state, s, n, parts, self._acc, self._acc_n)
+        return {"loss_sum": s.item(), "ntokens": n.item(), **{k: v.item() for k, v in parts.items()}}
+
+    def eval_step(self, objective, arrays: dict) -> dict:
+        s, n, parts = objective(self.model, self.to_arrays(arrays))
+        self.mx.eval(s, n, parts)
+        return {"loss_sum": s.item(), "ntokens": n.item(), **{k: v.item() for k, v in parts.items()}}
+
+    def train_mode(self, on: bool) -> None:
+        self.model.train(on)
+
+    def learning_rate(self) -> float:
+        return float(self.optimizer.learning_rate.item())
+
+    def peak_memory_gb(self) -> float:
+        return self.mx.get_peak_memory() / 1e9
+
+    # ------------------------------------------------------------------ persistence
+    def adapter_weights(self) -> dict:
+        from mlx.utils import tree_flatten
+
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def save_adapter(self, folder: Path, name: str = "adapters.safetensors") -> None:
+        save_arrays_atomic(Path(folder) / name, self.adapter_weights())
+
+    def save_checkpoint(self, folder: Path, state: dict) -> None:
+        """Adapter + optimizer + RNG + loop state, written to a temp folder and renamed."""
+        from mlx.utils import tree_flatten
+
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=folder.parent))
+        self.mx.save_safetensors(str(tmp / "adapters.safetensors"), self.adapter_weights())
+        opt_state = dict(tree_flatten(self.optimizer.state))
+        self.mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        self.mx.save_safetensors(str(tmp / "rng.safetensors"), {"key": self.mx.random.state[0]})
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, folder: Path) -> dict:
+        from mlx.utils import tree_unflatten
+
+        mx = self.mx
+        folder = Path(folder)
+        self.model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        mx.random.state[0] = mx.load(str(folder / "rng.safetensors"))["key"]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return json.loads((folder / "state.json").read_text())

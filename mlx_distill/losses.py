@@ -1,0 +1,204 @@
+"""Losses, written once for both backends.
+
+Every function here takes arrays of one library (MLX or PyTorch) and uses only the small
+`ops(x)` namespace below, so the SFT and KD formulas exist exactly once: the MLX trainer
+and the torch trainer call the same code and cannot drift apart.
+
+Conventions (as in mlx-lm's trainer and torchtune's KD losses):
+- logits are upcast to float32 before any reduction;
+- `mask` is 1.0 on positions that carry loss (completion tokens) and 0.0 elsewhere;
+- a loss returns ``(sum over unmasked positions, number of unmasked positions)`` so that
+  gradient accumulation divides once by the total token count; an all-masked batch gives
+  ``(0, 0)``, never NaN.
+"""
+
+from types import SimpleNamespace
+
+
+def _mlx_ops():
+    import mlx.core as mx
+
+    return SimpleNamespace(
+        name="mlx",
+        f32=lambda x: x.astype(mx.float32),
+        logsumexp=lambda x, axis: mx.logsumexp(x, axis=axis, keepdims=True),
+        take=lambda x, idx, axis: mx.take_along_axis(x, idx, axis=axis),
+        sum=lambda x, axis=None: mx.sum(x, axis=axis),
+        exp=mx.exp,
+        log=mx.log,
+        where=mx.where,
+        maximum=mx.maximum,
+        minimum=mx.minimum,
+        expand=lambda x, axis: mx.expand_dims(x, axis),
+        squeeze=lambda x, axis: mx.squeeze(x, axis),
+        concat=lambda xs, axis: mx.concatenate(xs, axis=axis),
+        log1p=mx.log1p,
+        stop_gradient=mx.stop_gradient,
+        as_index=lambda x: x.astype(mx.int32),
+        full_like=lambda x, v: mx.full(x.shape, v, dtype=x.dtype),
+        expm1=mx.expm1,
+        logaddexp=mx.logaddexp,
+        # indices of the k largest entries along the last axis (order among them unspecified)
+        topk_idx=lambda x, k: mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k].astype(mx.int32),
+    )
+
+
+def _torch_ops():
+    import torch
+
+    return SimpleNamespace(
+        name="torch",
+        f32=lambda x: x.float(),
+        logsumexp=lambda x, axis: torch.logsumexp(x, dim=axis, keepdim=True),
+        take=lambda x, idx, axis: torch.gather(x, axis, idx),
+        sum=lambda x, axis=None: x.sum() if axis is None else x.sum(dim=axis),
+        exp=torch.exp,
+        log=torch.log,
+        where=torch.where,
+        maximum=torch.maximum,
+        minimum=torch.minimum,
+        expand=lambda x, axis: x.unsqueeze(axis),
+        squeeze=lambda x, axis: x.squeeze(axis),
+        concat=lambda xs, axis: torch.cat(xs, dim=axis),
+        log1p=torch.log1p,
+        stop_gradient=lambda x: x.detach(),
+        as_index=lambda x: x.long(),
+        full_like=lambda x, v: torch.full_like(x, v),
+        expm1=torch.expm1,
+        logaddexp=torch.logaddexp,
+        topk_idx=lambda x, k: torch.topk(x, k, dim=-1).indices,
+    )
+
+
+_OPS = {}
+
+
+def ops(x) -> SimpleNamespace:
+    """The array namespace for `x` (an mlx.core.array or a torch.Tensor)."""
+    kind = "torch" if type(x).__module__.startswith("torch") else "mlx"
+    if kind not in _OPS:
+        _OPS[kind] = _torch_ops() if kind == "torch" else _mlx_ops()
+    return _OPS[kind]
+
+
+def log_softmax(x, axis: int = -1):
+    o = ops(x)
+    return x - o.logsumexp(x, axis)
+
+
+def sft_loss(logits, targets, mask):
+    """Masked next-token cross-entropy.
+
+    L_SFT = sum_{b,t} mask[b,t] * ( logsumexp_v z[b,t,v] - z[b,t,y[b,t]] )
+
+    logits: (B, T, V) student logits at positions predicting `targets` (B, T) int;
+    mask: (B, T) float. Returns (sum, ntokens).
+    """
+    o = ops(logits)
+    z = o.f32(logits)
+    mask = o.f32(mask)
+    lse = o.squeeze(o.logsumexp(z, -1), -1)
+    tgt = o.squeeze(o.take(z, o.expand(o.as_index(targets), -1), -1), -1)
+    nll = (lse - tgt) * mask
+    return o.sum(nll), o.sum(mask)
+
+
+# ----------------------------------------------------------------------------- top-K logit distillation
+KD_KINDS = ("forward", "reverse", "jsd")
+EMPTY_BELOW = -1e8  # a teacher logit at or below this (e.g. -inf) marks an empty slot
+_FILL = -1e9  # finite stand-in for empty slots: exp() underflows to 0 and no inf/NaN reaches a gradient
+_MIN_REST = 1e-6  # smallest "rest of vocabulary" mass, so log(rest) stays finite
+
+
+def _log1mexp(o, x):
+    """log(1 - exp(x)) for x <= 0, clamped so that 1 - exp(x) >= _MIN_REST."""
+    x = o.minimum(x, o.full_like(x, -_MIN_REST))
+    return o.log(-o.expm1(x))
+
+
+def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: float = 2.0,
+            kind: str = "forward", tail: bool = False, top_k: int | None = None):
+    """Top-K logit distillation against cached teacher tokens.
+
+    Shapes: student_logits (B, T, V); teacher_ids (B, T, M) int; teacher_logits (B, T, M)
+    float; mask (B, T), 1.0 where the position carries loss. Position t of all four is the
+    same prediction (of token t+1).
+
+    Slots. K = top_k (default M) slots are kept per position: the K largest teacher logits
+    (``top_k > M`` is an error; ``top_k == M`` keeps all). A slot is *empty* when its
+    teacher logit is ``-inf`` (anything <= EMPTY_BELOW) or its id is outside ``[0, V)``.
+    This is how a caller drops teacher tokens the student does not have (a 152064-row
+    teacher vs a 151936-row student) or pads positions without a teacher: write ``-inf``
+    (`TopMStore.batch_arrays` does, and counts the drops). Out-of-range ids are also
+    treated as empty here, so they are never used as indices (MLX does not bounds-check).
+
+    With S the non-empty slots at a position, a_k the teacher logits and b_k = z[id_k] the
+    student logits at those ids (k in S):
+
+    renormalised (tail=False):
+        p = softmax_S(a / T),  q = softmax_S(b / T)
+
+    rest-of-vocabulary bucket (tail=True): `teacher_logits` must be log-probabilities over
+    the teacher's whole vocabulary (what `mlx_distill logits` stores); the student's are
+    b_k = z[id_k] - logsumexp_v z_v. One extra bucket holds the remaining mass,
+    a_rest = log(1 - sum_S exp a_k) (same for b), and the K+1 buckets are tempered:
+        p = softmax(a_S ++ a_rest / T),  q = softmax(b_S ++ b_rest / T)
+    (bucket, then temper: the teacher's mass outside its top-M is known only at T = 1; the
+    rest mass is clamped to >= 1e-6.)
+
+    Divergence per position (teacher side is a constant, no gradient):
+        forward: KL(p || q) = sum_k p_k (log p_k - log q_k)
+        reverse: KL(q || p) = sum_k q_k (log q_k - log p_k)
+        jsd:     1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2
+
+    L_KD = T^2 * sum_{b,t} w[b,t] * D[b,t],   w = mask * [S non-empty]
+
+    Returns ``(L_KD, sum w)``: masked positions and positions with no teacher slot
+    contribute nothing and are not counted; an all-masked batch gives (0, 0), never NaN.
+    """
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
+    if not temperature > 0:
+        raise ValueError(f"kd temperature must be > 0, got {temperature}")
+    if tuple(teacher_ids.shape) != tuple(teacher_logits.shape):
+        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (B, T, M)")
+    if tuple(student_logits.shape[:-1]) != tuple(teacher_ids.shape[:-1]):
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher arrays "
+                         f"{tuple(teacher_ids.shape)} disagree on (B, T)")
+    o = ops(student_logits)
+    m_slots, vocab = teacher_ids.shape[-1], student_logits.shape[-1]
+    a = o.stop_gradient(o.f32(teacher_logits))
+    ids = o.as_index(teacher_ids)
+    if top_k is not None:
+        if top_k > m_slots:
+            raise ValueError(f"top_k={top_k} > M={m_slots}: the teacher cache holds {m_slots} tokens per "
+                             f"position; use top_k <= {m_slots} or re-extract with --top-m >= {top_k}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        if top_k < m_slots:
+            keep = o.topk_idx(a, top_k)
+            a, ids = o.take(a, keep, -1), o.take(ids, keep, -1)
+    valid = (a > EMPTY_BELOW) & (ids >= 0) & (ids < vocab)
+    ids = o.where(valid, ids, 0)
+    b = o.f32(o.take(student_logits, ids, -1))
+    a = o.where(valid, a, _FILL)
+    if tail:
+        b = b - o.logsumexp(o.f32(student_logits), -1)
+        b = o.where(valid, b, _FILL)
+        a = o.concat([a, _log1mexp(o, o.logsumexp(a, -1))], -1)
+        b = o.concat([b, _log1mexp(o, o.logsumexp(b, -1))], -1)
+    else:
+        b = o.where(valid, b, _FILL)
+    a, b = a / temperature, b / temperature
+    logp, logq = a - o.logsumexp(a, -1), b - o.logsumexp(b, -1)
+    p, q = o.exp(logp), o.exp(logq)
+    if kind == "forward":
+        div = o.sum(p * (logp - logq), -1)
+    elif kind == "reverse":
+        div = o.sum(q * (logq - logp), -1)
+    else:
+        logm = o.logaddexp(logp, logq) - 0.6931471805599453
+        div = 0.5 * o.sum(p * (logp - logm) + q * (logq - logm), -1)
+    w = o.f32(mask) * o.f32(o.sum(o.f32(valid), -1) > 0)
+    return (temperature * temperature) * o.sum(div * w), o.sum(w)

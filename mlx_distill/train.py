@@ -1,0 +1,310 @@
+"""`python -m mlx_distill train`: one training loop; the loss (SFT, or SFT + top-K KD) is an argument.
+
+    python -m mlx_distill train --model smollm2 --data corpora/gsm8k-sample --out runs/demo --iters 40
+
+Validation loss every --val-every steps (and at step 0), early stopping after --patience
+validations without an improvement of at least --min-delta, the best adapter kept as
+``adapters.safetensors``. ``--resume`` continues from ``checkpoints/last`` with the
+optimizer state, schedule position, RNG and data position, so the curve continues as if the
+run had never stopped. Every file is written atomically.
+
+Run folder::
+
+    adapters.safetensors   best adapter (mlx-lm format; `mlx_lm generate --adapter-path RUN`)
+    adapter_config.json    mlx-lm adapter config (+ the data it was trained on)
+    config.yaml            the resolved TrainConfig
+    metrics.jsonl          one row per report/validation (see README)
+    manifest.json          versions, data hashes, counts, best iteration, stop reason
+    checkpoints/last/      resumable state (adapter, optimizer, RNG, loop position)
+"""
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import blas, config, data
+from .config import TrainConfig
+from .io import InputError, JsonlAppender, atomic_write_json, read_jsonl, sha256_file, write_manifest
+from .losses import sft_loss
+
+# Changing these between a run and its --resume would silently change the curve.
+RESUME_MUST_MATCH = ("model", "data", "batch_size", "grad_accumulation", "seed", "fine_tune_type", "lora_rank",
+                     "lora_scale", "lora_layers", "lora_keys", "max_seq_length", "learning_rate", "warmup",
+                     "lr_schedule", "kd_dir", "kd_alpha", "kd_temperature", "kd_top_k", "kd_warmup", "kd_kind")
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches consumed (the data position)
+    best_val: float = math.inf
+    best_iter: int = -1
+    bad_vals: int = 0
+    trained_tokens: int = 0
+    stopped: str = ""
+    # the open report window, so a checkpoint mid-window resumes it exactly
+    win_loss: float = 0.0
+    win_tokens: int = 0
+    win_time: float = 0.0
+    win_parts: dict = None
+
+    def __post_init__(self):
+        self.win_parts = self.win_parts or {}
+
+
+# ----------------------------------------------------------------------------- objectives
+def sft_objective(forward):
+    def objective(model, b):
+        logits = forward(model, b["inputs"])
+        s, n = sft_loss(logits, b["targets"], b["mask"])
+        return s, n, {"sft_loss": s}
+
+    return objective
+
+
+def kd_objective(forward, cfg: TrainConfig):
+    """L = L_SFT + alpha_t * L_KD, alpha_t rising linearly to kd_alpha over kd_warmup steps."""
+    from .losses import kd_loss
+
+    def objective(model, b):
+        logits = forward(model, b["inputs"])
+        s, n = sft_loss(logits, b["targets"], b["mask"])
+        k, _ = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
+                       kind=cfg.kd_kind, tail=cfg.kd_tail, top_k=cfg.kd_top_k)
+        return s + b["kd_alpha"] * k, n, {"sft_loss": s, "kd_loss": k}
+
+    return objective
+
+
+def kd_alpha_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.kd_warmup <= 0:
+        return cfg.kd_alpha
+    return cfg.kd_alpha * min(1.0, step / cfg.kd_warmup)
+
+
+# ----------------------------------------------------------------------------- progress
+class Reporter:
+    """A rich progress bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, total: int, start: int, quiet: bool = False):
+        self.quiet = quiet
+        self.live = sys.stdout.isatty() and not quiet
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.description}"))
+            self.task = self.progress.add_task("", total=total, completed=start)
+
+    def __enter__(self):
+        if self.live:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live:
+            self.progress.__exit__(*exc)
+
+    def advance(self, text: str = ""):
+        if self.live:
+            self.progress.update(self.task, advance=1, description=text)
+
+    def line(self, text: str):
+        if self.quiet:
+            return
+        if self.live:
+            self.progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+
+def fmt_row(row: dict) -> str:
+    parts = [f"iter {row['iter']:>5}"]
+    for k, f in (("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("sft_loss", "{:.4f}"), ("kd_loss", "{:.4f}"),
+                 ("learning_rate", "{:.2e}"), ("tokens_per_sec", "{:.1f}"), ("peak_memory_gb", "{:.2f}")):
+        if row.get(k) is not None:
+            parts.append(f"{k} " + f.format(row[k]))
+    return " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------- the loop
+def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
+    ckpt = out / "checkpoints" / "last"
+    if cfg.resume:
+        if not ckpt.is_dir():
+            raise InputError(f"{out}: --resume given but there is no checkpoint in {ckpt}")
+        saved = config.load_yaml(out / "config.yaml")
+        diff = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
+        if diff:
+            raise InputError(f"{out / 'config.yaml'}: --resume with changed option(s) "
+                             + ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+                             + "; start a new --out instead")
+    elif (out / "metrics.jsonl").exists():
+        raise InputError(f"{out}: this run folder already holds a run; pass --resume to continue it "
+                         "or choose another --out")
+
+
+def run(cfg: TrainConfig, quiet: bool = False) -> dict:
+    """Train and return the run summary (also written to manifest.json)."""
+    from .backends import get_backend
+
+    out = Path(cfg.out)
+    _check_run_folder(cfg, out)
+    backend = get_backend(cfg)
+    t0 = time.perf_counter()
+    model, tokenizer = backend.load()
+    reports = {s: data.LoadReport(path="") for s in ("train", "valid")}
+    train_ex = data.load_examples(cfg, tokenizer, "train", reports["train"])
+    val_ex = data.load_examples(cfg, tokenizer, "valid", reports["valid"])
+    for split, rep in reports.items():
+        if rep.skipped_long:
+            print(f"{split}: skipped {rep.skipped_long} example(s) longer than --max-seq-length {cfg.max_seq_length} "
+                  f"(longest {rep.longest} tokens); they are never truncated", file=sys.stderr)
+    backend.prepare()
+    backend.init_optimizer()
+    counts = backend.parameter_counts()
+
+    kd_store = None
+    if cfg.kd_dir:
+        from .logits import kd_setup
+
+        kd_store = kd_setup(cfg, {"train": train_ex, "valid": val_ex}, tokenizer)
+        train_objective = kd_objective(backend.forward, cfg)
+    else:
+        train_objective = sft_objective(backend.forward)
+    val_objective = sft_objective(backend.forward)  # early stopping watches the data's own cross-entropy
+
+    pad = data.pad_id_of(tokenizer)
+    stream = data.BatchStream(train_ex, cfg.batch_size, cfg.seed, pad)
+    val_batches = [data.batch_arrays(b) for b in data.eval_batches(val_ex, cfg.batch_size, pad, cfg.val_batches)]
+
+    st = LoopState()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints" / "last"
+    if cfg.resume:
+        st = LoopState(**backend.load_checkpoint(ckpt_dir))
+        # drop rows written after the checkpoint (the run died before its next checkpoint)
+        rows = [r for r in read_jsonl(out / "metrics.jsonl", tolerate_torn_tail=True) if r["iter"] <= st.step]
+        from .io import write_jsonl
+
+        write_jsonl(out / "metrics.jsonl", rows)
+    else:
+        config.dump_yaml(cfg, out / "config.yaml")
+        atomic_write_json(out / "adapter_config.json", backend.adapter_config())
+    backend.build_step(train_objective)
+    metrics = JsonlAppender(out / "metrics.jsonl")
+    data_files = {s: r.path for s, r in reports.items()}
+    manifest_extra = {
+        "model_path": backend.model_path, "backend": backend.name, "parameters": counts,
+        "data_files": {s: {"path": p, "sha256": sha256_file(p)} for s, p in data_files.items()},
+        "examples": {s: {"records": r.records, "kept": r.kept, "skipped_long": r.skipped_long, "longest": r.longest}
+                     for s, r in reports.items()},
+        "blas": blas.status(),
+    }
+
+    def batch_for(k: int, step: int) -> tuple[dict, int]:
+        b = stream.at(k)
+        arrays = data.batch_arrays(b)
+        if kd_store is not None:
+            arrays.update(kd_store.batch_arrays(b, cfg.kd_top_k))
+            arrays["kd_alpha"] = np.array(kd_alpha_at(cfg, step), dtype=np.float32)
+        return arrays, b.ntokens
+
+    def validate() -> float:
+        backend.train_mode(False)
+        tot, n = 0.0, 0.0
+        for arrays in val_batches:
+            r = backend.eval_step(val_objective, arrays)
+            tot, n = tot + r["loss_sum"], n + r["ntokens"]
+        backend.train_mode(True)
+        return tot / max(n, 1.0)
+
+    def checkpoint():
+        backend.save_checkpoint(ckpt_dir, asdict(st))
+
+    def on_validation(row: dict) -> None:
+        val = validate()
+        row["val_loss"] = val
+        if val < st.best_val - cfg.min_delta:
+            st.best_val, st.best_iter, st.bad_vals = val, st.step, 0
+            backend.save_adapter(out)
+        else:
+            st.bad_vals += 1
+            if cfg.patience > 0 and st.bad_vals >= cfg.patience:
+                st.stopped = f"early stop: no val improvement for {st.bad_vals} validations (best {st.best_val:.4f} at iter {st.best_iter})"
+
+    if not quiet:
+        print(f"model {backend.model_path} | {counts['trainable'] / 1e6:.3f}M trainable / {counts['total'] / 1e6:.1f}M "
+              f"| train {len(train_ex)} valid {len(val_ex)} examples | {len(stream)} batches/epoch | "
+              f"{'SFT+KD' if kd_store else 'SFT'} | backend {backend.name}", flush=True)
+    backend.train_mode(True)
+    with Reporter(cfg.iters, st.step, quiet) as ui:
+        try:
+            if st.step == 0 and st.best_iter < 0:
+                row = {"iter": 0}
+                on_validation(row)
+                metrics.write(row)
+                ui.line(fmt_row(row))
+            while st.step < cfg.iters and not st.stopped:
+                tic = time.perf_counter()
+                step = st.step + 1
+                for a in range(cfg.grad_accumulation):
+                    arrays, _ = batch_for(st.micro, step)
+                    r = backend.train_step(arrays, update=a == cfg.grad_accumulation - 1)
+                    st.micro += 1
+                    st.win_loss += r["loss_sum"]
+                    st.win_tokens += int(r["ntokens"])
+                    for k in ("sft_loss", "kd_loss"):
+                        if k in r:
+                            st.win_parts[k] = st.win_parts.get(k, 0.0) + r[k]
+                st.step = step
+                st.win_time += time.perf_counter() - tic
+                row = {"iter": step}
+                if step % cfg.report_every == 0 or step == cfg.iters:
+                    st.trained_tokens += st.win_tokens
+                    row.update(train_loss=st.win_loss / max(st.win_tokens, 1),
+                               **{k: v / max(st.win_tokens, 1) for k, v in st.win_parts.items()},
+                               learning_rate=backend.learning_rate(),
+                               tokens_per_sec=st.win_tokens / max(st.win_time, 1e-9),
+                               trained_tokens=st.trained_tokens, peak_memory_gb=backend.peak_memory_gb(),
+                               epoch=round(stream.epoch_of(st.micro), 3))
+                    if kd_store is not None:
+                        row["kd_alpha"] = kd_alpha_at(cfg, step)
+                    st.win_loss, st.win_tokens, st.win_time, st.win_parts = 0.0, 0, 0.0, {}
+                if step % cfg.val_every == 0 or step == cfg.iters:
+                    on_validation(row)
+                if len(row) > 1:
+                    metrics.write(row)
+                    ui.line(fmt_row(row))
+                ui.advance(f"loss {row.get('train_loss', float('nan')):.3f}" if "train_loss" in row else "")
+                if step % cfg.save_every == 0:
+                    checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            metrics.close()
+            raise
+    if not st.stopped:
+        st.stopped = f"finished {cfg.iters} iterations"
+    checkpoint()
+    metrics.close()
+    summary = {"best_iter": st.best_iter, "best_val_loss": st.best_val, "last_iter": st.step,
+               "stop_reason": st.stopped, "trained_tokens": st.trained_tokens,
+               "wall_seconds": round(time.perf_counter() - t0, 1), "run": str(out)}
+    write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, result=summary)
+    if not quiet:
+        print(f"{st.stopped}. Best adapter (iter {st.best_iter}, val loss {st.best_val:.4f}) -> {out / 'adapters.safetensors'}")
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlx_distill train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    cfg = config.resolve(TrainConfig, args)
+    run(cfg)
