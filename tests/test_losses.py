@@ -1,0 +1,245 @@
+"""SFT and top-K KD losses: NumPy references, hand values, gradients, MLX == torch."""
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_distill.losses import kd_loss, sft_loss
+
+torch = pytest.importorskip("torch")
+
+KINDS = ["forward", "reverse", "jsd"]
+
+
+def _lsm(x):
+    x = np.asarray(x, np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+def _div(logp, logq, kind):
+    p, q = np.exp(logp), np.exp(logq)
+    if kind == "forward":
+        return float(np.sum(p * (logp - logq)))
+    if kind == "reverse":
+        return float(np.sum(q * (logq - logp)))
+    m = (p + q) / 2
+    with np.errstate(divide="ignore"):
+        logm = np.log(m)
+    return float(0.5 * np.sum(p * (logp - logm)) + 0.5 * np.sum(q * (logq - logm)))
+
+
+def kd_reference(student, ids, teacher, mask, T, kind, tail, top_k=None):
+    """Position-by-position NumPy float64 reference of the docstring formula."""
+    B, L, V = student.shape
+    total, n = 0.0, 0
+    for b in range(B):
+        for t in range(L):
+            a, i = teacher[b, t].astype(np.float64), ids[b, t]
+            if top_k is not None:
+                order = np.argsort(-a, kind="stable")[:top_k]
+                a, i = a[order], i[order]
+            ok = (a > -1e8) & (i >= 0) & (i < V)
+            if not mask[b, t] or not ok.any():
+                continue
+            a, i = a[ok], i[ok]
+            z = student[b, t].astype(np.float64)
+            bb = z[i]
+            if tail:
+                bb = bb - (np.log(np.exp(z - z.max()).sum()) + z.max())
+                a = np.append(a, np.log(max(1 - np.exp(a).sum(), 1e-6)))
+                bb = np.append(bb, np.log(max(1 - np.exp(bb).sum(), 1e-6)))
+            total += T * T * _div(_lsm(a / T), _lsm(bb / T), kind)
+            n += 1
+    return total, n
+
+
+def random_case(seed=0, B=2, L=7, V=50, Vt=60, M=8, empty=True):
+    """Teacher with a larger vocabulary (ids >= V appear), top-M log-probs, sorted."""
+    rng = np.random.default_rng(seed)
+    student = rng.normal(0, 2, (B, L, V)).astype(np.float32)
+    tfull = rng.normal(0, 3, (B, L, Vt))
+    ids = np.argsort(-tfull, -1)[..., :M].astype(np.int32)
+    logits = np.take_along_axis(_lsm(tfull), ids, -1).astype(np.float32)
+    if empty:  # a few empty slots and one position with no teacher at all
+        logits[0, 1, -2:] = -np.inf
+        logits[1, 3, :] = -np.inf
+    mask = (rng.random((B, L)) > 0.25).astype(np.float32)
+    if empty:
+        mask[1, 3] = 1.0
+    return student, ids, logits, mask
+
+
+def run_mlx(student, ids, logits, mask, **kw):
+    s, n = kd_loss(mx.array(student), mx.array(ids), mx.array(logits), mx.array(mask), **kw)
+    return float(s), float(n)
+
+
+def run_torch(student, ids, logits, mask, **kw):
+    s, n = kd_loss(torch.tensor(student), torch.tensor(ids), torch.tensor(logits), torch.tensor(mask), **kw)
+    return float(s), float(n)
+
+
+# ----------------------------------------------------------------------------- KD vs NumPy
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_kd_matches_numpy_reference(kind, tail, top_k):
+    student, ids, logits, mask = random_case(seed=hash((kind, tail, top_k)) % 1000)
+    ref, nref = kd_reference(student, ids, logits, mask, 2.0, kind, tail, top_k)
+    for run in (run_mlx, run_torch):
+        got, n = run(student, ids, logits, mask, temperature=2.0, kind=kind, tail=tail, top_k=top_k)
+        assert n == nref
+        assert got == pytest.approx(ref, rel=2e-5, abs=1e-6), run.__name__
+
+
+def test_kd_full_vocab_equals_dense_kl():
+    """With every vocabulary id in the cache (M = V), renormalised top-K KD is ordinary dense KD."""
+    rng = np.random.default_rng(3)
+    B, L, V, T = 2, 4, 16, 2.0
+    s = rng.normal(0, 2, (B, L, V)).astype(np.float32)
+    t = rng.normal(0, 2, (B, L, V)).astype(np.float32)
+    ids = np.broadcast_to(np.arange(V, dtype=np.int32), (B, L, V)).copy()
+    mask = np.ones((B, L), np.float32)
+    dense = {"forward": 0.0, "reverse": 0.0}
+    for b in range(B):
+        for i in range(L):
+            lp, lq = _lsm(t[b, i] / T), _lsm(s[b, i] / T)
+            dense["forward"] += T * T * np.sum(np.exp(lp) * (lp - lq))
+            dense["reverse"] += T * T * np.sum(np.exp(lq) * (lq - lp))
+    for kind, want in dense.items():
+        got, n = run_mlx(s, ids, t, mask, temperature=T, kind=kind)
+        assert n == B * L and got == pytest.approx(want, rel=1e-5)
+    # tail bucket is empty when the cache covers the vocabulary: same as renormalised at T = 1
+    tl = _lsm(t).astype(np.float32)
+    got, _ = run_mlx(s, ids, tl, mask, temperature=1.0, tail=True)
+    want, _ = run_mlx(s, ids, tl, mask, temperature=1.0, tail=False)
+    assert got == pytest.approx(want, rel=1e-3, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- hand values, 2x3x5
+def hand_case():
+    """B=2, T=3, V=5, M=2. Every counted position has teacher logits [0, 0] on its two ids
+    (p = [1/2, 1/2]) and student logits [0, 2 ln 3] there, so at T = 2: q = [1/4, 3/4]."""
+    s = np.zeros((2, 3, 5), np.float32)
+    ids = np.zeros((2, 3, 2), np.int32)
+    t = np.zeros((2, 3, 2), np.float32)
+    for b, pos, (i, j) in [(0, 0, (1, 3)), (0, 1, (4, 0)), (0, 2, (2, 1)), (1, 0, (0, 2)), (1, 1, (3, 4)), (1, 2, (1, 0))]:
+        ids[b, pos] = (i, j)
+        s[b, pos, j] = 2 * math.log(3)
+        s[b, pos, [k for k in range(5) if k not in (i, j)]] = 7.0  # ignored by the renormalised loss
+    t[1, 1] = -np.inf  # no teacher at this position: not counted although unmasked
+    mask = np.array([[1, 1, 0], [1, 1, 1]], np.float32)  # 4 unmasked with a teacher
+    return s, ids, t, mask
+
+
+@pytest.mark.parametrize("run", [run_mlx, run_torch])
+def test_kd_hand_value(run):
+    s, ids, t, mask = hand_case()
+    # forward, T=2: T^2 * (1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4)) = 4 * 1/2 ln(4/3) per position
+    got, n = run(s, ids, t, mask, temperature=2.0, kind="forward")
+    assert n == 4 and got == pytest.approx(4 * 2 * math.log(4 / 3), rel=1e-6)
+    # reverse, T=2: 4 * (1/4 ln(1/2) + 3/4 ln(3/2)) per position
+    got, n = run(s, ids, t, mask, temperature=2.0, kind="reverse")
+    assert got == pytest.approx(4 * 4 * (0.25 * math.log(0.5) + 0.75 * math.log(1.5)), rel=1e-6)
+    # jsd, T=2: m = [3/8, 5/8]
+    js = 0.5 * (0.5 * math.log(0.5 / 0.375) + 0.5 * math.log(0.5 / 0.625)) \
+        + 0.5 * (0.25 * math.log(0.25 / 0.375) + 0.75 * math.log(0.75 / 0.625))
+    got, n = run(s, ids, t, mask, temperature=2.0, kind="jsd")
+    assert got == pytest.approx(4 * 4 * js, rel=1e-6)
+
+
+@pytest.mark.parametrize("run", [run_mlx, run_torch])
+def test_kd_tail_hand_value(run):
+    """Teacher log-probs ln(1/4) on both ids (rest 1/2); uniform student over V=5 (rest 3/5)."""
+    s = np.zeros((2, 3, 5), np.float32)
+    ids = np.tile(np.array([1, 3], np.int32), (2, 3, 1))
+    t = np.full((2, 3, 2), math.log(0.25), np.float32)
+    mask = np.array([[1, 0, 1], [0, 0, 1]], np.float32)
+    want = 2 * 0.25 * math.log(0.25 / 0.2) + 0.5 * math.log(0.5 / 0.6)
+    got, n = run(s, ids, t, mask, temperature=1.0, tail=True)
+    assert n == 3 and got == pytest.approx(3 * want, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- masks, gradients, errors
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_kd_all_masked_is_zero_with_finite_gradients(kind, tail):
+    student, ids, logits, mask = random_case(1)
+    zero = np.zeros_like(mask)
+    for m in (zero, mask):
+        def f(x):
+            return kd_loss(x, mx.array(ids), mx.array(logits), mx.array(m), kind=kind, tail=tail)[0]
+
+        val, g = mx.value_and_grad(f)(mx.array(student))
+        assert np.isfinite(float(val)) and np.all(np.isfinite(np.array(g)))
+        x = torch.tensor(student, requires_grad=True)
+        s, n = kd_loss(x, torch.tensor(ids), torch.tensor(logits), torch.tensor(m), kind=kind, tail=tail)
+        s.backward()
+        assert torch.isfinite(s) and torch.isfinite(x.grad).all()
+        assert float(s.detach()) == pytest.approx(float(val), rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(x.grad.numpy(), np.array(g), rtol=1e-4, atol=1e-6)
+        if m is zero:
+            assert float(val) == 0.0 and float(n) == 0.0 and not np.any(np.array(g))
+
+
+def test_kd_tail_rest_clamped_when_topk_covers_everything():
+    """A teacher whose K ids hold all the mass: the rest bucket is clamped, not log(0)."""
+    s = np.random.default_rng(0).normal(size=(1, 2, 4)).astype(np.float32)
+    ids = np.tile(np.arange(4, dtype=np.int32), (1, 2, 1))
+    t = np.log(np.full((1, 2, 4), 0.25, np.float32))
+    val, g = mx.value_and_grad(lambda x: kd_loss(x, mx.array(ids), mx.array(t), mx.ones((1, 2)), tail=True)[0])(mx.array(s))
+    assert np.isfinite(float(val)) and np.all(np.isfinite(np.array(g)))
+
+
+def test_kd_top_k_rules():
+    student, ids, logits, mask = random_case(2, empty=False)
+    M = ids.shape[-1]
+    with pytest.raises(ValueError, match=r"top_k=9 > M=8"):
+        run_mlx(student, ids, logits, mask, top_k=M + 1)
+    with pytest.raises(ValueError, match=r"top_k=9 > M=8"):
+        run_torch(student, ids, logits, mask, top_k=M + 1)
+    assert run_mlx(student, ids, logits, mask, top_k=M) == pytest.approx(run_mlx(student, ids, logits, mask))
+    # K keeps the K *largest* whatever the slot order
+    perm = np.random.default_rng(0).permutation(M)
+    a = run_mlx(student, ids, logits, mask, top_k=3)
+    b = run_mlx(student, ids[..., perm], logits[..., perm], mask, top_k=3)
+    assert a == pytest.approx(b, rel=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        run_mlx(student, ids, logits, mask, kind="kl")
+    with pytest.raises(ValueError, match="same shape"):
+        run_mlx(student, ids, logits[..., :3], mask)
+
+
+def test_kd_out_of_vocab_ids_are_empty_slots():
+    """Teacher ids >= V (a larger teacher vocabulary) are dropped, never indexed: the loss
+    equals the loss with those slots marked empty (-inf)."""
+    student, ids, logits, mask = random_case(4, V=50, Vt=60)
+    assert (ids >= 50).any()
+    marked = np.where(ids >= 50, -np.inf, logits).astype(np.float32)
+    for run in (run_mlx, run_torch):
+        assert run(student, ids, logits, mask) == pytest.approx(run(student, ids, marked, mask), rel=1e-6)
+
+
+def test_kd_gradient_matches_finite_difference():
+    # the loss computes in float32 whatever the input dtype, hence the coarse eps/tolerance
+    student, ids, logits, mask = random_case(5, B=1, L=3, V=10, Vt=10, M=4, empty=False)
+    x = torch.tensor(student, dtype=torch.float64, requires_grad=True)
+    f = lambda z: kd_loss(z, torch.tensor(ids), torch.tensor(logits, dtype=torch.float64), torch.tensor(mask), kind="jsd", tail=True)[0]
+    assert torch.autograd.gradcheck(lambda z: f(z).double(), (x,), eps=1e-3, atol=2e-3, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- SFT
+@pytest.mark.parametrize("lib", ["mlx", "torch"])
+def test_sft_hand_value_and_all_masked(lib):
+    # one position: logits [0, ln 3] -> p(target=1) = 3/4; a masked position with a huge loss
+    logits = np.array([[[0.0, math.log(3)], [50.0, -50.0]]], np.float32)
+    targets = np.array([[1, 1]], np.int32)
+    mask = np.array([[1.0, 0.0]], np.float32)
+    conv = mx.array if lib == "mlx" else torch.tensor
+    s, n = sft_loss(conv(logits), conv(targets), conv(mask))
+    assert float(s) == pytest.approx(-math.log(0.75), rel=1e-6) and float(n) == 1
+    s, n = sft_loss(conv(logits), conv(targets), conv(np.zeros_like(mask)))
+    assert float(s) == 0.0 and float(n) == 0.0
