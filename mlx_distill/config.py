@@ -79,6 +79,79 @@ class TrainConfig:
     kd_tail: bool = opt(False, "Add a 'rest of vocabulary' bucket instead of renormalising over the K ids.")
 
 
+# ----------------------------------------------------------------------------- eval / grade / study (issue 5; owner: evaluator)
+EVAL_DATASETS = ["gsm8k", "math500", "aime24", "amc23", "math", "jsonl", "csv", "corpus"]
+
+
+@dataclass
+class EvalConfig:
+    model: str = opt("smollm2", "Model: local MLX folder, Hugging Face repo id or 'smollm2' (the embedded "
+                     "SmolLM2-135M-Instruct); with --backend api, the model name the server expects.")
+    adapter: str = opt("", "Adapter run folder (adapters.safetensors + adapter_config.json) to apply (MLX only).")
+    backend: str = opt("mlx", "Generation backend: local MLX or any OpenAI-compatible server.", choices=["mlx", "api"])
+    base_url: str = opt("", "OpenAI-compatible endpoint for --backend api, e.g. http://127.0.0.1:8080/v1.")
+    api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written anywhere).")
+    concurrency: int = opt(16, "Requests in flight (--backend api).")
+    batch_size: int = opt(8, "Sequences decoded together (--backend mlx).")
+    dataset: str = opt("gsm8k", f"Evaluation set: one of {EVAL_DATASETS} or a Hugging Face dataset name "
+                       "(openai/gsm8k, HuggingFaceH4/MATH-500).")
+    data: str = opt("", "Data file (default: ../shared/data, else Hugging Face); for --dataset corpus the corpus "
+                    "folder (its test split is used); required for jsonl/csv.")
+    split: str = opt("test", "Split of a named dataset.")
+    limit: int = opt(0, "Evaluate the first N problems (0 = all).")
+    answer_kind: str = opt("auto", "How answers are graded (auto: numeric for GSM8K, math-verify otherwise).",
+                           choices=["auto", "gsm8k", "math"])
+    prompt_style: str = opt("auto", "Zero-shot CoT template prompts/eval_<style>.txt (auto: cot_hash for GSM8K, "
+                            "cot_boxed otherwise).", choices=["auto", "cot_hash", "cot_boxed"])
+    prompt_file: str = opt("", "A user-turn template of your own ({question}); overrides --prompt-style.")
+    fewshot: int = opt(0, "Worked examples shown first as chat turns (prompts/eval_fewshot_<kind>.jsonl).")
+    system_prompt: str = opt("", "System message (empty: the adapter's training system prompt, if any).")
+    word_budget: int = opt(0, "Ask for at most N words (prompts/eval_budget.txt); 0 = no budget.")
+    max_tokens: int = opt(1024, "Generation cap; truncated responses are always counted.")
+    temperature: float = opt(0.0, "0 = greedy; > 0 samples with a per-problem seed.")
+    top_p: float = opt(1.0, "Nucleus sampling (with --temperature > 0).")
+    seed: int = opt(0, "Sampling seed (combined with each problem id).")
+    grade_timeout: float = opt(5.0, "Seconds allowed for each math-verify call (thread-safe).")
+    judge: str = opt("", "Second-opinion LLM judge backend (empty = none).", choices=["", "api", "mlx"])
+    judge_model: str = opt("", "Judge model (server model name, or MLX folder).")
+    judge_base_url: str = opt("", "Judge endpoint for --judge api.")
+    judge_api_key_env: str = opt("OPENAI_API_KEY", "Environment variable with the judge's API key.")
+    overlap: str = opt("refuse", "Evaluation problems that also occur in the adapter's training corpus: refuse to "
+                       "run, drop them (and say how many), or warn and keep them.", choices=["refuse", "drop", "warn"])
+    train_data: str = opt("", "Training corpus to check for overlap (default: `data:` in the adapter's config.yaml).")
+    compare: str = opt("", "Teacher traces to put beside the student's in report.md: another eval's records.jsonl "
+                       "or a corpus JSONL/folder with id + reasoning.")
+    report_samples: int = opt(5, "Problems shown side by side in report.md.")
+    show: int = opt(0, "Print N sample responses with their grade.")
+    plot: bool = opt(True, "Write lengths.png (needs matplotlib).")
+    out: str = opt("runs/eval", "Output folder: records.jsonl, summary.json, report.md, manifest.json.")
+
+
+@dataclass
+class GradeConfig:
+    dataset: str = opt("gsm8k", f"Dataset the predictions answer: one of {EVAL_DATASETS}.")
+    data: str = opt("", "Data file (default: ../shared/data for named datasets).")
+    split: str = opt("test", "Split of a named dataset.")
+    predictions: str = opt("", "JSONL with `response` and `id` (or `index`: 0-based line of the data file).")
+    out: str = opt("", "Summary JSON to write (graded records go beside it as <name>.records.jsonl).")
+    answer_kind: str = opt("auto", "How answers are graded.", choices=["auto", "gsm8k", "math"])
+    grade_timeout: float = opt(5.0, "Seconds allowed for each math-verify call.")
+
+
+@dataclass
+class StudyConfig:
+    kind: str = opt("prompt", "How length levels are induced: prompted word budgets, max-token caps, or one "
+                    "adapter per corpus length level.", choices=["prompt", "max_tokens", "adapter"])
+    levels: list = opt([], "prompt: word budgets; max_tokens: caps; adapter: corpus paths (trained here) or "
+                       "adapter run folders, or YAML mappings {name, data | adapter}.")
+    level_names: list = opt([], "Display names of the levels (default R1, R2, ...).")
+    seeds: list = opt([0], "Seeds: sampling seeds (and training seeds for kind adapter); mean +- std over them.")
+    eval: dict = opt({}, "EvalConfig options for every run (YAML mapping: dataset, limit, model, temperature ...).")
+    train: dict = opt({}, "TrainConfig options for kind adapter (YAML mapping: model, iters, ...).")
+    out: str = opt("runs/study", "Output folder: results.json/csv, accuracy_vs_words.png, report.md, runs/.")
+    plot: bool = opt(True, "Write the PNG plot (needs matplotlib).")
+
+
 # ----------------------------------------------------------------------------- helpers
 def _type_of(cls, f):
     hints = typing.get_type_hints(cls)
