@@ -1,0 +1,83 @@
+"""Problem sources: record shape, stable ids, gold answers, user CSV/JSONL with figure skipping."""
+
+import json
+
+import pytest
+
+from mlx_distill.io import InputError
+from mlx_distill.problems import answer_kind, eval_question_index, last_boxed, load_problems, normalize_text
+
+
+@pytest.mark.parametrize("source,n,first_id,first_answer", [
+    ("gsm8k", 7473, "gsm8k-train-00000", "72"),
+    ("math", 7500, "math-train/algebra/0", "0"),
+    ("math500", 500, "math500-test/precalculus/807", r"\left( 3, \frac{\pi}{2} \right)"),
+    ("aime24", 30, "aime24-60", "204"),
+    ("amc23", 40, "amc23-0", "27"),  # JSON number 27.0 -> "27"
+])
+def test_named_sources(shared_data, source, n, first_id, first_answer):
+    recs = load_problems(source)
+    assert len(recs) == n
+    r = recs[0]
+    assert set(r) == {"id", "question", "answer", "source", "meta"}
+    assert (r["id"], r["answer"], r["source"]) == (first_id, first_answer, source)
+    assert len({x["id"] for x in recs}) == n
+    assert load_problems(source, limit=3) == recs[:3]  # ids do not depend on --limit
+
+
+def test_gsm8k_gold_and_split(shared_data):
+    test = load_problems("gsm8k", split="test")
+    assert len(test) == 1319 and test[0]["id"] == "gsm8k-test-00000" and test[0]["answer"] == "18"
+    assert all("," not in r["answer"] for r in test)  # "1,000" -> "1000"
+    assert answer_kind("gsm8k") == "gsm8k" and answer_kind("math500") == "math" and answer_kind("openai/gsm8k") == "gsm8k"
+
+
+def test_math_meta_and_boxed(shared_data):
+    m = load_problems("math", limit=5)
+    assert m[0]["meta"]["subject"] == "Algebra" and m[0]["meta"]["level"] == 5
+    assert last_boxed(r"so \boxed{\frac{1}{2}} then \boxed{x^{2}}.") == "x^{2}"
+    assert last_boxed(r"our answer is $\boxed 2$.") == "2"  # MATH train/algebra has two of these
+    assert last_boxed("no box") is None and last_boxed(r"\boxed{unclosed") is None
+    m5 = load_problems("math500")
+    assert {r["meta"]["level"] for r in m5} == {1, 2, 3, 4, 5}
+
+
+def test_user_csv_skips_figures(tmp_path):
+    p = tmp_path / "obryan.csv"
+    p.write_text("year,number,problem,answer,figure\n"
+                 "2011,1,What is 2+2?,4,\n"
+                 "2011,2,Find the shaded area.,12,yes\n"
+                 "2012,1,\"Compute 1,000 + 1.\",1001,0\n"
+                 "2012,2,A problem with no answer,,\n")
+    skipped = []
+    recs = load_problems("csv", str(p), skipped=skipped)
+    assert [r["id"] for r in recs] == ["obryan-2011-1", "obryan-2012-1"]
+    assert recs[1]["question"] == "Compute 1,000 + 1." and recs[1]["meta"]["year"] == "2012"
+    assert [(s["id"], s["reason"].split(" (")[0]) for s in skipped] == [
+        ("obryan-2011-2", "needs a figure"), ("obryan-2012-2", "no answer")]
+    assert answer_kind("csv") == "math"
+
+
+def test_user_jsonl_ids_stable_and_errors(tmp_path):
+    p = tmp_path / "mine.jsonl"
+    rows = [{"problem": "Same text", "answer": 3}, {"problem": "Same text", "answer": 3},
+            {"question": "Other", "solution": r"so \boxed{5}", "has_figure": False}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a = load_problems("jsonl", str(p))
+    assert [r["answer"] for r in a] == ["3", "3", "5"]
+    assert len({r["id"] for r in a}) == 3 and a == load_problems("jsonl", str(p))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": 1}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl:1"):
+        load_problems("jsonl", str(bad))
+    with pytest.raises(InputError, match="--problems"):
+        load_problems("csv")
+    with pytest.raises(InputError, match="unknown problem source"):
+        load_problems("nope")
+
+
+def test_eval_index_covers_all_eval_sets(shared_data):
+    ix = eval_question_index()
+    assert len(ix) == 1319 + 500 + 30 + 40
+    q = load_problems("gsm8k", split="test")[5]["question"]
+    assert ix[normalize_text("  " + q.upper() + " ")] == "gsm8k-test-00005"
