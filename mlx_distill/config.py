@@ -77,6 +77,32 @@ class TrainConfig:
     kd_warmup: int = opt(0, "Steps over which alpha rises linearly from 0.")
     kd_kind: str = opt("forward", "Divergence.", choices=["forward", "reverse", "jsd"])
     kd_tail: bool = opt(False, "Add a 'rest of vocabulary' bucket instead of renormalising over the K ids.")
+    kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher logits cover less than this share of the "
+                                 "student's completion positions (see `mlx_distill.logits.TopMStore.check`).")
+
+
+# ----------------------------------------------------------------------------- logits (issue 4; owner: KD)
+@dataclass
+class LogitsConfig:
+    teacher: str = opt("", "Teacher model: local MLX / Hugging Face folder or repo id (required), e.g. a 7B "
+                       "instruct model, quantized or not.")
+    data: str = opt(TrainConfig.data, "Corpus folder (train.jsonl/valid.jsonl) or one JSONL file; every "
+                    "example of both splits is scored.")
+    out: str = opt("runs/logits", "Output folder: safetensors shards + manifest.json.")
+    top_m: int = opt(25, "Teacher tokens stored per completion position (M).")
+    batch_size: int = opt(4, "Examples per teacher forward pass.")
+    max_seq_length: int = opt(TrainConfig.max_seq_length, "Longest example in tokens; longer ones are skipped "
+                              "(use the value you train with).")
+    resume: bool = opt(False, "Add the examples not yet stored in --out (the teacher, tokenizer and M must match).")
+    backend: str = opt("auto", "Teacher forward backend (auto = mlx).", choices=["auto", "mlx", "torch"])
+    shard_size: int = opt(256, "Examples per safetensors shard (each shard is written atomically).")
+    limit: int = opt(-1, "Score at most this many new examples (-1 = all).")
+    # rendering: must be what `train` uses, or the student's tokens differ and KD refuses
+    system_prompt: str = opt(TrainConfig.system_prompt, "System message for corpus records (as in train).")
+    prompt_template: str = opt(TrainConfig.prompt_template, "User-turn template for corpus records (as in train).")
+    mask_prompt: bool = opt(TrainConfig.mask_prompt, "Score completion tokens only (as in train).")
+    long_examples: str = opt(TrainConfig.long_examples, "Examples longer than --max-seq-length: skip or fail.",
+                             choices=["skip", "error"])
 
 
 # ----------------------------------------------------------------------------- eval / grade / study (issue 5; owner: evaluator)
