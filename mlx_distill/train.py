@@ -255,7 +255,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 step = st.step + 1
                 for a in range(cfg.grad_accumulation):
                     arrays, _ = batch_for(st.micro, step)
-                    r = backend.train_step(arrays, update=a == cfg.grad_accumulation - 1)
+                    r = backend.train_step(arrays, update=a == cfg.grad_accumulation - 1, micro=st.micro)
                     st.micro += 1
                     st.win_loss += r["loss_sum"]
                     st.win_tokens += int(r["ntokens"])

@@ -111,7 +111,7 @@ class MLXBackend:
         elif cfg.lr_schedule == "linear":
             main = optim.linear_schedule(lr, lr * cfg.min_lr_ratio, decay_steps)
         else:
-            main = lambda _: lr  # noqa: E731
+            main = optim.linear_schedule(lr, lr, 1)  # constant, as an array-valued schedule
         if warm == 0:
             return main
         # step s (0-based) of the warm-up gets lr*(s+1)/warm: no wasted step at lr=0
@@ -161,7 +161,10 @@ class MLXBackend:
         self._acc, self._acc_n = None, None
         self._state = [model.state, self.optimizer.state, mx.random.state]
 
-    def train_step(self, arrays: dict, update: bool) -> dict:
+    def train_step(self, arrays: dict, update: bool, micro: int = 0) -> dict:
+        # Dropout's RNG is a pure function of (seed, micro-batch index): a resumed run draws
+        # exactly the masks the uninterrupted run would have (MLX cannot restore a saved key).
+        self.mx.random.seed(self.cfg.seed * 1_000_003 + micro)
         s, n, parts, self._acc, self._acc_n = self._step(self.to_arrays(arrays), self._acc, self._acc_n, update)
         self.mx.eval(self._state, s, n, parts, self._acc, self._acc_n)
         return {"loss_sum": s.item(), "ntokens": n.item(), **{k: v.item() for k, v in parts.items()}}
@@ -190,7 +193,7 @@ class MLXBackend:
         save_arrays_atomic(Path(folder) / name, self.adapter_weights())
 
     def save_checkpoint(self, folder: Path, state: dict) -> None:
-        """Adapter + optimizer + RNG + loop state, written to a temp folder and renamed."""
+        """Adapter + optimizer + loop state (RNG is derived from it), written to a temp folder and renamed."""
         from mlx.utils import tree_flatten
 
         folder = Path(folder)
@@ -199,7 +202,6 @@ class MLXBackend:
         self.mx.save_safetensors(str(tmp / "adapters.safetensors"), self.adapter_weights())
         opt_state = dict(tree_flatten(self.optimizer.state))
         self.mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-        self.mx.save_safetensors(str(tmp / "rng.safetensors"), {"key": self.mx.random.state[0]})
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
@@ -214,6 +216,5 @@ class MLXBackend:
         folder = Path(folder)
         self.model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-        mx.random.state[0] = mx.load(str(folder / "rng.safetensors"))["key"]
         mx.eval(self.model.parameters(), self.optimizer.state)
         return json.loads((folder / "state.json").read_text())
