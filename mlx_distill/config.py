@@ -178,6 +178,78 @@ class StudyConfig:
     plot: bool = opt(True, "Write the PNG plot (needs matplotlib).")
 
 
+# ----------------------------------------------------------------------------- corpus (issue 3; owner: corpus builder)
+@dataclass
+class CorpusConfig:
+    # problems
+    source: str = opt("gsm8k", "Problem source: gsm8k, math, math500, aime24, amc23, jsonl, csv, or a Hugging Face "
+                      "dataset name (openai/gsm8k, EleutherAI/hendrycks_math, ...).")
+    problems: str = opt("", "Problems file (required for jsonl/csv; default for named sources: ../shared/data).")
+    split: str = opt("", "Split of a named source (default: train for gsm8k/math, test otherwise).")
+    limit: int = opt(0, "Use the first N problems (0 = all).")
+    # teacher (solver agent)
+    teacher: str = opt("api", "Solver backend: an OpenAI-compatible server, or a local MLX model.", choices=["api", "mlx"])
+    preset: str = opt("", "Fill --base-url/--model/--api-key-env for a known server (explicit flags win).",
+                      choices=["", "deepseek", "mlx-lm", "vllm"])
+    base_url: str = opt("", "OpenAI-compatible endpoint, e.g. https://api.deepseek.com or http://127.0.0.1:8080/v1.")
+    model: str = opt("", "Model the server should use (api), or a local MLX folder / Hugging Face id (mlx).")
+    adapter: str = opt("", "Adapter folder for a local MLX teacher.")
+    api_key_env: str = opt("DEEPSEEK_API_KEY", "Environment variable holding the API key (the key itself is never "
+                           "written to any file or log).")
+    samples: int = opt(1, "Solutions sampled per problem.")
+    temperature: float = opt(0.6, "Sampling temperature (0 = greedy; DeepSeek-R1 ignores it).")
+    max_tokens: int = opt(4096, "Generation cap per solution (reasoning + answer).")
+    seed: int = opt(0, "Seed: sampling seeds (seed + sample index) and the train/valid/test split.")
+    system_prompt: str = opt("", "System prompt file or text for the solver (empty = none; R1 recommends none).")
+    solver_prompt: str = opt("auto", "User-turn template ({question}); auto = prompts/solver_gsm8k.txt or "
+                             "prompts/solver_math.txt by answer kind.")
+    # reliability
+    concurrency: int = opt(8, "Requests in flight (api) / sequences decoded together (mlx).")
+    rpm: float = opt(0.0, "Requests per minute limit (0 = none).")
+    tpm: float = opt(0.0, "Tokens per minute limit (0 = none).")
+    max_retries: int = opt(6, "Retries per request on 429, 5xx, timeouts, connection errors and empty 200s.")
+    timeout: float = opt(600.0, "Seconds before one request times out (and is retried).")
+    backoff: float = opt(1.0, "Base of the exponential back-off in seconds (doubles per retry, with jitter).")
+    retry_failed: bool = opt(True, "On a re-run, try again the problems whose requests failed for good.")
+    # verifier agent
+    judge_model: str = opt("", "LLM judge for answers the programmatic check cannot parse (empty = no judge); same "
+                           "client kind as the teacher.")
+    judge_base_url: str = opt("", "Judge endpoint (empty = the teacher's).")
+    judge_api_key_env: str = opt("", "Judge's API-key variable (empty = the teacher's).")
+    critic: bool = opt(False, "Have the judge rate each verified solution's reasoning 1-5 (needs --judge-model).")
+    min_critic: int = opt(0, "Reject verified solutions the critic rates below this (0 = keep all).")
+    grade_timeout: float = opt(5.0, "Seconds allowed for each math-verify call.")
+    # filters and keep rule
+    max_words: int = opt(0, "Reject solutions longer than this many words (0 = no limit).")
+    max_solution_tokens: int = opt(0, "Reject solutions with more completion tokens than this (0 = no limit).")
+    repeat_ngram: int = opt(12, "Repetition loop: an n-gram of this many words ...")
+    repeat_count: int = opt(4, "... occurring at least this many times.")
+    banned_phrases: list = opt(["as an ai language model", "i cannot assist", "i'm sorry, but i can't"],
+                               "Reject solutions containing any of these (case-insensitive).")
+    keep: str = opt("first", "Verified solutions kept per problem: the first (lowest sample index), the shortest, "
+                    "or all.", choices=["first", "shortest", "all"])
+    thinking: str = opt("drop", "The teacher's separate reasoning (reasoning_content / <think>): drop it from "
+                        "verified.jsonl, or keep it as `thinking` (trained inside <think>).", choices=["drop", "keep"])
+    # rewriter agent (length levels)
+    rewrite_levels: list = opt([], "Length levels to write, e.g. R1 R2 R3 R4 (prompts/rewrite_<level>.txt); each "
+                               "becomes its own corpus in <out>/<level>/.")
+    rewrite_max_tokens: dict = opt({"R1": 1536, "R2": 1024, "R3": 768, "R4": 256},
+                                   "Max tokens per rewrite level (levels not listed use --max-tokens).")
+    rewrite_model: str = opt("", "Model for the rewriter (empty = the teacher).")
+    # outputs
+    out: str = opt("", "Corpus folder (default corpora/<name>).")
+    name: str = opt("", "Corpus name under corpora/ (default: the source name).")
+    valid_fraction: float = opt(0.05, "Share of verified problems in valid.jsonl.")
+    test_fraction: float = opt(0.05, "Share of verified problems in test.jsonl.")
+    leakage: str = opt("report", "Training problems whose text matches GSM8K test / MATH-500 / AIME 2024 / AMC 2023: "
+                       "report them, drop them from the splits, or stop with an error.", choices=["report", "drop", "error"])
+    price_input: float = opt(0.55, "USD per million prompt tokens for the cost estimate (deepseek-reasoner, cache miss).")
+    price_output: float = opt(2.19, "USD per million completion tokens for the cost estimate (deepseek-reasoner).")
+    resume: bool = opt(False, "Continue the run in --out with its stored settings (flags given now override them); "
+                       "re-running the same command also skips finished work.")
+    progress: bool = opt(True, "Show a live progress bar.")
+
+
 # ----------------------------------------------------------------------------- helpers
 def _type_of(cls, f):
     hints = typing.get_type_hints(cls)
