@@ -1,0 +1,239 @@
+"""Teacher top-M extraction and the TopMStore reader: exact top-M, resume, alignment, checks."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_distill import data
+from mlx_distill.config import LogitsConfig, TrainConfig, build
+from mlx_distill.io import InputError
+from mlx_distill.logits import TopMStore, extract, kd_setup, load_all_examples, main
+from mlx_distill.losses import kd_loss
+from mlx_distill.paths import REPO
+
+M = 8
+TEMPLATE = str(REPO / "prompts" / "train_user.txt")
+
+
+def records(n, seed=0, start=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a, b = int(rng.integers(1, 99)), int(rng.integers(1, 99))
+        out.append({"id": f"q{start + i}", "question": f"Ann has {a} coins and buys {b} more. How many now?",
+                    "reasoning": f"Ann has {a} + {b} = {a + b} coins.", "answer": str(a + b)})
+    return out
+
+
+def write_corpus(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "c.jsonl", records(14))
+
+
+def lcfg(teacher, corpus, out, **kw):
+    base = dict(teacher=str(teacher), data=str(corpus), out=str(out), top_m=M, batch_size=3, shard_size=5,
+                prompt_template=TEMPLATE, max_seq_length=512)
+    base.update(kw)
+    return build(LogitsConfig, base)
+
+
+def tcfg(model, corpus, kd_dir="", **kw):
+    base = dict(model=str(model), data=str(corpus), prompt_template=TEMPLATE, max_seq_length=512, kd_dir=str(kd_dir),
+                kd_top_k=5)
+    base.update(kw)
+    return build(TrainConfig, base)
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_model):
+    from mlx_lm import load
+
+    return load(str(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def store_dir(tiny_model, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("logits") / "out"
+    extract(lcfg(tiny_model, corpus, out), quiet=True)
+    return out
+
+
+def all_examples(teacher, corpus, **kw):
+    return load_all_examples(lcfg("x", corpus, "unused", **kw), teacher[1])
+
+
+# ----------------------------------------------------------------------------- extraction
+def test_extraction_stores_exact_top_m_of_a_direct_forward(teacher, corpus, store_dir):
+    model, tok = teacher
+    store = TopMStore(store_dir)
+    exs = all_examples(teacher, corpus)
+    assert len(exs) == 14 and set(store.entries) == {e.id for e in exs}
+    man = store.manifest
+    assert man["top_m"] == M and man["dtype"]["ids"] == "int32" and man["dtype"]["logprobs"] == "float16"
+    assert man["stats"]["payload_bytes_per_token"] == 6 * M
+    for e in exs:
+        np.testing.assert_array_equal(store.scored_tokens(e.id), e.tokens)
+        ids, lps = store.rows(e.id)
+        ent = store.entries[e.id]
+        assert ent["first"] == e.prompt_len - 1 and ent["n"] == len(e.tokens) - e.prompt_len == len(ids)
+        z = model(mx.array(e.tokens[None, :-1])).astype(mx.float32)
+        logp = np.array(z - mx.logsumexp(z, axis=-1, keepdims=True))[0, ent["first"]:]
+        want = np.argsort(-logp, axis=-1, kind="stable")[:, :M]
+        # batched (padded) vs single forward differ by float noise: a swap is only allowed at a near-tie
+        for r in range(len(ids)):
+            if not np.array_equal(ids[r], want[r]):
+                gaps = np.abs(np.diff(np.sort(logp[r])[::-1][: M + 1]))
+                assert gaps.min() < 1e-4, (e.id, r, ids[r], want[r])
+        np.testing.assert_allclose(lps.astype(np.float32), np.take_along_axis(logp, ids.astype(np.int64), -1),
+                                   atol=2e-2, rtol=2e-3)
+        assert np.all(np.diff(lps.astype(np.float32), axis=-1) <= 0)  # sorted, largest first
+
+
+def test_resume_is_incremental_and_never_duplicates(tiny_model, corpus, tmp_path):
+    out = tmp_path / "out"
+    s1 = extract(lcfg(tiny_model, corpus, out, limit=4), quiet=True)
+    assert s1["new_examples"] == 4 and s1["examples"] == 4
+    with pytest.raises(InputError, match="--resume"):
+        extract(lcfg(tiny_model, corpus, out), quiet=True)
+    with pytest.raises(InputError, match="different top_m"):
+        extract(lcfg(tiny_model, corpus, out, top_m=4, resume=True), quiet=True)
+    s2 = extract(lcfg(tiny_model, corpus, out, resume=True), quiet=True)
+    assert s2["new_examples"] == 10 and s2["examples"] == 14
+    s3 = extract(lcfg(tiny_model, corpus, out, resume=True), quiet=True)
+    assert s3["new_examples"] == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert sum(s["examples"] for s in man["shards"]) == len(man["examples"]) == 14
+    assert sum(s["positions"] for s in man["shards"]) == sum(e["n"] for e in man["examples"].values())
+    # the corpus grows: only the new records are scored
+    bigger = write_corpus(tmp_path / "big.jsonl", records(14) + records(3, seed=5, start=100))
+    s4 = extract(lcfg(tiny_model, bigger, out, resume=True), quiet=True)
+    assert s4["new_examples"] == 3 and s4["examples"] == 17
+    # a stored example whose text changed is refused, never silently mixed
+    changed = records(14)
+    changed[0]["reasoning"] = "something else entirely"
+    with pytest.raises(InputError, match="tokenise differently"):
+        extract(lcfg(tiny_model, write_corpus(tmp_path / "ch.jsonl", changed), out, resume=True), quiet=True)
+
+
+def test_cli_runs_and_reports(tiny_model, corpus, tmp_path, capsys):
+    main(["--teacher", str(tiny_model), "--data", str(corpus), "--out", str(tmp_path / "o"), "--top-m", "4",
+          "--prompt-template", TEMPLATE, "--limit", "2"])
+    out = capsys.readouterr().out
+    assert "bytes/token" in out and "tokens/s" in out
+
+
+# ----------------------------------------------------------------------------- reading
+def test_batch_arrays_align_with_loss_mask(teacher, corpus, store_dir):
+    tok = teacher[1]
+    exs = all_examples(teacher, corpus)
+    store = TopMStore(store_dir)
+    rep = store.check(exs, len(tok), tok)
+    assert rep["mode"] == "exact" and rep["coverage"] == 1.0 and rep["dropped_teacher_ids"] == 0
+    for idx in data.bucket(exs, 4):
+        b = data.collate(exs, idx, data.pad_id_of(tok))
+        arr = store.batch_arrays(b, top_k=5)
+        mask = data.loss_mask(b)
+        assert arr["kd_ids"].shape == arr["kd_logits"].shape == mask.shape + (5,)
+        assert arr["kd_ids"].dtype == np.int32 and arr["kd_logits"].dtype == np.float32
+        assert np.all(np.isneginf(arr["kd_logits"][mask == 0]))
+        assert np.all(np.isfinite(arr["kd_logits"][mask == 1]))
+        for r, eid in enumerate(b.ids):
+            ids, lps = store.rows(eid)
+            t = np.nonzero(mask[r])[0]
+            np.testing.assert_array_equal(arr["kd_ids"][r, t], ids[:, :5])
+            np.testing.assert_array_equal(arr["kd_logits"][r, t], lps[:, :5].astype(np.float32))
+        # the loss counts exactly the loss positions
+        logits = mx.random.normal(b.tokens[:, :-1].shape + (len(tok),))
+        _, n = kd_loss(logits, mx.array(arr["kd_ids"]), mx.array(arr["kd_logits"]), mx.array(mask))
+        assert float(n) == mask.sum()
+
+
+def test_student_vocab_smaller_than_teacher_drops_and_counts(teacher, corpus, store_dir):
+    tok = teacher[1]
+    exs = all_examples(teacher, corpus)
+    store = TopMStore(store_dir)
+    ids = np.concatenate([store.rows(e.id)[0] for e in exs])
+    cut = int(np.median(ids))  # pretend the student has only `cut` embedding rows
+    rep = store.check(exs, cut, tok)
+    assert rep["dropped_teacher_ids"] == int(np.sum(ids >= cut)) > 0
+    b = data.collate(exs, list(range(4)), data.pad_id_of(tok))
+    arr = store.batch_arrays(b, top_k=M)
+    ok = np.isfinite(arr["kd_logits"])
+    assert np.all(arr["kd_ids"][ok] < cut) and np.all(arr["kd_ids"] >= 0)
+    # kept slots are the largest remaining ones, still sorted
+    assert np.all(np.diff(np.where(ok, arr["kd_logits"], -1e30), axis=-1) <= 0)
+
+
+def test_check_refuses_other_token_ids(teacher, corpus, store_dir):
+    tok = teacher[1]
+    exs = load_all_examples(lcfg("x", corpus, "unused", system_prompt="You are terse."), tok)
+    with pytest.raises(InputError, match=r"token ids differ.*first difference at token"):
+        TopMStore(store_dir).check(exs, len(tok), tok)
+
+
+def test_coverage_threshold(teacher, corpus, store_dir, tmp_path):
+    tok = teacher[1]
+    extra = write_corpus(tmp_path / "more.jsonl", records(14) + records(14, seed=9, start=500))
+    exs = load_all_examples(lcfg("x", extra, "unused"), tok)
+    store = TopMStore(store_dir)
+    with pytest.raises(InputError, match=r"cover \d+\.\d% .*--kd-min-coverage"):
+        store.check(exs, len(tok), tok, min_coverage=0.95)
+    rep = store.check(exs, len(tok), tok, min_coverage=0.3)
+    assert rep["missing_examples"] == 14 and 0.3 < rep["coverage"] < 0.7
+    b = data.collate(exs, [exs.index(next(e for e in exs if e.id == "q500"))], data.pad_id_of(tok))
+    assert np.all(np.isneginf(store.batch_arrays(b, 3)["kd_logits"]))  # no teacher: empty slots
+
+
+def test_top_k_larger_than_m_and_missing_folder(teacher, corpus, store_dir, tiny_model, tmp_path):
+    tok = teacher[1]
+    exs = all_examples(teacher, corpus)
+    with pytest.raises(InputError, match=r"--kd-top-k 9 > M=8"):
+        kd_setup(tcfg(tiny_model, corpus, store_dir, kd_top_k=9), {"train": exs}, tok)
+    store = kd_setup(tcfg(tiny_model, corpus, store_dir, kd_top_k=M), {"train": exs}, tok)
+    b = data.collate(exs, [0, 1], data.pad_id_of(tok))
+    assert store.batch_arrays(b, M)["kd_ids"].shape[-1] == M  # K = M keeps everything
+    with pytest.raises(InputError, match=r"--kd-top-k 9 > M=8"):
+        store.batch_arrays(b, 9)
+    with pytest.raises(InputError, match="no manifest.json"):
+        TopMStore(tmp_path / "nothing")
+
+
+def test_string_alignment_with_a_different_tokenizer(teacher, corpus, store_dir, tmp_path):
+    """A student whose BPE has fewer merges: ids are remapped through token strings and
+    positions aligned by character offset; every served id spells the teacher's token."""
+    from transformers import AutoTokenizer
+
+    from mlx_distill.tiny import build_tokenizer
+    from mlx_distill.logits import vocab_strings
+
+    build_tokenizer(tmp_path / "stok", vocab_size=300)
+    stok = AutoTokenizer.from_pretrained(str(tmp_path / "stok"))
+    exs = load_all_examples(lcfg("x", corpus, "unused"), stok)
+    store = TopMStore(store_dir)
+    rep = store.check(exs, len(stok), stok, min_coverage=0.2)
+    assert rep["mode"] == "string" and rep["text_differs"] == 0 and 0.2 < rep["coverage"] <= 1.0
+    t_str, s_str = vocab_strings(teacher[1]), vocab_strings(stok)
+    b = data.collate(exs, [0, 1, 2], data.pad_id_of(stok))
+    arr = store.batch_arrays(b, M)
+    for r, eid in enumerate(b.ids):
+        ids, lps = store.rows(eid)
+        ent = store.entries[eid]
+        scored = store.scored_tokens(eid)
+        s_tok = [s_str[i] for i in exs[[e.id for e in exs].index(eid)].tokens]
+        s_end = np.cumsum([len(s) for s in s_tok])
+        t_end = np.cumsum([len(t_str[i]) for i in scored])
+        for t in np.nonzero(np.isfinite(arr["kd_logits"][r, :, 0]))[0]:
+            u = int(np.nonzero(t_end == s_end[t])[0][0])  # teacher position with the same context
+            kept = [(t_str[i], float(v)) for i, v in zip(ids[u - ent["first"]], lps[u - ent["first"]])
+                    if t_str[i] in set(s_str)]
+            got = [(s_str[i], float(v)) for i, v in zip(arr["kd_ids"][r, t], arr["kd_logits"][r, t]) if np.isfinite(v)]
+            assert got == kept[:M]
+    # a student with the same tokenizer aligns exactly
+    assert store.check(all_examples(teacher, corpus), len(teacher[1]), teacher[1])["mode"] == "exact"
