@@ -3,7 +3,7 @@ own GGUF loader (route B), the tokenizer, the cache and the CLI.
 
 The conversion is cached under `paths.cache_dir()` (set MLX_DISTILL_CACHE to move it): about
 6 s the first time, instant afterwards. Loading route B (transformers dequantizing the GGUF
-itself) is the slow part (~15 s on 2 cores), done once per module.
+itself) is the slow part (~15 s on 2 cores), done once per module; its tests are marked slow.
 """
 
 import json
@@ -46,6 +46,13 @@ def route_b():
     model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def mlx_model(folder):
+    import mlx_lm
+
+    return mlx_lm.load(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +156,7 @@ def test_failed_conversion_leaves_nothing(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- route A == route B
+@pytest.mark.slow
 def test_weights_equal_transformers_gguf_loader(folder, route_b):
     from safetensors.numpy import load_file
 
@@ -161,6 +169,7 @@ def test_weights_equal_transformers_gguf_loader(folder, route_b):
         np.testing.assert_array_equal(v, ref[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_transformers_gguf_tokenizer(route_a_tok, route_b):
     _, ref = route_b
     ours = route_a_tok
@@ -177,6 +186,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(route_a_tok, route_b):
     assert ours.eos_token == ref.eos_token == "<|im_end|>"
 
 
+@pytest.mark.slow
 def test_tokenizer_splits_digits_like_llama_cpp_smollm(route_a_tok, route_b):
     """The one known difference (module docstring): 2+ spaces before a digit. llama.cpp's
     "smollm" pre-tokenizer isolates each digit first, so the spaces stay one chunk ("ĠĠ");
@@ -186,9 +196,9 @@ def test_tokenizer_splits_digits_like_llama_cpp_smollm(route_a_tok, route_b):
     assert ref.convert_ids_to_tokens(ref("a  1")["input_ids"]) == ["a", "\u0120", "\u0120", "1"]
 
 
-def test_logits_mlx_route_a_equal_transformers_route_b(folder, route_a_tok, route_b):
+@pytest.mark.slow
+def test_logits_mlx_route_a_equal_transformers_route_b(mlx_model, route_a_tok, route_b):
     import mlx.core as mx
-    import mlx_lm
     import torch
 
     model_b, _ = route_b
@@ -196,7 +206,7 @@ def test_logits_mlx_route_a_equal_transformers_route_b(folder, route_a_tok, rout
     ids = route_a_tok(text)["input_ids"]
     with torch.no_grad():
         ref = model_b(torch.tensor([ids])).logits[0].numpy()
-    model_a, tok_a = mlx_lm.load(str(folder))
+    model_a, tok_a = mlx_model
     assert tok_a.encode(text, add_special_tokens=False) == ids
     ours = np.array(model_a(mx.array([ids]))[0])
     # float32 on both sides, different kernels: 1.2e-4 measured on logits of magnitude ~40
@@ -204,10 +214,10 @@ def test_logits_mlx_route_a_equal_transformers_route_b(folder, route_a_tok, rout
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
 
 
-def test_mlx_lm_generates(folder):
+def test_mlx_lm_generates(mlx_model):
     import mlx_lm
 
-    model, tok = mlx_lm.load(str(folder))
+    model, tok = mlx_model
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)
     out = mlx_lm.generate(model, tok, prompt, max_tokens=24, verbose=False)
     assert "5" in out, out  # greedy: "2 + 3 = 5"
