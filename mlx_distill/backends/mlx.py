@@ -199,6 +199,7 @@ class MLXBackend:
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=folder.parent))
+        os.chmod(tmp, 0o755)
         self.mx.save_safetensors(str(tmp / "adapters.safetensors"), self.adapter_weights())
         opt_state = dict(tree_flatten(self.optimizer.state))
         self.mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
