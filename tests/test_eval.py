@@ -1,0 +1,260 @@
+"""`python -m mlx_distill eval`: tiny MLX model + adapter end to end, an OpenAI-compatible server,
+the honesty (overlap) check, prompts, seeded sampling, judge, reports."""
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mlx_distill import data as train_data
+from mlx_distill.config import EvalConfig, TrainConfig
+from mlx_distill.evaluate import (build_messages, evaluate, find_overlap, has_repetition, load_eval_problems,
+                                  mlx_client, render_user, template_for, wilson)
+from mlx_distill.io import InputError
+from mlx_distill.paths import REPO, prompt_path
+
+RECORD_FIELDS = {"id", "prompt", "response", "extracted", "gold", "correct", "status", "tokens", "words",
+                 "words_final", "finish_reason", "latency_s", "truncated", "arithmetic_checked", "failure_kind"}
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny_model, shared_data):
+    """A LoRA adapter trained for 2 steps on 8 GSM8K *train* problems (so GSM8K test does not overlap)."""
+    from mlx_distill import train
+
+    root = tmp_path_factory.mktemp("adapter")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    rows = _rows(shared_data / "gsm8k" / "train.jsonl")[:10]
+    recs = [{"id": f"gsm8k-train-{i:05d}", "question": r["question"], "reasoning": r["answer"].split("####")[0].strip(),
+             "answer": r["answer"].split("####")[1].strip()} for i, r in enumerate(rows)]
+    _write(corpus / "train.jsonl", recs[:8])
+    _write(corpus / "valid.jsonl", recs[8:])
+    run = root / "run"
+    train.run(TrainConfig(model=str(tiny_model), data=str(corpus), out=str(run), iters=2, batch_size=2, val_every=2,
+                          save_every=100, report_every=1, lora_layers=-1), quiet=True)
+    return run
+
+
+# ----------------------------------------------------------------------------- end to end, MLX
+def test_eval_cli_tiny_model_with_adapter(tmp_path, tiny_model, adapter_run):
+    """The README command, on the tiny model: records, summary, report, plot, manifest; --show prints samples."""
+    out = tmp_path / "eval"
+    r = subprocess.run([sys.executable, "-m", "mlx_distill", "eval", "--model", str(tiny_model), "--adapter",
+                        str(adapter_run), "--dataset", "gsm8k", "--limit", "5", "--max-tokens", "200", "--out", str(out),
+                        "--show", "2"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "120"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("gold='") == 2 and "accuracy" in r.stdout
+    for f in ("records.jsonl", "summary.json", "report.md", "lengths.png", "manifest.json"):
+        assert (out / f).is_file(), f
+    recs = _rows(out / "records.jsonl")
+    assert len(recs) == 5 and RECORD_FIELDS <= set(recs[0])
+    assert [x["id"] for x in recs] == [f"gsm8k-test-{i:05d}" for i in range(5)]
+    s = json.loads((out / "summary.json").read_text())
+    for k in ("n", "correct", "invalid", "accuracy", "accuracy_ci95", "words", "tokens", "truncation_rate",
+              "arithmetic", "throughput_tokens_per_s", "peak_memory_gb", "parameters", "failure_kinds"):
+        assert k in s, k
+    assert s["n"] == 5 and s["adapter"] == str(adapter_run)
+    assert s["parameters"]["adapter"] > 0 and s["parameters"]["total"] > s["parameters"]["adapter"]
+    assert s["generated_tokens"] == sum(x["tokens"] for x in recs) > 0
+    assert s["overlap"]["checked"] and s["overlap"]["overlapping"] == 0  # corpus read from the adapter's config.yaml
+    assert s["peak_memory_gb"] > 0
+
+
+def test_overlap_refuse_drop_warn(tmp_path, tiny_model, shared_data):
+    test = _rows(shared_data / "gsm8k" / "test.jsonl")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    # two test questions leak into train (one re-cased and re-spaced), one into valid as a chat record
+    _write(corpus / "train.jsonl", [{"question": test[0]["question"], "answer": "1"},
+                                    {"question": "  " + test[2]["question"].upper() + " ", "answer": "1"}])
+    _write(corpus / "valid.jsonl", [{"messages": [{"role": "user", "content": test[3]["question"] + "\n\nSolve it."},
+                                                  {"role": "assistant", "content": "#### 1"}]}])
+    base = EvalConfig(model=str(tiny_model), dataset="gsm8k", limit=5, max_tokens=2, train_data=str(corpus),
+                      out=str(tmp_path / "e"), plot=False)
+    with pytest.raises(InputError, match=r"3 of 5 evaluation problems also occur in the training corpus"):
+        evaluate(base, quiet=True)
+    s = evaluate(dataclasses.replace(base, overlap="drop"), quiet=True)
+    assert s["n"] == 2 and s["overlap"]["overlapping"] == 3
+    s = evaluate(dataclasses.replace(base, overlap="warn"), quiet=True)
+    assert s["n"] == 5 and s["seen_in_training"] == 3
+    flagged = [r["id"] for r in _rows(tmp_path / "e" / "records.jsonl") if r.get("seen_in_training")]
+    assert flagged == ["gsm8k-test-00000", "gsm8k-test-00002", "gsm8k-test-00003"]
+
+
+def test_find_overlap_ignores_unrelated(tmp_path, shared_data):
+    probs = load_eval_problems("gsm8k", limit=3)
+    f = _write(tmp_path / "c.jsonl", [{"question": "What is 2 + 2?", "answer": "4"}])
+    assert find_overlap(probs, f) == []
+
+
+def test_seeded_sampling_reproducible(tmp_path, tiny_model):
+    client = mlx_client(str(tiny_model), batch_size=4)
+    try:
+        cfg = EvalConfig(model=str(tiny_model), dataset="gsm8k", limit=3, max_tokens=12, temperature=1.0,
+                         out=str(tmp_path / "s"), plot=False)
+        runs = {}
+        for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+            evaluate(dataclasses.replace(cfg, seed=seed, out=str(tmp_path / name)), client=client, quiet=True)
+            runs[name] = [r["response"] + str(r["tokens"]) for r in _rows(tmp_path / name / "records.jsonl")]
+        assert runs["a"] == runs["b"]
+        assert runs["a"] != runs["c"]
+        greedy = evaluate(dataclasses.replace(cfg, temperature=0.0), client=client, quiet=True, write=False)
+        assert greedy["temperature"] == 0.0
+    finally:
+        asyncio.run(client.aclose())
+
+
+# ----------------------------------------------------------------------------- prompts
+def test_prompts_match_training_and_fewshot(tiny_model):
+    q = "Ann has 3 apples and buys 4 more. How many apples does she have?"
+    _, hash_tpl = template_for(EvalConfig(dataset="gsm8k"), "gsm8k")
+    train_tpl = prompt_path("train_user.txt").read_text()
+    trained = train_data.record_to_messages({"question": q, "reasoning": "3 + 4 = 7", "answer": "7"}, train_tpl)
+    assert render_user(hash_tpl, q) == trained[0]["content"].rstrip("\n")  # an adapter sees its training prompt
+    name, boxed = template_for(EvalConfig(dataset="math500"), "math")
+    assert name.endswith("eval_cot_boxed.txt") and "\\boxed{}" in render_user(boxed, q)
+    from mlx_distill.evaluate import budget_text, fewshot_examples
+
+    shots = fewshot_examples("gsm8k", 2)
+    msgs = build_messages(q, hash_tpl, shots, system="Be brief.", budget=budget_text(50))
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert msgs[2]["content"].endswith("#### 6") and "50 words" in msgs[-1]["content"]
+    from transformers import AutoTokenizer
+
+    text = AutoTokenizer.from_pretrained(str(tiny_model)).apply_chat_template(msgs, tokenize=False,
+                                                                               add_generation_prompt=True)
+    assert text.count("<|im_start|>user") == 3 and text.endswith("<|im_start|>assistant\n")
+    # few-shot exemplars never come from an evaluation set
+    from mlx_distill.problems import eval_question_index, normalize_text
+
+    index = eval_question_index()
+    for kind in ("gsm8k", "math"):
+        for s in fewshot_examples(kind, len(open(prompt_path(f"eval_fewshot_{kind}.jsonl")).readlines())):
+            assert normalize_text(s["question"]) not in index
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible server
+class _FakeOpenAI(BaseHTTPRequestHandler):
+    replies: dict = {}
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, obj, code=200):
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        self._send({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = req["messages"][-1]["content"]
+        if "CORRECT or INCORRECT" in user:
+            content, finish = "CORRECT", "stop"
+        else:
+            content, finish = next((v for k, v in self.replies.items() if k in user), ("no idea", "stop"))
+        self._send({"id": "c1", "object": "chat.completion", "created": 0, "model": "fake-model-2024",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 50, "completion_tokens": len(content.split()),
+                              "total_tokens": 50 + len(content.split())}})
+
+
+@pytest.fixture
+def fake_server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakeOpenAI)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+
+
+def test_api_backend_think_truncation_judge_and_side_by_side(tmp_path, fake_server):
+    probs = load_eval_problems("gsm8k", limit=4)
+    golds = [p["answer"] for p in probs]
+    _FakeOpenAI.replies = {
+        probs[0]["question"][:60]: (f"16 - 3 - 4 = 9 and 9 * 2 = 18.\n#### {golds[0]}", "stop"),
+        probs[1]["question"][:60]: (f"<think>maybe it is {golds[1]}, let me check again</think>\n#### 4", "stop"),
+        probs[2]["question"][:60]: ("Let me compute this carefully, step by", "length"),
+        probs[3]["question"][:60]: (f"So 2 + 2 = 5.\n#### {golds[3]}", "stop"),
+    }
+    teacher = _write(tmp_path / "verified.jsonl", [{"id": p["id"], "reasoning": "TEACHER-TRACE", "answer": p["answer"]}
+                                                   for p in probs])
+    cfg = EvalConfig(backend="api", base_url=fake_server, model="fake-model", dataset="gsm8k", limit=4,
+                     judge="api", judge_base_url=fake_server, judge_model="fake-model", compare=str(teacher),
+                     report_samples=4, out=str(tmp_path / "api"))
+    s = evaluate(cfg, quiet=True)
+    assert (s["n"], s["correct"], s["wrong"], s["invalid"]) == (4, 2, 1, 1)
+    assert s["truncated"] == 1 and s["served_models"] == ["fake-model-2024"]
+    assert s["arithmetic"]["steps_wrong"] == 1 and s["arithmetic"]["steps_checked"] == 3
+    assert s["failure_kinds"] == {"wrong answer": 1, "truncated at max tokens": 1}
+    assert s["judge"] == {"judged": 4, "undecided": 0, "accuracy": 1.0, "agreement": 0.5}
+    assert s["peak_memory_gb"] is None and s["parameters"] is None
+    recs = _rows(tmp_path / "api" / "records.jsonl")
+    think = recs[1]
+    assert think["reasoning"].startswith("maybe") and think["final"] == "#### 4"
+    assert think["extracted"] == "4" and think["status"] == "wrong"  # graded on the answer after </think>
+    assert think["words"] > think["words_final"] == 2
+    report = (tmp_path / "api" / "report.md").read_text()
+    assert report.count("TEACHER-TRACE") == 4 and "<table>" in report and "truncated at max tokens" in report
+
+
+def test_api_backend_failed_requests_counted(tmp_path):
+    cfg = EvalConfig(backend="api", base_url="http://127.0.0.1:9/v1", model="m", dataset="gsm8k", limit=2,
+                     out=str(tmp_path / "x"), plot=False)
+    from mlx_distill.evaluate import make_eval_client
+
+    client = make_eval_client(cfg)
+    client.max_retries = 0
+    s = evaluate(cfg, client=client, quiet=True)
+    assert s["invalid"] == 2 and s["invalid_reasons"] == {"generation failed": 2}
+
+
+# ----------------------------------------------------------------------------- datasets and helpers
+def test_corpus_test_split_and_user_csv(tmp_path):
+    corpus = tmp_path / "corp"
+    corpus.mkdir()
+    _write(corpus / "test.jsonl", [{"id": "gsm8k-train-00007", "question": "What is 2+3?", "answer": "5",
+                                    "source": "gsm8k"}])
+    probs = load_eval_problems("corpus", str(corpus))
+    assert probs[0]["id"] == "gsm8k-train-00007"
+    from mlx_distill.evaluate import answer_kind_for
+
+    assert answer_kind_for("corpus", probs) == "gsm8k"
+    csv = tmp_path / "comp.csv"
+    csv.write_text("problem,answer,year,figure\nWhat is 1+1?,2,2020,no\nSee the diagram.,3,2020,yes\n")
+    probs = load_eval_problems("csv", str(csv))
+    assert len(probs) == 1 and answer_kind_for("csv", probs) == "math"
+    with pytest.raises(InputError, match="needs --data"):
+        load_eval_problems("jsonl")
+
+
+def test_wilson_and_repetition():
+    lo, hi = wilson(0, 10)
+    assert lo == 0 and abs(hi - 0.2775) < 1e-3
+    lo, hi = wilson(50, 100)
+    assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
+    assert has_repetition("so the answer is " * 6)
+    assert not has_repetition("16 - 3 - 4 = 9 eggs. 9 * 2 = $18.\n#### 18")
