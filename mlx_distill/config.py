@@ -235,6 +235,9 @@ class CorpusConfig:
                                "becomes its own corpus in <out>/<level>/.")
     rewrite_max_tokens: dict = opt({"R1": 1536, "R2": 1024, "R3": 768, "R4": 256},
                                    "Max tokens per rewrite level (levels not listed use --max-tokens).")
+    rewrite_ratios: dict = opt({"R1": 0.6, "R2": 0.5, "R3": 0.35, "R4": 0.1},
+                               "Target length of each level as a fraction of the verified solution's words "
+                               "(the prompts' {target_words}).")
     rewrite_model: str = opt("", "Model for the rewriter (empty = the teacher).")
     # outputs
     out: str = opt("", "Corpus folder (default corpora/<name>).")

@@ -1,0 +1,695 @@
+"""`python -m mlx_distill corpus build|stats`: problems -> verified chain-of-thought corpus.
+
+    # DeepSeek-R1 over its hosted API (key in $DEEPSEEK_API_KEY), 200 GSM8K problems, 2 samples each
+    python -m mlx_distill corpus build --preset deepseek --source gsm8k --limit 200 --samples 2 --name gsm8k-r1
+    # any OpenAI-compatible server (mlx_lm server, vLLM), with length levels R1-R4 written as corpora
+    python -m mlx_distill corpus build --base-url http://127.0.0.1:8080/v1 --model default_model \\
+        --source math --limit 100 --rewrite-levels R1 R2 R3 R4 --out corpora/math-local
+    # a local MLX teacher (batched generation)
+    python -m mlx_distill corpus build --teacher mlx --model mlx-community/Qwen2.5-7B-Instruct-4bit --source gsm8k
+    # killed, or Ctrl-C? the same command (or --resume --out DIR) continues; nothing is asked twice
+    python -m mlx_distill corpus stats corpora/gsm8k-r1
+
+Data flow (one job per problem x sample, `--concurrency` of them in flight)::
+
+    problem -> Solver (teacher) -> filters (truncated, marker, loops, banned, length)
+            -> Verifier (answers.grade; LLM judge only for unreadable answers; critic score)
+            -> traces.jsonl (append + fsync)          ... all samples of a problem final?
+            -> Rewriter per level -> re-verify -> rewrites.jsonl (append + fsync)
+    end (or Ctrl-C): finalize() derives verified.jsonl, the splits, R*/ level corpora and
+    manifest.json from the logs alone, so an interrupted + resumed run ends with the same
+    files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import hashlib
+import json
+import re
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit, urlunsplit
+
+from .. import config as C
+from ..answers import word_count
+from ..io import InputError, atomic_write_json, iter_jsonl, read_json, sha256_file, versions, write_jsonl
+from ..problems import answer_kind, eval_question_index, load_problems, normalize_text
+from . import filters
+from .agents import Rewriter, Solver, Verifier, load_prompt, text_or_file, usage_of
+from .clients import ClientError, MLXClient, make_client
+from .store import FINAL, CorpusStore, RunLock, latest, rewrite_key, trace_key
+
+# settings that change what is asked of the teacher: a folder built with other values is refused
+IDENTITY = ("source", "problems", "split", "teacher", "model", "adapter", "temperature", "max_tokens", "seed",
+            "judge_model", "critic", "rewrite_model", "rewrite_max_tokens", "rewrite_ratios")
+
+
+# ----------------------------------------------------------------------------- settings
+def out_dir(cfg: C.CorpusConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    name = cfg.name or re.sub(r"[^\w.-]+", "_", cfg.source)
+    return Path("corpora") / name
+
+
+def public_url(url: str) -> str:
+    """A URL without user:password@ (never written anywhere)."""
+    if not url:
+        return url
+    p = urlsplit(url)
+    return urlunsplit(p._replace(netloc=p.hostname + (f":{p.port}" if p.port else ""))) if p.hostname else url
+
+
+def public_config(cfg: C.CorpusConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["base_url"], d["judge_base_url"] = public_url(cfg.base_url), public_url(cfg.judge_base_url)
+    return d
+
+
+def load_prompts(cfg: C.CorpusConfig, kind_names: set[str]) -> dict:
+    """name -> Prompt for every template the run uses (hashed into the manifest)."""
+    ps = {}
+    for kind in sorted(kind_names):
+        name = f"solver_{kind}" if cfg.solver_prompt == "auto" else cfg.solver_prompt
+        ps[f"solver_{kind}"] = load_prompt(name)
+    sys_p = text_or_file(cfg.system_prompt)
+    if sys_p:
+        ps["system"] = sys_p
+    if cfg.judge_model:
+        ps["judge"] = load_prompt("judge_correct", ("question", "gold", "response"))
+        if cfg.critic:
+            ps["critic"] = load_prompt("judge_critic", ("question", "response"))
+    for lvl in cfg.rewrite_levels:
+        ps[f"rewrite_{lvl}"] = load_prompt(f"rewrite_{lvl.lower()}", ("solution",))
+    return ps
+
+
+def identity(cfg: C.CorpusConfig, prompts: dict) -> dict:
+    ident = {k: getattr(cfg, k) for k in IDENTITY}
+    if cfg.problems:
+        ident["problems"] = str(Path(cfg.problems).resolve())
+    ident["prompts"] = {k: p.sha256 for k, p in prompts.items()}
+    return ident
+
+
+def check_identity(out: Path, ident: dict) -> None:
+    man_path = out / "manifest.json"
+    if not man_path.is_file():
+        return
+    old = read_json(man_path).get("identity") or {}
+    diff = {k: (old.get(k), v) for k, v in ident.items() if k in old and old.get(k) != v}
+    # a rewrite level added later only adds prompts; a changed template is a different corpus
+    if "prompts" in diff:
+        a, b = diff["prompts"]
+        if all(a.get(k) == v for k, v in b.items() if k in a) and all(k in b for k in a if not k.startswith("rewrite_")):
+            del diff["prompts"]
+    if diff:
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise InputError(f"{out}: this corpus was built with other settings ({lines}). "
+                         "Use another --out, or the same settings to continue it.")
+
+
+# ----------------------------------------------------------------------------- classification
+def classify(rec: dict, cfg: C.CorpusConfig) -> list[str]:
+    """The filters that fire on a stored attempt under `cfg` (the same function live and at the end)."""
+    prov = rec.get("provenance") or {}
+    thinking = rec.get("thinking") if cfg.thinking == "keep" else None
+    fired = filters.check(rec.get("response") or "", prov.get("finish_reason", ""), prov.get("completion_tokens", 0),
+                          thinking=thinking, max_words=cfg.max_words if rec.get("level") is None else 0,
+                          max_tokens=cfg.max_solution_tokens if rec.get("level") is None else 0,
+                          repeat_ngram=cfg.repeat_ngram, repeat_count=cfg.repeat_count,
+                          banned_phrases=cfg.banned_phrases)
+    v = rec.get("verdict") or {}
+    if v.get("status") == "wrong":
+        fired.append("wrong_answer")
+    elif v.get("status") == "invalid" and "no_marker" not in fired:
+        fired.append("unparsable")
+    score = (rec.get("critic") or {}).get("score")
+    if cfg.min_critic and rec.get("critic") is not None and (score or 0) < cfg.min_critic:
+        fired.append("critic_low")
+    return sorted(set(fired), key=filters.ORDER.index)
+
+
+def status_of(rec: dict, cfg: C.CorpusConfig) -> tuple[str, Optional[str], list[str]]:
+    if rec["status"] == "failed":
+        return "failed", rec.get("reason"), []
+    fired = classify(rec, cfg)
+    return ("rejected" if fired else "verified"), filters.primary(fired), fired
+
+
+# ----------------------------------------------------------------------------- the async run
+class Tally:
+    """Live counters for the progress bar."""
+
+    def __init__(self, cfg: C.CorpusConfig):
+        self.cfg = cfg
+        self.c = Counter()
+        self.prompt_tokens = self.completion_tokens = 0
+
+    def add_usage(self, *usages: dict) -> None:
+        for u in usages:
+            if u:
+                self.prompt_tokens += u.get("prompt_tokens", 0)
+                self.completion_tokens += u.get("completion_tokens", 0)
+
+    @property
+    def cost(self) -> float:
+        return (self.prompt_tokens * self.cfg.price_input + self.completion_tokens * self.cfg.price_output) / 1e6
+
+
+def record_usages(rec: dict) -> list[dict]:
+    """Token usage of every request behind one attempt (solver/rewriter, judge, critic)."""
+    out = []
+    p = rec.get("provenance") or {}
+    if p.get("prompt_tokens") is not None:
+        out.append({"role": p.get("role", "solver"), "prompt_tokens": p.get("prompt_tokens", 0),
+                    "completion_tokens": p.get("completion_tokens", 0)})
+    if (rec.get("verdict") or {}).get("judge"):
+        out.append(rec["verdict"]["judge"])
+    if rec.get("critic"):
+        out.append(rec["critic"])
+    return out
+
+
+async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore, prompts: dict,
+                   tally: Tally, progress=None) -> dict:
+    """Solve, verify and rewrite everything not yet final in `store`. Returns client stats."""
+    teacher = make_client(cfg.teacher, preset=cfg.preset or None, base_url=cfg.base_url or None,
+                          model=cfg.model or None, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                          rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
+                          timeout=cfg.timeout, backoff_base=cfg.backoff, adapter_path=cfg.adapter or None,
+                          batch_size=cfg.concurrency)
+    clients = [teacher]
+
+    def second(model: str, base_url: str = "", key_env: str = ""):
+        if not model or (model == cfg.model and not base_url):
+            return teacher
+        if isinstance(teacher, MLXClient):
+            c = MLXClient(model, batch_size=cfg.concurrency)
+        else:
+            c = make_client("api", base_url=base_url or teacher.base_url, model=model,
+                            api_key_env=key_env or teacher.api_key_env, concurrency=cfg.concurrency,
+                            rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
+                            timeout=cfg.timeout, backoff_base=cfg.backoff)
+        clients.append(c)
+        return c
+
+    judge = second(cfg.judge_model, cfg.judge_base_url, cfg.judge_api_key_env) if cfg.judge_model else None
+    rewriter_client = second(cfg.rewrite_model) if cfg.rewrite_levels else None
+    system = prompts.get("system")
+    solvers = {k[len("solver_"):]: Solver(teacher, p, system, cfg.temperature, cfg.max_tokens, cfg.seed)
+               for k, p in prompts.items() if k.startswith("solver_")}
+    verifier = Verifier(judge, prompts.get("judge"), prompts.get("critic"), cfg.grade_timeout, cfg.max_tokens)
+    rewriter = Rewriter(rewriter_client, {lvl: prompts[f"rewrite_{lvl}"] for lvl in cfg.rewrite_levels},
+                        cfg.rewrite_max_tokens, cfg.rewrite_ratios, cfg.max_tokens, cfg.temperature,
+                        cfg.seed) if cfg.rewrite_levels else None
+    teacher_desc = teacher.describe()
+
+    queue: asyncio.Queue = asyncio.Queue()
+    left: dict[str, int] = {}
+    by_id = {p["id"]: p for p in problems}
+    for p in problems:
+        keys = [trace_key(p["id"], s) for s in range(cfg.samples)]
+        todo = [s for s, k in enumerate(keys) if not store.trace_done(k)]
+        left[p["id"]] = len(todo)
+        for s in todo:
+            queue.put_nowait(("solve", p, s))
+    total = queue.qsize()
+
+    def rewrite_source(pid: str) -> Optional[dict]:
+        cands = [store.traces.get(trace_key(pid, s)) for s in range(cfg.samples)]
+        ok = [r for r in cands if r is not None and status_of(r, cfg)[0] == "verified"]
+        if not ok:
+            return None
+        return min(ok, key=lambda r: word_count(r["response"])) if cfg.keep == "shortest" else ok[0]
+
+    def schedule_rewrites(pid: str) -> int:
+        n = 0
+        src = rewrite_source(pid) if rewriter else None
+        if src is None:
+            return 0
+        for lvl in cfg.rewrite_levels:
+            if not store.rewrite_done(rewrite_key(pid, lvl)):
+                queue.put_nowait(("rewrite", by_id[pid], (lvl, src)))
+                n += 1
+        return n
+
+    for pid, n in left.items():
+        if n == 0:
+            total += schedule_rewrites(pid)
+    task = progress.add_task("corpus", total=total) if progress else None
+
+    def tick(rec: dict, status: str) -> None:
+        tally.c[status] += 1
+        tally.c["done"] += 1
+        tally.add_usage(*record_usages(rec))
+        if progress:
+            progress.update(task, advance=1, verified=tally.c["verified"], rejected=tally.c["rejected"],
+                            failed=tally.c["failed"], spend=tally.cost)
+
+    async def verify_and_filter(p: dict, text: str, thinking: Optional[str], finish: str, ntok: int,
+                                is_rewrite: bool) -> tuple[dict, Optional[dict]]:
+        cheap = filters.check(text, finish, ntok, thinking=thinking if cfg.thinking == "keep" else None,
+                              max_words=0 if is_rewrite else cfg.max_words,
+                              max_tokens=0 if is_rewrite else cfg.max_solution_tokens,
+                              repeat_ngram=cfg.repeat_ngram, repeat_count=cfg.repeat_count,
+                              banned_phrases=cfg.banned_phrases)
+        verdict = await verifier.verify(p, text, answer_kind(p["source"]), allow_judge=not cheap)
+        critic = None
+        if cfg.critic and judge is not None and not cheap and verdict["status"] == "correct" and not is_rewrite:
+            critic = await verifier.critic(p, text)
+        return verdict, critic
+
+    async def solve(p: dict, s: int) -> None:
+        key = trace_key(p["id"], s)
+        kind = answer_kind(p["source"])
+        base = {"key": key, "id": p["id"], "sample": s, "source": p["source"], "kind": kind}
+        t0 = time.time()
+        try:
+            c, seed = await solvers[kind].solve(p, s)
+        except (ClientError, InputError, ValueError, RuntimeError, OSError) as e:
+            rec = {**base, "status": "failed", "reason": f"request failed: {getattr(e, 'kind', type(e).__name__)}",
+                   "error": str(e)[:500], "attempts": getattr(e, "attempts", 1), "time": t0}
+            store.add_trace(rec)
+            return tick(rec, "failed")
+        verdict, critic = await verify_and_filter(p, c.text, c.reasoning, c.finish_reason, c.completion_tokens, False)
+        rec = {**base, "status": "", "reason": None, "filters": [], "response": c.text, "thinking": c.reasoning,
+               "answer_format": filters.final_marker(c.text), "extracted": verdict.get("extracted"),
+               "gold": p["answer"], "words": word_count(c.text), "verdict": verdict, "critic": critic,
+               "provenance": {"role": "solver", "model": c.model, "requested_model": teacher_desc.get("model"),
+                              "teacher": teacher_desc.get("kind"), "base_url": public_url(teacher_desc.get("base_url", "")),
+                              "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
+                              "completion_tokens": c.completion_tokens, "latency_s": round(c.latency_s, 4),
+                              "attempts": c.attempts, "seed": seed, "temperature": cfg.temperature,
+                              "max_tokens": cfg.max_tokens, "prompt_sha256": solvers[kind].template.sha256,
+                              "time": t0}}
+        rec["status"], rec["reason"], rec["filters"] = status_of(rec, cfg)
+        store.add_trace(rec)
+        tick(rec, rec["status"])
+
+    async def rewrite(p: dict, lvl: str, src: dict) -> None:
+        key = rewrite_key(p["id"], lvl)
+        base = {"key": key, "id": p["id"], "level": lvl, "source_key": src["key"], "source": p["source"]}
+        t0 = time.time()
+        try:
+            c, seed = await rewriter.rewrite(p, src["response"], src.get("answer_format") or "####", lvl)
+        except (ClientError, InputError, ValueError, RuntimeError, OSError) as e:
+            rec = {**base, "status": "failed", "reason": f"request failed: {getattr(e, 'kind', type(e).__name__)}",
+                   "error": str(e)[:500], "time": t0}
+            store.add_rewrite(rec)
+            return tick(rec, "failed")
+        verdict, _ = await verify_and_filter(p, c.text, None, c.finish_reason, c.completion_tokens, True)
+        rec = {**base, "status": "", "reason": None, "filters": [], "response": c.text,
+               "answer_format": filters.final_marker(c.text), "extracted": verdict.get("extracted"),
+               "gold": p["answer"], "words": word_count(c.text), "source_words": src.get("words"), "verdict": verdict,
+               "provenance": {"role": f"rewriter:{lvl}", "model": c.model, "finish_reason": c.finish_reason,
+                              "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+                              "latency_s": round(c.latency_s, 4), "attempts": c.attempts, "seed": seed,
+                              "max_tokens": int(cfg.rewrite_max_tokens.get(lvl, cfg.max_tokens)),
+                              "prompt_sha256": prompts[f"rewrite_{lvl}"].sha256, "time": t0}}
+        rec["status"], rec["reason"], rec["filters"] = status_of(rec, cfg)
+        store.add_rewrite(rec)
+        tick(rec, rec["status"])
+
+    async def worker() -> None:
+        while True:
+            job, p, arg = await queue.get()
+            try:
+                if job == "solve":
+                    await solve(p, arg)
+                    left[p["id"]] -= 1
+                    if left[p["id"]] == 0:
+                        added = schedule_rewrites(p["id"])
+                        if added and progress:
+                            progress.update(task, total=progress.tasks[0].total + added)
+                else:
+                    await rewrite(p, *arg)
+            finally:
+                queue.task_done()
+
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, me.cancel)  # SIGTERM: stop like Ctrl-C
+    except (NotImplementedError, RuntimeError):
+        pass
+    workers = [asyncio.create_task(worker()) for _ in range(max(1, cfg.concurrency))]
+    try:
+        joined = asyncio.create_task(queue.join())
+        # a worker that dies on a bug must not leave join() waiting forever
+        done, _ = await asyncio.wait([joined, *workers], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not joined and t.exception():
+                raise t.exception()
+    finally:
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for c in clients:
+            try:
+                await c.aclose()
+            except Exception:  # closing must never hide the real error
+                pass
+        try:
+            loop.remove_signal_handler(signal.SIGTERM)
+        except (NotImplementedError, RuntimeError):
+            pass
+    return {"teacher": dict(teacher.stats), **({"judge": dict(judge.stats)} if judge not in (None, teacher) else {})}
+
+
+# ----------------------------------------------------------------------------- finalize
+def split_of(pid: str, seed: int, valid: float, test: float) -> tuple[str, float]:
+    """A stable split for a problem id: growing the corpus never moves a problem between splits."""
+    u = int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+    return ("valid" if u < valid else "test" if u < valid + test else "train"), u
+
+
+def assign_splits(pids: list[str], cfg: C.CorpusConfig) -> dict[str, str]:
+    out, us = {}, {}
+    for pid in pids:
+        out[pid], us[pid] = split_of(pid, cfg.seed, cfg.valid_fraction, cfg.test_fraction)
+    # tiny corpora: the trainer needs a validation example (and the evaluator a test one)
+    for need, frac in (("valid", cfg.valid_fraction), ("test", cfg.test_fraction)):
+        if frac > 0 and len(pids) >= 3 and need not in out.values():
+            train = sorted((us[p], p) for p in pids if out[p] == "train")
+            if len(train) > 1:
+                out[train[0][1]] = need
+    return out
+
+
+def corpus_record(p: dict, rec: dict, cfg: C.CorpusConfig, rid: str) -> dict:
+    r = {"id": rid, "problem_id": p["id"], "question": p["question"], "reasoning": rec["response"].strip(),
+         "answer": p["answer"], "answer_format": rec.get("answer_format") or "####", "source": p["source"],
+         "words": rec.get("words"), "model": (rec.get("provenance") or {}).get("model"),
+         "tokens": (rec.get("provenance") or {}).get("completion_tokens"), "attempt": rec["key"],
+         "verdict_by": (rec.get("verdict") or {}).get("decided_by")}
+    if rec.get("level"):
+        r["level"] = rec["level"]
+    if (rec.get("critic") or {}).get("score") is not None:
+        r["critic"] = rec["critic"]["score"]
+    if cfg.thinking == "keep" and rec.get("thinking"):
+        r["thinking"] = rec["thinking"]
+    meta = p.get("meta") or {}
+    for k in ("subject", "level", "year"):
+        if meta.get(k) is not None:
+            r[f"meta_{k}"] = meta[k]
+    return r
+
+
+def kept_traces(problems: list[dict], traces: dict, cfg: C.CorpusConfig) -> list[tuple[dict, dict]]:
+    out = []
+    for p in problems:
+        recs = [traces[k] for s in range(cfg.samples) if (k := trace_key(p["id"], s)) in traces]
+        ok = [r for r in recs if status_of(r, cfg)[0] == "verified"]
+        if not ok:
+            continue
+        if cfg.keep == "first":
+            ok = ok[:1]
+        elif cfg.keep == "shortest":
+            ok = [min(ok, key=lambda r: (word_count(r["response"]), r["sample"]))]
+        out += [(p, r) for r in ok]
+    return out
+
+
+def write_corpus(folder: Path, records: list[dict], splits: dict[str, str], leaked: set[str], cfg) -> dict:
+    """verified.jsonl + train/valid/test.jsonl in `folder`; returns the split sizes."""
+    write_jsonl(folder / "verified.jsonl", records)
+    parts = {"train": [], "valid": [], "test": []}
+    for r in records:
+        if cfg.leakage == "drop" and r["problem_id"] in leaked:
+            continue
+        parts[splits[r["problem_id"]]].append(r)
+    for name, rows in parts.items():
+        write_jsonl(folder / f"{name}.jsonl", rows)
+    return {k: len(v) for k, v in parts.items()}
+
+
+def summarize(out: Path, cfg: C.CorpusConfig, problems: list[dict]) -> dict:
+    """Counts, tokens and cost from the attempt logs alone."""
+    traces, trace_lines = latest(out / "traces.jsonl")
+    rewrites, rewrite_lines = latest(out / "rewrites.jsonl")
+    pids = {p["id"] for p in problems}
+    status, reasons, fired_counts, decided, models, finish = Counter(), Counter(), Counter(), Counter(), Counter(), Counter()
+    fail_reasons = Counter()
+    for k, r in traces.items():
+        if r["id"] not in pids:
+            continue
+        st, why, fired = status_of(r, cfg)
+        status[st] += 1
+        if st == "rejected":
+            reasons[why] += 1
+        if st == "failed":
+            fail_reasons[why] += 1
+        fired_counts.update(fired)
+        if r.get("verdict"):
+            decided["judge" if r["verdict"]["decided_by"].startswith("judge") else "programmatic"] += 1
+        if r.get("provenance"):
+            models[r["provenance"].get("model")] += 1
+            finish[r["provenance"].get("finish_reason")] += 1
+    tokens = {}
+    for path in (out / "traces.jsonl", out / "rewrites.jsonl"):  # every paid request, superseded lines too
+        if path.is_file():
+            for _, r in iter_jsonl(path, tolerate_torn_tail=True):
+                for u in record_usages(r):
+                    role = u.get("role", "solver").split(":")[0]
+                    t = tokens.setdefault(role, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+                    t["requests"] += 1
+                    t["prompt_tokens"] += u.get("prompt_tokens", 0)
+                    t["completion_tokens"] += u.get("completion_tokens", 0)
+    p_in = sum(t["prompt_tokens"] for t in tokens.values())
+    p_out = sum(t["completion_tokens"] for t in tokens.values())
+    per_problem = Counter()
+    for r in traces.values():
+        if r["id"] in pids and status_of(r, cfg)[0] == "verified":
+            per_problem[r["id"]] += 1
+    return {
+        "problems": len(problems), "samples_per_problem": cfg.samples,
+        "attempts": {"expected": len(problems) * cfg.samples, "final": sum(status.values()),
+                     "log_lines": trace_lines, **{k: status.get(k, 0) for k in ("verified", "rejected", "failed")}},
+        "problems_with_verified": len(per_problem),
+        "rejected_by": dict(reasons), "failed_by": dict(fail_reasons),
+        "filters": {name: fired_counts.get(name, 0) for name in filters.ORDER},
+        "verdicts_by": dict(decided), "models_reported": dict(models), "finish_reasons": dict(finish),
+        "rewrites": {"log_lines": rewrite_lines, **Counter(status_of(r, cfg)[0] for r in rewrites.values())},
+        "tokens": tokens, "prices_usd_per_million": {"input": cfg.price_input, "output": cfg.price_output},
+        "cost_usd": round((p_in * cfg.price_input + p_out * cfg.price_output) / 1e6, 6),
+    }
+
+
+def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict, extra: dict) -> dict:
+    traces, _ = latest(out / "traces.jsonl")
+    rewrites, _ = latest(out / "rewrites.jsonl")
+    kept = kept_traces(problems, traces, cfg)
+    many = cfg.keep == "all"
+    records = [corpus_record(p, r, cfg, f"{p['id']}#s{r['sample']}" if many else p["id"]) for p, r in kept]
+    pids = sorted({r["problem_id"] for r in records})
+    splits = assign_splits(pids, cfg)
+    # leakage: any verified problem whose normalised text is an evaluation problem
+    index = eval_question_index()
+    qtext = {p["id"]: p["question"] for p in problems}
+    leaks = [{"id": pid, "eval_id": index[n]} for pid in pids if (n := normalize_text(qtext[pid])) in index]
+    leaked = {x["id"] for x in leaks}
+    sizes = write_corpus(out, records, splits, leaked, cfg)
+    levels = {}
+    kept_keys = {r["key"]: p for p, r in kept}
+    for lvl in cfg.rewrite_levels:
+        recs = []
+        for key, p in kept_keys.items():
+            rw = rewrites.get(rewrite_key(p["id"], lvl))
+            if rw is not None and rw["source_key"] == key and status_of(rw, cfg)[0] == "verified":
+                recs.append(corpus_record(p, rw, cfg, p["id"]))
+        lsizes = write_corpus(out / lvl, recs, splits, leaked, cfg)
+        words = [r["words"] for r in recs]
+        levels[lvl] = {"dir": str(out / lvl), "records": len(recs), **lsizes,
+                       "mean_words": round(sum(words) / len(words), 2) if words else None,
+                       "prompt_sha256": prompts[f"rewrite_{lvl}"].sha256 if f"rewrite_{lvl}" in prompts else None,
+                       "max_tokens": int(cfg.rewrite_max_tokens.get(lvl, cfg.max_tokens))}
+        atomic_write_json(out / lvl / "manifest.json", {
+            "stage": "corpus-level", "level": lvl, "parent": str(out), "records": len(recs), "splits": lsizes,
+            "mean_words": levels[lvl]["mean_words"], "config": public_config(cfg)})
+    words = [r["words"] for r in records]
+    summary = summarize(out, cfg, problems)
+    man = {"stage": "corpus", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
+           "config": public_config(cfg), "identity": identity(cfg, prompts),
+           "prompts": {k: p.describe() for k, p in prompts.items()},
+           **summary, "keep": cfg.keep, "verified_records": len(records),
+           "mean_words": round(sum(words) / len(words), 2) if words else None,
+           "splits": {**sizes, "seed": cfg.seed, "valid_fraction": cfg.valid_fraction,
+                      "test_fraction": cfg.test_fraction},
+           "leakage": {"checked": ["gsm8k-test", "math500", "aime24", "amc23"], "eval_problems": len(index),
+                       "matches": leaks, "action": cfg.leakage},
+           "levels": levels, "versions": versions(),
+           "files": {f.name: sha256_file(f) for f in sorted(out.glob("*.jsonl"))}}
+    atomic_write_json(out / "manifest.json", man)
+    if leaks and cfg.leakage == "error":
+        raise InputError(f"{out}: {len(leaks)} verified problem(s) are evaluation problems "
+                         f"(e.g. {leaks[0]['id']} = {leaks[0]['eval_id']}); see manifest.json 'leakage'")
+    return man
+
+
+# ----------------------------------------------------------------------------- main
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("[green]verified {task.fields[verified]}[/] [yellow]rejected {task.fields[rejected]}[/] "
+                               "[red]failed {task.fields[failed]}[/] ${task.fields[spend]:.4f}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    disable=not (enabled and console.is_terminal))
+
+
+def merge_problems(out: Path, current: list[dict]) -> list[dict]:
+    """problems.jsonl keeps every problem a run ever used (a smaller --limit later loses nothing)."""
+    path = out / "problems.jsonl"
+    old = [r for _, r in iter_jsonl(path)] if path.is_file() else []
+    seen = {r["id"] for r in old}
+    return old + [p for p in current if p["id"] not in seen]
+
+
+def build(cfg: C.CorpusConfig) -> dict:
+    out = out_dir(cfg)
+    skipped: list = []
+    problems = load_problems(cfg.source, cfg.problems or None, cfg.limit or None, cfg.split or None, skipped=skipped)
+    if not problems:
+        raise InputError(f"no usable problems from {cfg.problems or cfg.source} ({len(skipped)} skipped)")
+    if cfg.samples < 1 or cfg.concurrency < 1:
+        raise InputError("--samples and --concurrency must be at least 1")
+    unknown = [lvl for lvl in cfg.rewrite_levels if lvl not in cfg.rewrite_ratios]
+    if unknown:
+        raise InputError(f"rewrite level(s) {unknown} have no target in --rewrite-ratios {cfg.rewrite_ratios}")
+    prompts = load_prompts(cfg, {answer_kind(p["source"]) for p in problems})
+    ident = identity(cfg, prompts)
+    with RunLock(out):
+        check_identity(out, ident)
+        all_problems = merge_problems(out, problems)
+        write_jsonl(out / "problems.jsonl", all_problems)
+        if skipped:
+            write_jsonl(out / "skipped.jsonl", skipped)
+        src = {"source": cfg.source, "path": cfg.problems or None, "loaded": len(problems), "skipped": len(skipped),
+               "skipped_by": dict(Counter(s["reason"].split(" (")[0] for s in skipped))}
+        if cfg.problems and Path(cfg.problems).is_file():
+            src["sha256"] = sha256_file(cfg.problems)
+        man_path = out / "manifest.json"
+        if not man_path.is_file():  # so that a killed first run can be resumed with --resume
+            atomic_write_json(man_path, {"stage": "corpus", "status": "running", "config": public_config(cfg),
+                                         "identity": ident})
+        store = CorpusStore(out, retry_failed=cfg.retry_failed)
+        tally = Tally(cfg)
+        status, stats, t0 = "complete", {}, time.perf_counter()
+        progress = _progress(cfg.progress)
+        try:
+            with progress:
+                stats = asyncio.run(run_jobs(cfg, problems, store, prompts, tally, progress))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            status = "interrupted"
+        finally:
+            store.close()
+        elapsed = time.perf_counter() - t0
+        man = finalize(out, cfg, all_problems, prompts, {
+            "status": status, "problem_source": src,
+            "this_run": {"seconds": round(elapsed, 3), "new_traces": store.written["traces"],
+                         "new_rewrites": store.written["rewrites"], "client_stats": stats,
+                         "problems_per_s": round(tally.c["done"] / elapsed, 3) if elapsed > 0 else None}})
+    print_summary(out, man)
+    if status == "interrupted":
+        raise KeyboardInterrupt
+    return man
+
+
+def print_summary(out: Path, man: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    a = man.get("attempts", {})
+    t = Table(title=f"corpus {out} ({man.get('status', '?')})", show_header=False)
+    t.add_row("problems", f"{man.get('problems')} ({man.get('problem_source', {}).get('skipped', 0)} skipped)")
+    t.add_row("attempts", f"{a.get('final', 0)}/{a.get('expected', 0)} final: verified {a.get('verified', 0)}, "
+              f"rejected {a.get('rejected', 0)}, failed {a.get('failed', 0)}")
+    t.add_row("problems with a verified trace", str(man.get("problems_with_verified")))
+    t.add_row("rejected by", ", ".join(f"{k} {v}" for k, v in (man.get("rejected_by") or {}).items()) or "-")
+    if man.get("failed_by"):
+        t.add_row("failed by", ", ".join(f"{k} {v}" for k, v in man["failed_by"].items()))
+    t.add_row("verdicts by", ", ".join(f"{k} {v}" for k, v in (man.get("verdicts_by") or {}).items()) or "-")
+    t.add_row("models (server-reported)", ", ".join(f"{k} {v}" for k, v in (man.get("models_reported") or {}).items()) or "-")
+    t.add_row("verified records", f"{man.get('verified_records')} (keep={man.get('keep')}, mean words {man.get('mean_words')})")
+    s = man.get("splits", {})
+    t.add_row("splits", f"train {s.get('train')}, valid {s.get('valid')}, test {s.get('test')} (seed {s.get('seed')})")
+    for lvl, d in (man.get("levels") or {}).items():
+        t.add_row(f"level {lvl}", f"{d['records']} records, mean words {d['mean_words']} -> {d['dir']}")
+    tok = man.get("tokens", {})
+    t.add_row("tokens", ", ".join(f"{k}: {v['prompt_tokens']} in / {v['completion_tokens']} out" for k, v in tok.items()) or "-")
+    t.add_row("cost estimate", f"${man.get('cost_usd', 0):.4f}")
+    lk = man.get("leakage", {})
+    t.add_row("leakage", f"{len(lk.get('matches', []))} matches with {', '.join(lk.get('checked', []))} ({lk.get('action')})")
+    console.print(t)
+
+
+def stats(path: str, as_json: bool = False) -> dict:
+    out = Path(path)
+    man_path = out / "manifest.json"
+    if not man_path.is_file():
+        raise InputError(f"{out}: no manifest.json; is this a corpus folder (python -m mlx_distill corpus build --out {out})?")
+    man = read_json(man_path)
+    if "attempts" not in man:  # a run killed before it finished once: count from the logs
+        cfg = C.build(C.CorpusConfig, man.get("config") or {}, source=str(man_path))
+        problems = [r for _, r in iter_jsonl(out / "problems.jsonl")] if (out / "problems.jsonl").is_file() else []
+        man = {**man, **summarize(out, cfg, problems)}
+    if as_json:
+        print(json.dumps({k: v for k, v in man.items() if k not in ("config", "versions", "identity")}, indent=2))
+    else:
+        print_summary(out, man)
+    return man
+
+
+def config_from_args(args: argparse.Namespace) -> C.CorpusConfig:
+    cfg = C.resolve(C.CorpusConfig, args)
+    if not cfg.resume:
+        return cfg
+    man_path = out_dir(cfg) / "manifest.json"
+    if not man_path.is_file():
+        raise InputError(f"--resume: nothing to resume in {out_dir(cfg)} (no manifest.json); give --out of an earlier run")
+    stored = {k: v for k, v in (read_json(man_path).get("config") or {}).items() if k != "resume"}
+    ns = {k: v for k, v in vars(args).items() if k != "config"}
+    yaml_values = C.load_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(C.CorpusConfig)}
+    # stored run settings < YAML < flags typed now
+    return C.build(C.CorpusConfig, {**stored, **yaml_values}, {k: v for k, v in ns.items() if k in names},
+                   source=str(man_path))
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("build", "stats"):
+        print("usage: python -m mlx_distill corpus {build,stats} [options]\n\n"
+              "  build   solve, verify, filter and rewrite problems into a corpus folder (build -h)\n"
+              "  stats   print the summary of an existing corpus folder (stats PATH)",
+              file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        if argv and argv[0] not in ("-h", "--help"):
+            raise SystemExit(2)
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "stats":
+        ap = argparse.ArgumentParser(prog="mlx_distill corpus stats", description="Summary of a corpus folder.")
+        ap.add_argument("path", help="corpus folder (with manifest.json)")
+        ap.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+        a = ap.parse_args(rest)
+        stats(a.path, a.json)
+        return
+    ap = argparse.ArgumentParser(prog="mlx_distill corpus build", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_arguments(ap, C.CorpusConfig)
+    build(config_from_args(ap.parse_args(rest)))
+
+
+if __name__ == "__main__":
+    main()
