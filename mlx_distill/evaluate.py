@@ -332,16 +332,15 @@ def generate(client, messages: list[list[dict]], seeds: list[int], cfg: EvalConf
 
 
 # ============================================================================= records
-_REPEAT = re.compile(r"(.{12,}?)\1{3,}", re.S)
-
-
-def has_repetition(text: str) -> bool:
-    """A repetition loop: some span of >= 12 characters repeated 4+ times in a row, or one
-    non-trivial line repeated 4+ times."""
-    if _REPEAT.search(text[-4000:]):
+def has_repetition(text: str, n: int = 10, times: int = 5) -> bool:
+    """A repetition loop: some run of `n` words occurs `times`+ times, or one non-trivial line
+    does (linear time: responses that hit the token cap can be long)."""
+    words = text.split()
+    grams = collections.Counter(tuple(words[i:i + n]) for i in range(max(0, len(words) - n + 1)))
+    if grams and grams.most_common(1)[0][1] >= times:
         return True
-    lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 8]
-    return bool(lines) and collections.Counter(lines).most_common(1)[0][1] >= 4
+    lines = [ln.strip() for ln in text.splitlines() if len(ln.split()) >= 4]
+    return bool(lines) and collections.Counter(lines).most_common(1)[0][1] >= times
 
 
 def full_response(c) -> str:

@@ -251,10 +251,13 @@ def test_corpus_test_split_and_user_csv(tmp_path):
         load_eval_problems("jsonl")
 
 
-def test_wilson_and_repetition():
+def test_wilson_and_repetition(shared_data):
     lo, hi = wilson(0, 10)
     assert lo == 0 and abs(hi - 0.2775) < 1e-3
     lo, hi = wilson(50, 100)
     assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
-    assert has_repetition("so the answer is " * 6)
+    assert has_repetition("so the answer is " * 15) and has_repetition("Step: add 2 and 3.\n" * 6)
     assert not has_repetition("16 - 3 - 4 = 9 eggs. 9 * 2 = $18.\n#### 18")
+    # reference solutions are not loops (derivations repeat a little)
+    sols = [r["solution"] for r in _rows(shared_data / "math500" / "test.jsonl")]
+    assert sum(map(has_repetition, sols)) <= 2
