@@ -12,7 +12,7 @@ It answers ``POST /v1/chat/completions`` (and ``GET /v1/models``) from a *script
          "faults":  ["429", "500", "empty", "slow", "drop"]}}}   # one per attempt, then normal replies
 
 The request kind is recognised from the prompt text: "CORRECT or INCORRECT" -> judge,
-"Rewrite" -> rewrite, else solve. ``faults`` are consumed per (item, kind) in order:
+"SCORE: <1-5>" -> critic, "Rewrite" -> rewrite, else solve. ``faults`` are consumed per (item, kind) in order:
 ``429`` (with Retry-After: 0), ``500``, ``503``, ``empty`` (200 with no choices),
 ``empty_body`` (200 with an empty body), ``slow`` (sleeps ``slow_s`` then answers, for the
 client timeout), ``drop`` (closes the connection without answering). A reply with
@@ -86,6 +86,8 @@ class FaultServer:
     def kind_of(text: str) -> str:
         if "CORRECT or INCORRECT" in text:
             return "judge"
+        if "SCORE: <1-5>" in text:
+            return "critic"
         if "Rewrite" in text:
             return "rewrite"
         return "solve"

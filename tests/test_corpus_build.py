@@ -264,3 +264,35 @@ def test_sigkill_and_ctrl_c_then_resume_equal_uninterrupted(tmp_path):
     st = subprocess.run([sys.executable, "-m", "mlx_distill", "corpus", "stats", str(tmp_path / "k")],
                         cwd=REPO, env=env, capture_output=True, text=True)
     assert st.returncode == 0 and "verified 16" in st.stdout and "R1" in st.stdout, st.stdout + st.stderr
+
+
+def test_critic_score_and_missing_key_fails_before_writing(tmp_path, monkeypatch):
+    probs = gsm8k_file(tmp_path / "p.jsonl", 2)
+    items = {"[P0]": good(0), "[P1]": good(1)}
+    items["[P0]"]["critic"] = {"content": "SCORE: 5"}
+    items["[P1]"]["critic"] = {"content": "SCORE: 2"}
+    with FaultServer({"items": items}) as srv:
+        B.main(args(srv, probs, tmp_path / "c", "--judge-model", "j", "--critic", "--min-critic", "3"))
+    last = finals(tmp_path / "c")
+    assert last["gsm8k-train-00000#s0"]["critic"]["score"] == 5 and last["gsm8k-train-00000#s0"]["status"] == "verified"
+    assert (last["gsm8k-train-00001#s0"]["status"], last["gsm8k-train-00001#s0"]["reason"]) == ("rejected", "critic_low")
+    assert read_jsonl(tmp_path / "c" / "verified.jsonl")[0]["critic"] == 5
+    monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
+    with pytest.raises(InputError, match="DEEPSEEK_API_KEY"):
+        B.main(["build", "--preset", "deepseek", "--problems", str(probs), "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
+
+
+def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    real = B._progress
+    monkeypatch.setattr(B, "_progress", lambda enabled: real(enabled, Console(file=buf, force_terminal=True, width=150)))
+    probs = gsm8k_file(tmp_path / "p.jsonl", 3)
+    with FaultServer({"items": {"[P0]": good(0), "[P1]": {"faults": ["500"] * 9}}}) as srv:
+        B.main(args(srv, probs, tmp_path / "c", "--max-retries", "1"))
+    shown = buf.getvalue()
+    assert "3/3" in shown and "verified 1" in shown and "rejected 1" in shown and "failed 1" in shown and "$0.0" in shown

@@ -81,3 +81,30 @@ def test_eval_index_covers_all_eval_sets(shared_data):
     assert len(ix) == 1319 + 500 + 30 + 40
     q = load_problems("gsm8k", split="test")[5]["question"]
     assert ix[normalize_text("  " + q.upper() + " ")] == "gsm8k-test-00005"
+
+
+def test_hugging_face_names_map_to_the_same_records(monkeypatch):
+    """HF datasets are not reachable here: check the mapping with rows shaped like the hub's."""
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name == "openai/gsm8k":
+            return [{"question": "q?", "answer": "1 + 1 = 2\n#### 2,000"}]
+        if name == "EleutherAI/hendrycks_math":
+            return [{"problem": f"{config} p", "solution": r"so \boxed{3}", "level": "Level 2", "type": "Algebra"}]
+        if name == "HuggingFaceH4/MATH-500":
+            return [{"problem": "p", "solution": r"\boxed{4}", "answer": "4", "subject": "Algebra", "level": 1,
+                     "unique_id": "test/algebra/1.json"}]
+        return [{"problem": "custom", "answer": 7.0}]
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    g = load_problems("openai/gsm8k", split="test")
+    assert g[0] == {"id": "gsm8k-test-00000", "question": "q?", "answer": "2000", "source": "gsm8k",
+                    "meta": {"split": "test", "index": 0, "solution": "1 + 1 = 2\n#### 2,000"}}
+    assert calls[-1] == ("openai/gsm8k", "main", "test")
+    m = load_problems("EleutherAI/hendrycks_math")
+    assert len(m) == 7 and m[0]["answer"] == "3" and m[0]["meta"]["level"] == 2
+    assert load_problems("HuggingFaceH4/MATH-500")[0]["id"] == "math500-test/algebra/1"
+    assert load_problems("someone/comp")[0]["answer"] == "7"

@@ -130,7 +130,10 @@ class Verifier:
         only when `allow_judge` (the builder skips it for traces another filter rejects). A
         judge request that fails for good leaves the verdict "invalid" with the error noted:
         the paid solution is kept, not lost with the judge call."""
-        v = await asyncio.to_thread(grade, text or "", problem["answer"], kind, self.grade_timeout)
+        if kind == "gsm8k":  # numbers: microseconds, not worth a thread hand-off
+            v = grade(text or "", problem["answer"], kind, self.grade_timeout)
+        else:  # math-verify (sympy) can take long: keep the event loop free
+            v = await asyncio.to_thread(grade, text or "", problem["answer"], kind, self.grade_timeout)
         out = {"status": v.status, "extracted": v.extracted, "method": v.method, "decided_by": "programmatic",
                "reason": v.reason}
         if v.status == "invalid" and v.extracted is not None and self.judge is not None and allow_judge:

@@ -178,31 +178,35 @@ def record_usages(rec: dict) -> list[dict]:
     return out
 
 
-async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore, prompts: dict,
-                   tally: Tally, progress=None) -> dict:
-    """Solve, verify and rewrite everything not yet final in `store`. Returns client stats."""
+def make_clients(cfg: C.CorpusConfig) -> dict:
+    """teacher, judge (or None), rewriter (or None): made before anything is written, so a missing
+    API key or model fails at once. The judge / rewriter reuse the teacher unless another model is named."""
     teacher = make_client(cfg.teacher, preset=cfg.preset or None, base_url=cfg.base_url or None,
                           model=cfg.model or None, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
                           rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
                           timeout=cfg.timeout, backoff_base=cfg.backoff, adapter_path=cfg.adapter or None,
                           batch_size=cfg.concurrency)
-    clients = [teacher]
 
     def second(model: str, base_url: str = "", key_env: str = ""):
         if not model or (model == cfg.model and not base_url):
             return teacher
         if isinstance(teacher, MLXClient):
-            c = MLXClient(model, batch_size=cfg.concurrency)
-        else:
-            c = make_client("api", base_url=base_url or teacher.base_url, model=model,
-                            api_key_env=key_env or teacher.api_key_env, concurrency=cfg.concurrency,
-                            rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
-                            timeout=cfg.timeout, backoff_base=cfg.backoff)
-        clients.append(c)
-        return c
+            return MLXClient(model, batch_size=cfg.concurrency)
+        return make_client("api", base_url=base_url or teacher.base_url, model=model,
+                           api_key_env=key_env or teacher.api_key_env, concurrency=cfg.concurrency,
+                           rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
+                           timeout=cfg.timeout, backoff_base=cfg.backoff)
 
     judge = second(cfg.judge_model, cfg.judge_base_url, cfg.judge_api_key_env) if cfg.judge_model else None
-    rewriter_client = second(cfg.rewrite_model) if cfg.rewrite_levels else None
+    rewriter = second(cfg.rewrite_model) if cfg.rewrite_levels else None
+    return {"teacher": teacher, "judge": judge, "rewriter": rewriter}
+
+
+async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore, prompts: dict,
+                   tally: Tally, progress=None, clients: Optional[dict] = None) -> dict:
+    """Solve, verify and rewrite everything not yet final in `store`; closes the clients. Returns their stats."""
+    clients = clients or make_clients(cfg)
+    teacher, judge, rewriter_client = clients["teacher"], clients["judge"], clients["rewriter"]
     system = prompts.get("system")
     solvers = {k[len("solver_"):]: Solver(teacher, p, system, cfg.temperature, cfg.max_tokens, cfg.seed)
                for k, p in prompts.items() if k.startswith("solver_")}
@@ -244,7 +248,7 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
     for pid, n in left.items():
         if n == 0:
             total += schedule_rewrites(pid)
-    task = progress.add_task("corpus", total=total) if progress else None
+    task = progress.add_task("corpus", total=total, verified=0, rejected=0, failed=0, spend=0.0) if progress else None
 
     def tick(rec: dict, status: str) -> None:
         tally.c[status] += 1
@@ -352,7 +356,7 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
         for w in workers:
             w.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
-        for c in clients:
+        for c in {id(c): c for c in clients.values() if c is not None}.values():
             try:
                 await c.aclose()
             except Exception:  # closing must never hide the real error
@@ -535,11 +539,12 @@ def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict
 
 
 # ----------------------------------------------------------------------------- main
-def _progress(enabled: bool):
+def _progress(enabled: bool, console=None):
+    """done/total, verified / rejected / failed and spend so far (only on a terminal)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    console = Console(stderr=True)
+    console = console or Console(stderr=True)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("[green]verified {task.fields[verified]}[/] [yellow]rejected {task.fields[rejected]}[/] "
                                "[red]failed {task.fields[failed]}[/] ${task.fields[spend]:.4f}"),
@@ -568,6 +573,7 @@ def build(cfg: C.CorpusConfig) -> dict:
         raise InputError(f"rewrite level(s) {unknown} have no target in --rewrite-ratios {cfg.rewrite_ratios}")
     prompts = load_prompts(cfg, {answer_kind(p["source"]) for p in problems})
     ident = identity(cfg, prompts)
+    clients = make_clients(cfg)
     with RunLock(out):
         check_identity(out, ident)
         all_problems = merge_problems(out, problems)
@@ -588,7 +594,7 @@ def build(cfg: C.CorpusConfig) -> dict:
         progress = _progress(cfg.progress)
         try:
             with progress:
-                stats = asyncio.run(run_jobs(cfg, problems, store, prompts, tally, progress))
+                stats = asyncio.run(run_jobs(cfg, problems, store, prompts, tally, progress, clients))
         except (KeyboardInterrupt, asyncio.CancelledError):
             status = "interrupted"
         finally:
