@@ -14,9 +14,9 @@ It answers ``POST /v1/chat/completions`` (and ``GET /v1/models``) from a *script
 The request kind is recognised from the prompt text: "CORRECT or INCORRECT" -> judge,
 "SCORE: <1-5>" -> critic, "Rewrite" -> rewrite, else solve. ``faults`` are consumed per (item, kind) in order:
 ``429`` (with Retry-After: 0), ``500``, ``503``, ``empty`` (200 with no choices),
-``empty_body`` (200 with an empty body), ``slow`` (sleeps ``slow_s`` then answers, for the
-client timeout), ``drop`` (closes the connection without answering). A reply with
-``"echo_think": true`` puts the reasoning inline as ``<think>...</think>`` in the content,
+``empty_body`` (200 with an empty body), ``empty_content`` (200, content "" and no finish
+reason), ``slow`` (sleeps ``slow_s`` then answers, for the client timeout), ``drop`` (closes
+the connection without answering). A reply with ``"echo_think": true`` puts the reasoning inline as ``<think>...</think>`` in the content,
 the way some servers do. Every request is logged in ``server.log`` (kind, key, fault).
 
 Run standalone (the benchmark does): ``python tests/fault_server.py --port 8123 --delay 0.5``.
@@ -113,6 +113,10 @@ class FaultServer:
             return h._send(int(fault), {"error": {"message": "server error"}})
         if fault == "empty":
             return h._send(200, {"id": "x", "object": "chat.completion", "model": "m", "choices": []})
+        if fault == "empty_content":
+            return h._send(200, {"id": "x", "object": "chat.completion", "model": "m",
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]})
         if fault == "empty_body":
             return h._send(200, None, raw=b"")
         if fault == "drop":

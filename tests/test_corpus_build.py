@@ -214,6 +214,10 @@ def test_filters_and_splits_units():
     assert {k: v for k, v in B.assign_splits(ids[:1500], cfg).items()} == {k: s[k] for k in ids[:1500]}  # stable
     assert sorted(B.assign_splits(["a", "b", "c"], cfg).values()) == ["test", "train", "valid"]
     assert B.public_url("https://user:pw@api.x.com:8443/v1") == "https://api.x.com:8443/v1"
+    # a judge on the teacher's endpoint shares its requests/min budget
+    cl = B.make_clients(B.C.CorpusConfig(base_url="http://127.0.0.1:9/v1", model="t", judge_model="j", rpm=60,
+                                         api_key_env=""))
+    assert cl["judge"] is not cl["teacher"] and cl["judge"].limiter is cl["teacher"].limiter
 
 
 def _spawn(argv, env):

@@ -30,7 +30,7 @@ def test_split_think():
     assert split_think("plain") == (None, "plain")
 
 
-@pytest.mark.parametrize("faults", [["429", "500", "503"], ["empty", "empty_body"], ["drop"], ["slow"]])
+@pytest.mark.parametrize("faults", [["429", "500", "503"], ["empty", "empty_body", "empty_content"], ["drop"], ["slow"]])
 def test_retries_then_succeeds(faults):
     script = {"slow_s": 1.5, "items": {"[A]": {"solve": {"content": "#### 7", "reasoning_content": "3+4=7"},
                                                "faults": faults}}}
@@ -62,17 +62,20 @@ def test_gives_up_with_reason_and_no_retry_on_client_error():
 
 def test_inline_think_and_reasoning_absent():
     script = {"items": {"[A]": {"solve": {"content": "#### 7", "reasoning_content": "think", "echo_think": True}},
-                        "[B]": {"solve": {"content": "just #### 7"}}}}
+                        "[B]": {"solve": {"content": "just #### 7"}},
+                        "[C]": {"solve": {"content": "", "finish_reason": "stop"}}}}
     with FaultServer(script) as srv:
         async def go():
             c = api(srv)
             a = await c.complete(MSG)
             b = await c.complete([{"role": "user", "content": "[B]"}])
+            e = await c.complete([{"role": "user", "content": "[C]"}])  # the model chose to say nothing
             await c.aclose()
-            return a, b
-        a, b = run(go())
+            return a, b, e
+        a, b, e = run(go())
     assert (a.reasoning, a.text) == ("think", "#### 7")
     assert (b.reasoning, b.text) == (None, "just #### 7")
+    assert (e.text, e.finish_reason, e.attempts) == ("", "stop", 1)
 
 
 def test_concurrency_bound_and_key_never_exposed(monkeypatch):

@@ -192,10 +192,12 @@ def make_clients(cfg: C.CorpusConfig) -> dict:
             return teacher
         if isinstance(teacher, MLXClient):
             return MLXClient(model, batch_size=cfg.concurrency)
+        same_host = not base_url or base_url.rstrip("/") == teacher.base_url
         return make_client("api", base_url=base_url or teacher.base_url, model=model,
                            api_key_env=key_env or teacher.api_key_env, concurrency=cfg.concurrency,
                            rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
-                           timeout=cfg.timeout, backoff_base=cfg.backoff)
+                           timeout=cfg.timeout, backoff_base=cfg.backoff,
+                           limiter=teacher.limiter if same_host else None)
 
     judge = second(cfg.judge_model, cfg.judge_base_url, cfg.judge_api_key_env) if cfg.judge_model else None
     rewriter = second(cfg.rewrite_model) if cfg.rewrite_levels else None

@@ -163,7 +163,8 @@ class OpenAIClient:
     def __init__(self, base_url: str, model: Optional[str], api_key_env: str = "DEEPSEEK_API_KEY",
                  concurrency: int = 8, rpm: Optional[float] = None, tpm: Optional[float] = None,
                  max_retries: int = 6, timeout: float = 600.0, backoff_base: float = 1.0,
-                 backoff_max: float = 60.0, extra_body: Optional[dict] = None):
+                 backoff_max: float = 60.0, extra_body: Optional[dict] = None,
+                 limiter: Optional[RateLimiter] = None):
         import openai
 
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
@@ -181,7 +182,8 @@ class OpenAIClient:
         # retries are ours (they know about empty 200s, jitter and our counters), not the SDK's
         self._client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=timeout)
         self._sem: Optional[asyncio.Semaphore] = None
-        self.limiter = RateLimiter(rpm, tpm)
+        # a second model on the same endpoint (judge, rewriter) passes the teacher's limiter: one budget
+        self.limiter = limiter if limiter is not None else RateLimiter(rpm, tpm)
         self.stats = collections.Counter()  # requests, retries, and failures by kind
         self._resolved_model: Optional[str] = None
 
@@ -290,8 +292,10 @@ class OpenAIClient:
             extra = getattr(msg, "model_extra", None) or {}
             reasoning = (getattr(msg, "reasoning_content", None) or extra.get("reasoning_content")
                          or extra.get("reasoning") or None)
-        if not content and not reasoning:  # whitespace is an answer (a bad one); nothing at all is a fault
-            raise _Retryable("empty", "200 response with empty content")
+        # nothing at all and no proper finish is a fault (proxies, overloaded hosts); whitespace, or an
+        # empty answer the model chose to stop on, is an answer (a bad one) and is not asked again
+        if not content and not reasoning and ch.finish_reason not in ("stop", "length"):
+            raise _Retryable("empty", f"200 response with empty content (finish_reason={ch.finish_reason!r})")
         if reasoning is None:
             reasoning, text = split_think(content)
         else:
