@@ -31,7 +31,8 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(RUNENV) $(BIN)/python -m mlx_distill train --model smollm2 --data corpora/gsm8k-sample --out runs/demo --iters 40 --val-every 10 --batch-size 4 --lora-layers 8
+	rm -rf runs/demo
+	$(RUNENV) $(BIN)/python -m mlx_distill train --model smollm2 --data corpora/gsm8k-sample --out runs/demo --iters 30 --batch-size 2 --val-every 10 --val-batches 5 --lora-layers 8 --learning-rate 2e-4 --max-seq-length 512
 	$(RUNENV) $(BIN)/python -m mlx_distill eval --model smollm2 --adapter runs/demo --dataset gsm8k --limit 5 --max-tokens 200 --out runs/demo/eval --show 2
 
 test: setup
