@@ -151,6 +151,13 @@ def test_refuses_other_settings_and_resume_flag(tmp_path):
         B.main(["build", "--resume", "--out", str(out), "--limit", "3", "--base-url", srv.base_url])
         assert sum(srv.counts.values()) == n + 1
         assert sorted(r["id"] for r in read_jsonl(out / "verified.jsonl")) == [f"gsm8k-train-{i:05d}" for i in range(3)]
+        # a length level added later: only its rewrites are asked; a changed level is refused
+        B.main(args(srv, probs, out, "--rewrite-levels", "R1"))
+        n = sum(srv.counts.values())
+        B.main(args(srv, probs, out, "--rewrite-levels", "R1", "R2"))
+        assert sum(srv.counts.values()) == n + 3 and len(read_jsonl(out / "R2" / "verified.jsonl")) == 3
+        with pytest.raises(InputError, match="rewrite level R1"):
+            B.main(args(srv, probs, out, "--rewrite-levels", "R1", "--rewrite-ratios", "{R1: 0.9}"))
     with pytest.raises(InputError, match="nothing to resume"):
         B.main(["build", "--resume", "--out", str(tmp_path / "nothing")])
 

@@ -93,6 +93,6 @@ def test_build_with_local_mlx_teacher(tmp_path, tiny_model):
             "--samples", "2", "--max-tokens", "10", "--concurrency", "4", "--out", str(out)]
     B.main(argv)
     traces, man = check_corpus(out, 4, 2, str(tiny_model))
-    assert man["this_run"]["new_traces"] == 8
+    assert man["this_run"]["new_traces"] == 8 and man["cost_usd"] == 0  # local: no API prices
     B.main(argv)
     assert read_jsonl(out / "traces.jsonl") == traces

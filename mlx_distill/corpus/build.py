@@ -48,7 +48,7 @@ from .store import FINAL, CorpusStore, RunLock, latest, rewrite_key, trace_key
 
 # settings that change what is asked of the teacher: a folder built with other values is refused
 IDENTITY = ("source", "problems", "split", "teacher", "model", "adapter", "temperature", "max_tokens", "seed",
-            "judge_model", "critic", "rewrite_model", "rewrite_max_tokens", "rewrite_ratios")
+            "system_prompt", "judge_model", "critic", "rewrite_model")
 
 
 # ----------------------------------------------------------------------------- settings
@@ -92,10 +92,15 @@ def load_prompts(cfg: C.CorpusConfig, kind_names: set[str]) -> dict:
 
 
 def identity(cfg: C.CorpusConfig, prompts: dict) -> dict:
+    """What decides the requests: a folder built with other values is refused. Rewrite levels
+    are compared level by level, so adding (or leaving out) a level later is allowed."""
     ident = {k: getattr(cfg, k) for k in IDENTITY}
     if cfg.problems:
         ident["problems"] = str(Path(cfg.problems).resolve())
-    ident["prompts"] = {k: p.sha256 for k, p in prompts.items()}
+    ident["prompts"] = {k: p.sha256 for k, p in prompts.items() if not k.startswith("rewrite_")}
+    ident["rewrite"] = {lvl: {"ratio": cfg.rewrite_ratios.get(lvl),
+                              "max_tokens": int(cfg.rewrite_max_tokens.get(lvl, cfg.max_tokens)),
+                              "prompt": prompts[f"rewrite_{lvl}"].sha256} for lvl in cfg.rewrite_levels}
     return ident
 
 
@@ -104,12 +109,11 @@ def check_identity(out: Path, ident: dict) -> None:
     if not man_path.is_file():
         return
     old = read_json(man_path).get("identity") or {}
-    diff = {k: (old.get(k), v) for k, v in ident.items() if k in old and old.get(k) != v}
-    # a rewrite level added later only adds prompts; a changed template is a different corpus
-    if "prompts" in diff:
-        a, b = diff["prompts"]
-        if all(a.get(k) == v for k, v in b.items() if k in a) and all(k in b for k in a if not k.startswith("rewrite_")):
-            del diff["prompts"]
+    diff = {k: (old.get(k), v) for k, v in ident.items() if k in old and old.get(k) != v and k != "rewrite"}
+    for lvl, v in ident["rewrite"].items():
+        was = (old.get("rewrite") or {}).get(lvl)
+        if was is not None and was != v:
+            diff[f"rewrite level {lvl}"] = (was, v)
     if diff:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
         raise InputError(f"{out}: this corpus was built with other settings ({lines}). "
@@ -161,7 +165,14 @@ class Tally:
 
     @property
     def cost(self) -> float:
-        return (self.prompt_tokens * self.cfg.price_input + self.completion_tokens * self.cfg.price_output) / 1e6
+        return cost_usd(self.cfg, self.prompt_tokens, self.completion_tokens)
+
+
+def cost_usd(cfg: C.CorpusConfig, prompt_tokens: int, completion_tokens: int) -> float:
+    """The configured API prices x tokens; a local MLX teacher costs nothing here."""
+    if cfg.teacher == "mlx":
+        return 0.0
+    return (prompt_tokens * cfg.price_input + completion_tokens * cfg.price_output) / 1e6
 
 
 def record_usages(rec: dict) -> list[dict]:
@@ -181,8 +192,13 @@ def record_usages(rec: dict) -> list[dict]:
 def make_clients(cfg: C.CorpusConfig) -> dict:
     """teacher, judge (or None), rewriter (or None): made before anything is written, so a missing
     API key or model fails at once. The judge / rewriter reuse the teacher unless another model is named."""
+    model = cfg.model or None
+    if cfg.teacher == "mlx" and model:
+        from ..embedded import resolve_model  # 'smollm2' = the embedded SmolLM2-135M-Instruct
+
+        model = resolve_model(model)
     teacher = make_client(cfg.teacher, preset=cfg.preset or None, base_url=cfg.base_url or None,
-                          model=cfg.model or None, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
+                          model=model, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
                           rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
                           timeout=cfg.timeout, backoff_base=cfg.backoff, adapter_path=cfg.adapter or None,
                           batch_size=cfg.concurrency)
@@ -485,7 +501,7 @@ def summarize(out: Path, cfg: C.CorpusConfig, problems: list[dict]) -> dict:
         "verdicts_by": dict(decided), "models_reported": dict(models), "finish_reasons": dict(finish),
         "rewrites": {"log_lines": rewrite_lines, **Counter(status_of(r, cfg)[0] for r in rewrites.values())},
         "tokens": tokens, "prices_usd_per_million": {"input": cfg.price_input, "output": cfg.price_output},
-        "cost_usd": round((p_in * cfg.price_input + p_out * cfg.price_output) / 1e6, 6),
+        "cost_usd": round(cost_usd(cfg, p_in, p_out), 6),
     }
 
 
