@@ -355,12 +355,12 @@ def full_response(c) -> str:
 def failure_kind(rec: dict) -> Optional[str]:
     if rec["status"] == "correct":
         return None
-    if rec.get("finish_reason") == "length":
-        return "truncated at max tokens"
     if rec.get("finish_reason") == "error":
         return "generation failed"
-    if has_repetition(rec.get("response") or ""):
+    if has_repetition(rec.get("response") or ""):  # a loop that ran into the cap is a loop first
         return "repetition loop"
+    if rec.get("finish_reason") == "length":
+        return "truncated at max tokens"
     if rec["status"] == "invalid":
         return {"no answer": "no final answer", "unparsable": "unparsable final answer",
                 "timeout": "grading timed out"}.get(rec.get("reason", ""), "invalid")

@@ -35,7 +35,7 @@ def main() -> None:
 
     cfg = EvalConfig(model="smollm2", dataset="gsm8k", limit=args.limit, max_tokens=args.max_tokens,
                      batch_size=args.batch_size, out=args.out, plot=True)
-    s = evaluate(cfg, quiet=True)
+    s = evaluate(cfg)  # progress lines on stderr; the summary below
     lo, hi = s["accuracy_ci95"]
     print(f"SmolLM2-135M-Instruct, GSM8K test first {s['n']} problems, greedy, max {args.max_tokens} tokens, "
           f"prompt {s['prompt']}")
