@@ -1,0 +1,607 @@
+"""PyTorch backend: transformers models + peft LoRA/DoRA with mlx-lm's semantics, MLX's AdamW.
+
+`TorchBackend` implements the interface `mlx_distill.train` drives (see `backends/__init__.py`)
+so that ``python -m mlx_distill train --backend torch`` runs the same loop, data, masks,
+batches and losses (`mlx_distill.losses`) as the MLX path and gives the same numbers:
+
+- LoRA: mlx-lm computes ``y = W x + scale * (dropout(x) @ A) @ B`` with A (in, r) drawn
+  from U(+-1/sqrt(in)) and B = 0. peft computes ``W x + (alpha / r) * B'(A'(dropout(x)))``
+  with A' = A^T, B' = B^T, so ``lora_alpha = scale * r``. Adapters go on the same
+  projections (``lora_keys``, default: every Linear of a block) of the same top
+  ``lora_layers`` blocks. DoRA maps to peft's ``use_dora`` (magnitude ``m``; the weight norm
+  is a constant in both); the two differ only with dropout > 0, where peft also drops the
+  input of the base projection.
+- Optimiser: MLX's AdamW has *no bias correction* (``mlx.optimizers.Adam(bias_correction=False)``)
+  and decays the weight before the Adam step: ``w <- w(1 - lr wd) - lr m / (sqrt(v) + eps)``.
+  ``torch.optim.AdamW`` corrects the bias (its first step is ~3x smaller), so the update is
+  written out here (`_adamw_`). The learning rate comes from `lr_at`, the closed form of
+  `MLXBackend.schedule`.
+- Gradient accumulation: summed-loss gradients of every micro-batch accumulate; on the
+  update they are divided once by the total token count, clipped to ``max_grad_norm``
+  (``min(1, max_norm / (norm + 1e-6))``, as ``mlx.optimizers.clip_grad_norm``), applied.
+- Files: the adapter is saved in mlx-lm's format and names (``adapters.safetensors`` with
+  ``...q_proj.lora_a`` of shape (in, r)), and checkpoints hold the optimiser state under
+  MLX's names and layouts (``step``, ``learning_rate``, ``<param>.m``, ``<param>.v``), so a
+  run folder, an adapter or a checkpoint written by one backend is read by the other.
+- Precision: float32 on CPU, bfloat16 weights on CUDA (LoRA weights stay float32, as
+  mlx-lm creates them; peft's ``autocast_adapter_dtype``).
+
+Multi-GPU (``torchrun``; WORLD_SIZE > 1): every rank sees the same micro-batch stream and
+takes the rows ``rank::world`` of each micro-batch; at the update the summed gradients and
+token counts are all-reduced, so the step is the single-process step on the whole batch
+(not DDP's average of per-rank means). Loss sums are all-reduced too, so every rank logs the
+same numbers. Only rank 0 writes the run folder; other ranks keep theirs under
+``<out>/ranks/<rank>/`` (a 2-line hook in `train.run`)::
+
+    torchrun --nproc-per-node 4 -m mlx_distill train --backend torch --model PATH --data DIR --out runs/x
+
+`TorchClient` generates through transformers behind the ``complete()`` interface of
+`mlx_distill.corpus.clients.MLXClient` (greedy requests are batched; sampled requests run
+one at a time with their own seed).
+"""
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
+
+
+def resolve_model_path(name: str) -> str:
+    """'smollm2' -> the embedded model folder; anything else unchanged (path or HF repo id)."""
+    from ..embedded import resolve_model
+
+    return str(resolve_model(name))
+
+
+def lr_at(cfg, step: int) -> float:
+    """Learning rate of update number ``step + 1`` (0-based ``step``): `MLXBackend.schedule`
+    in closed form. Warm-up step s gets lr*(s+1)/warmup; then cosine / linear / constant
+    from lr to lr*min_lr_ratio over ``iters - warmup`` steps."""
+    lr, warm = cfg.learning_rate, max(cfg.warmup, 0)
+    if step < warm:
+        return lr * (step + 1) / warm
+    s = step - warm
+    decay = max(cfg.iters - warm, 1)
+    end = lr * cfg.min_lr_ratio
+    if cfg.lr_schedule == "cosine":
+        return end + 0.5 * (1.0 + math.cos(math.pi / decay * min(s, decay))) * (lr - end)
+    if cfg.lr_schedule == "linear":
+        return min(s, decay) * ((end - lr) / decay) + lr
+    return lr
+
+
+def decoder_layers(model):
+    """The ModuleList of transformer blocks (``model.model.layers`` for llama/qwen2/...)."""
+    import torch.nn as nn
+
+    base = model
+    for attr in ("base_model", "model"):  # peft wrapper, then the decoder
+        while hasattr(base, attr) and isinstance(getattr(base, attr), nn.Module) and not hasattr(base, "layers"):
+            base = getattr(base, attr)
+    if hasattr(base, "layers") and isinstance(base.layers, nn.ModuleList):
+        return base.layers
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
+            return m
+    raise ValueError(f"{type(model).__name__}: cannot find the list of transformer blocks")
+
+
+# mlx-lm adapter names <-> torch parameter names. peft wraps the model as
+# base_model.model.<hf name> and names LoRA weights <module>.lora_A.<adapter>.weight.
+_PEFT_PREFIX = "base_model.model."
+
+
+def mlx_name(torch_name: str) -> tuple[str, bool]:
+    """torch parameter name -> (mlx-lm name, transpose?)."""
+    n = torch_name[len(_PEFT_PREFIX):] if torch_name.startswith(_PEFT_PREFIX) else torch_name
+    for torch_leaf, mlx_leaf, transpose in ((".lora_A.default.weight", ".lora_a", True),
+                                             (".lora_B.default.weight", ".lora_b", True),
+                                             (".lora_magnitude_vector.default.weight", ".m", False)):
+        if n.endswith(torch_leaf):
+            return n[: -len(torch_leaf)] + mlx_leaf, transpose
+    if n.endswith(".base_layer.weight") or n.endswith(".base_layer.bias"):
+        head, leaf = n.rsplit(".base_layer.", 1)
+        return f"{head}.{leaf}", False
+    return n, False
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, cfg, device: Optional[str] = None, dtype: Optional[str] = None):
+        import torch
+
+        self.cfg, self.torch = cfg, torch
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device is None:
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, dtype)
+        if self.world > 1 and not torch.distributed.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.model = None
+        self.params: list = []  # (mlx name, parameter, transpose) of the trainable parameters
+        self.opt_step = 0
+        self.opt_state: dict = {}
+        self._objective = None
+        self._acc_n = 0.0
+
+    # ------------------------------------------------------------------ model
+    def load(self):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = resolve_model_path(self.cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device)
+        self.model.config.use_cache = False
+        return self.model, self.tokenizer
+
+    def lora_targets(self) -> list[str]:
+        """Full names of the modules that get adapters: mlx-lm's choice (`linear_to_lora_layers`)."""
+        import torch.nn as nn
+
+        layers = decoder_layers(self.model)
+        prefix = next(n for n, m in self.model.named_modules() if m is layers)
+        keys = set(self.cfg.lora_keys or [])
+        names = []
+        for i in range(len(layers) - self.num_layers, len(layers)):
+            for rel, m in layers[i].named_modules():
+                if isinstance(m, nn.Linear) and (not keys or rel in keys):
+                    names.append(f"{prefix}.{i}.{rel}")
+        if keys:
+            found = {n.split(".", len(prefix.split(".")) + 1)[-1] for n in names}
+            missing = sorted(keys - found)
+            if missing:
+                raise ValueError(f"--lora-keys {missing}: no such Linear in the blocks of {self.model_path}")
+        return names
+
+    def prepare(self):
+        """Freeze the base, add LoRA/DoRA layers (or unfreeze blocks for full fine-tuning)."""
+        torch, cfg = self.torch, self.cfg
+        torch.manual_seed(cfg.seed)
+        n_layers = len(decoder_layers(self.model))
+        self.num_layers = n_layers if cfg.lora_layers < 0 else min(cfg.lora_layers, n_layers)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if cfg.fine_tune_type == "full":
+            layers = decoder_layers(self.model)
+            for layer in list(layers)[n_layers - self.num_layers:]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_scale * cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                            target_modules=self.lora_targets(), use_dora=cfg.fine_tune_type == "dora", bias="none",
+                            task_type="CAUSAL_LM")
+            self.model = get_peft_model(self.model, lc, autocast_adapter_dtype=True)
+            # mlx-lm's init, drawn from a generator seeded by --seed (peft's kaiming_uniform(a=sqrt(5))
+            # is the same distribution, but from the global RNG)
+            g = torch.Generator().manual_seed(cfg.seed)
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    if ".lora_A." in name:
+                        bound = 1.0 / math.sqrt(p.shape[1])
+                        p.copy_((torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1) * bound)
+                    elif ".lora_B." in name:
+                        p.zero_()
+        if cfg.grad_checkpoint:
+            self.model.gradient_checkpointing_enable()
+            if hasattr(self.model, "enable_input_require_grads"):
+                self.model.enable_input_require_grads()
+        self.params = []
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                name, transpose = mlx_name(n)
+                self.params.append((name, p, transpose))
+        return self.model
+
+    def lora_parameters(self) -> dict:
+        p = {"rank": self.cfg.lora_rank, "scale": self.cfg.lora_scale, "dropout": self.cfg.lora_dropout}
+        if self.cfg.lora_keys:
+            p["keys"] = list(self.cfg.lora_keys)
+        return p
+
+    def adapter_config(self) -> dict:
+        """mlx-lm's adapter_config.json: the run's adapter loads in mlx-lm as it is."""
+        cfg = self.cfg
+        return {"model": self.model_path, "fine_tune_type": cfg.fine_tune_type, "num_layers": self.num_layers,
+                "lora_parameters": self.lora_parameters(), "data": cfg.data, "seed": cfg.seed,
+                "max_seq_length": cfg.max_seq_length, "trained_by": "mlx_distill"}
+
+    def parameter_counts(self) -> dict:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for _, p, _ in self.params)
+        return {"total": int(total), "trainable": int(trainable)}
+
+    def forward(self, model, inputs):
+        return model(input_ids=inputs, use_cache=False).logits
+
+    def to_arrays(self, arrays: dict) -> dict:
+        """NumPy -> tensors on the device (integers as int64); under torchrun, this rank's rows."""
+        torch = self.torch
+        out = {}
+        for k, v in arrays.items():
+            if isinstance(v, np.ndarray):
+                if self.world > 1 and v.ndim >= 1:  # batch-major arrays; scalars (kd_alpha) stay whole
+                    v = v[self.rank:: self.world]
+                t = torch.from_numpy(np.array(v, copy=True, order="C"))
+                t = t.long() if np.issubdtype(v.dtype, np.integer) else t.float()
+                v = t.to(self.device)
+            out[k] = v
+        return out
+
+    # ------------------------------------------------------------------ optimisation
+    def init_optimizer(self):
+        torch = self.torch
+        self.opt_step = 0
+        self.opt_state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p, _ in self.params}
+
+    def build_step(self, objective):
+        if not self.opt_state:
+            self.init_optimizer()
+        self._objective = objective
+        self._acc_n = 0.0
+        for _, p, _ in self.params:
+            p.grad = None
+
+    def _all_reduce(self, t):
+        if self.world > 1:
+            self.torch.distributed.all_reduce(t)
+        return t
+
+    def train_step(self, arrays: dict, update: bool, micro: int = 0) -> dict:
+        torch = self.torch
+        # dropout's RNG is a pure function of (seed, micro-batch index[, rank]), as on MLX:
+        # a resumed run draws the masks the uninterrupted run would have
+        torch.manual_seed((self.cfg.seed * 1_000_003 + micro) * self.world + self.rank)
+        b = self.to_arrays(arrays)
+        if b["inputs"].shape[0] == 0:  # more ranks than rows: contribute nothing, join the all-reduce
+            s, n, parts = self._empty_result()
+        else:
+            s, n, parts = self._objective(self.model, b)
+            s.backward()
+        vals = self._all_reduce(torch.stack([s.detach().float(), n.detach().float(),
+                                             *[v.detach().float() for v in parts.values()]]).cpu()).tolist()
+        self._acc_n += vals[1]
+        if update:
+            self._update(self._acc_n)
+            self._acc_n = 0.0
+        return {"loss_sum": vals[0], "ntokens": vals[1], **dict(zip(parts, vals[2:]))}
+
+    def _empty_result(self):
+        z = self.torch.zeros((), device=self.device)
+        names = ("sft_loss", "kd_loss") if self.cfg.kd_dir else ("sft_loss",)
+        return z, z, {k: z for k in names}
+
+    def _update(self, ntokens: float) -> None:
+        """Divide by the token count once, all-reduce (torchrun), clip, MLX's AdamW step."""
+        torch, cfg = self.torch, self.cfg
+        params = [p for _, p, _ in self.params]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.world > 1:
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+        with torch.no_grad():
+            for p in params:
+                p.grad.div_(max(ntokens, 1.0))
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = lr_at(cfg, self.opt_step)
+            self.opt_step += 1
+            for n, p, _ in self.params:
+                m, v = self.opt_state[n]
+                _adamw_(p, p.grad, m, v, lr, cfg.weight_decay)
+        for p in params:
+            p.grad = None
+
+    def eval_step(self, objective, arrays: dict) -> dict:
+        torch = self.torch
+        b = self.to_arrays(arrays)
+        with torch.no_grad():
+            s, n, parts = objective(self.model, b) if b["inputs"].shape[0] else self._empty_result()
+            vals = self._all_reduce(torch.stack([s.float(), n.float(), *[v.float() for v in parts.values()]]).cpu())
+        vals = vals.tolist()
+        return {"loss_sum": vals[0], "ntokens": vals[1], **dict(zip(parts, vals[2:]))}
+
+    def train_mode(self, on: bool) -> None:
+        self.model.train(on)
+
+    def learning_rate(self) -> float:
+        """The rate of the last update (before any: the first one's), as MLX reports it."""
+        return float(lr_at(self.cfg, max(self.opt_step - 1, 0)))
+
+    def peak_memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return self.torch.cuda.max_memory_allocated(self.device) / 1e9
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # process peak RSS (KiB on Linux)
+
+    # ------------------------------------------------------------------ weights in mlx-lm layout
+    def adapter_weights(self) -> dict:
+        """Trainable weights under mlx-lm names and layouts (CPU tensors)."""
+        return {n: (p.detach().T if t else p.detach()).contiguous().cpu() for n, p, t in self.params}
+
+    def set_adapter_weights(self, weights: dict, strict: bool = True) -> None:
+        """Load mlx-lm-named arrays (NumPy, torch or MLX) into the trainable parameters."""
+        torch = self.torch
+        known = {n: (p, t) for n, p, t in self.params}
+        if strict:
+            extra, missing = sorted(set(weights) - set(known)), sorted(set(known) - set(weights))
+            if extra or missing:
+                raise ValueError(f"adapter weights do not match the model: unexpected {extra[:5]}, missing {missing[:5]}")
+        with torch.no_grad():
+            for n, w in weights.items():
+                if n not in known:
+                    continue
+                p, t = known[n]
+                w = _to_torch(w)
+                w = w.T if t else w
+                if tuple(w.shape) != tuple(p.shape):
+                    raise ValueError(f"{n}: shape {tuple(w.shape)} does not fit the model's {tuple(p.shape)}")
+                p.copy_(w.to(p.dtype))
+
+    def save_adapter(self, folder: Path, name: str = "adapters.safetensors") -> None:
+        _save_tensors(Path(folder) / name, self.adapter_weights())
+
+    def save_checkpoint(self, folder: Path, state: dict) -> None:
+        """Adapter + optimizer (MLX names and layouts) + loop state (the RNG is derived from it),
+        written to a temp folder and renamed into place."""
+        torch = self.torch
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=folder.parent))
+        os.chmod(tmp, 0o755)
+        _save_tensors(tmp / "adapters.safetensors", self.adapter_weights(), atomic=False)
+        opt = {"step": torch.tensor(self.opt_step, dtype=torch.uint64),
+               "learning_rate": torch.tensor(self.learning_rate(), dtype=torch.float32)}
+        transpose = {n: t for n, _, t in self.params}
+        for n, (m, v) in self.opt_state.items():
+            opt[f"{n}.m"] = (m.T if transpose[n] else m).contiguous().cpu()
+            opt[f"{n}.v"] = (v.T if transpose[n] else v).contiguous().cpu()
+        _save_tensors(tmp / "optimizer.safetensors", opt, atomic=False)
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_checkpoint(self, folder: Path) -> dict:
+        """Resume from a checkpoint written by this backend or by the MLX one."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        self.set_adapter_weights(load_file(str(folder / "adapters.safetensors")))
+        opt = load_file(str(folder / "optimizer.safetensors"))
+        self.opt_step = int(opt["step"].item())
+        for n, p, t in self.params:
+            m, v = opt[f"{n}.m"], opt[f"{n}.v"]
+            self.opt_state[n] = ((m.T if t else m).contiguous().to(p), (v.T if t else v).contiguous().to(p))
+        return json.loads((folder / "state.json").read_text())
+
+
+def _adamw_(p, g, m, v, lr: float, wd: float) -> None:
+    """mlx.optimizers.AdamW in place: decay, moments, step; no bias correction."""
+    b1, b2 = BETAS
+    p.mul_(1 - lr * wd)
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    p.addcdiv_(m, v.sqrt().add_(EPS), value=-lr)
+
+
+def _to_torch(w):
+    import torch
+
+    if isinstance(w, torch.Tensor):
+        return w
+    if not isinstance(w, np.ndarray) and type(w).__module__.startswith("mlx"):
+        import mlx.core as mx
+
+        if w.dtype == mx.bfloat16:
+            w = w.astype(mx.float32)
+        w = np.array(w)
+    return torch.from_numpy(np.ascontiguousarray(w))
+
+
+def _save_tensors(path: Path, tensors: dict, atomic: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    from ..io import atomic_path
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if not atomic:
+        save_file(tensors, str(path), metadata={"format": "mlx"})
+        return
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "mlx"})
+
+
+# ----------------------------------------------------------------------------- generation
+class TorchClient:
+    """A transformers model (optionally with an mlx-lm or PEFT adapter) behind the
+    ``complete()`` interface of `mlx_distill.corpus.clients.MLXClient`.
+
+    ``temperature=0`` is greedy (argmax, like mlx-lm); greedy requests that arrive together
+    are decoded as one left-padded batch of up to ``batch_size``. A sampled request runs
+    alone with ``torch.manual_seed(seed)`` so its sample does not depend on the others.
+    Generation stops at the tokenizer's / config's EOS tokens (not included in the text).
+    """
+
+    kind = "torch"
+
+    def __init__(self, model: str, adapter_path: Optional[str] = None, batch_size: int = 8,
+                 device: Optional[str] = None, dtype: Optional[str] = None, model_obj: Optional[tuple] = None,
+                 chat_template_kwargs: Optional[dict] = None):
+        import torch
+
+        self.torch = torch
+        self.model_path, self.adapter_path = str(model), adapter_path
+        self.batch_size = max(1, int(batch_size))
+        self.chat_template_kwargs = chat_template_kwargs or {}
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = getattr(torch, dtype or ("bfloat16" if self.device.type == "cuda" else "float32"))
+        if model_obj is not None:
+            self.model, self.tokenizer = model_obj
+        else:
+            self.model, self.tokenizer = load_model(resolve_model_path(self.model_path), adapter_path, self.device, dtype)
+        self.model.eval()
+        self.model_id = self.model_path + (f"+{adapter_path}" if adapter_path else "")
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self._lock = threading.Lock()
+        self._pending: list = []
+        import collections
+
+        self.stats = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"TorchClient(model={self.model_id!r}, device={self.device}, batch_size={self.batch_size})"
+
+    def describe(self) -> dict:
+        return {"kind": "torch", "model": self.model_path, "adapter_path": self.adapter_path,
+                "batch_size": self.batch_size, "device": str(self.device)}
+
+    def encode(self, messages) -> list[int]:
+        if isinstance(messages, str):
+            return self.tokenizer.encode(messages, add_special_tokens=False)
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False, **self.chat_template_kwargs))
+
+    async def complete(self, messages, *, temperature: float = 0.0, max_tokens: int = 1024,
+                       seed: Optional[int] = None, top_p: Optional[float] = None, stop: Optional[list] = None,
+                       logprobs: bool = False, top_logprobs: Optional[int] = None, **extra):
+        from ..corpus.clients import Completion, split_think
+
+        if stop:
+            raise ValueError("TorchClient: stop strings are not supported; the model stops at its EOS tokens")
+        prompt = self.encode(messages)
+        if not prompt:
+            raise ValueError("TorchClient: empty prompt")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        req = {"prompt": prompt, "max_tokens": int(max_tokens), "temperature": float(temperature or 0.0),
+               "seed": seed, "top_p": top_p, "future": fut, "loop": loop, "t": time.perf_counter()}
+        with self._lock:
+            self._pending.append(req)
+        # the worker thread drains everything queued so far: concurrent greedy calls share a batch
+        await asyncio.sleep(0)
+        await asyncio.to_thread(self._drain)
+        tokens, finish = await fut
+        text = self.tokenizer.decode(tokens)
+        reasoning, answer = split_think(text)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(prompt)
+        self.stats["completion_tokens"] += len(tokens)
+        return Completion(text=answer, reasoning=reasoning, finish_reason=finish, model=self.model_id,
+                          prompt_tokens=len(prompt), completion_tokens=len(tokens),
+                          latency_s=time.perf_counter() - req["t"])
+
+    def _drain(self) -> None:
+        with self._lock:  # one generation at a time; whoever holds the lock serves everyone queued
+            while self._pending:
+                greedy = [r for r in self._pending if r["temperature"] == 0][: self.batch_size]
+                batch = greedy or [self._pending[0]]
+                for r in batch:
+                    self._pending.remove(r)
+                try:
+                    results = self.generate([r["prompt"] for r in batch], [r["max_tokens"] for r in batch],
+                                            batch[0]["temperature"], batch[0]["seed"], batch[0]["top_p"])
+                    for r, res in zip(batch, results):
+                        r["loop"].call_soon_threadsafe(_set_result, r["future"], res, None)
+                except BaseException as e:
+                    for r in batch:
+                        r["loop"].call_soon_threadsafe(_set_result, r["future"], None, e)
+
+    def generate(self, prompts: list[list[int]], max_tokens: list[int], temperature: float = 0.0,
+                 seed: Optional[int] = None, top_p: Optional[float] = None) -> list[tuple[list[int], str]]:
+        """Token ids after each prompt and the finish reason ("stop" at EOS, else "length")."""
+        torch = self.torch
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding: every row's next token is at the end
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        from transformers import GenerationConfig
+
+        # A fresh config: the model's generation_config.json (Qwen's repetition_penalty 1.05,
+        # top_k 20, ...) would make "greedy" differ from mlx-lm's plain argmax / categorical.
+        kw = dict(max_new_tokens=max(max_tokens), eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                  repetition_penalty=1.0, use_cache=True)
+        if temperature > 0:
+            torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+            kw.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0, top_k=0)
+        else:
+            kw.update(do_sample=False)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      generation_config=GenerationConfig(**kw))
+        results = []
+        for i, n in enumerate(max_tokens):
+            toks = out[i, width:].tolist()
+            cut = next((j for j, t in enumerate(toks) if t in self.eos_ids), None)
+            if cut is not None and cut < n:
+                results.append((toks[:cut], "stop"))
+            else:
+                results.append((toks[:n], "length"))
+        return results
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _set_result(fut, result, error) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for v in (getattr(model.generation_config, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+              tokenizer.eos_token_id):
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    return ids
+
+
+def load_model(path: str, adapter_path: Optional[str] = None, device=None, dtype=None):
+    """A transformers model (+ an mlx-lm or PEFT adapter folder, fused into nothing: kept as peft layers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    if adapter_path:
+        from peft import PeftModel
+
+        from ..adapters import ensure_peft
+
+        model = PeftModel.from_pretrained(model, str(ensure_peft(adapter_path, path)), autocast_adapter_dtype=True)
+    return model, tokenizer
