@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--min-problems", type=int, default=8)
     a = ap.parse_args()
 
+    load0 = os.getloadavg()
     port = free_port()
     server = subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_server.py"), "--port", str(port),
                                "--delay", str(a.delay), "--content", "Ann has 72 apples.\n#### 72"],
@@ -69,24 +70,31 @@ def main() -> None:
                 cfg = C.build(C.CorpusConfig, overrides=dict(
                     source="gsm8k", limit=n, base_url=url, model="bench", api_key_env="", concurrency=c,
                     out=os.path.join(tmp, f"c{c}"), progress=False, backoff=0.05))
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 with contextlib.redirect_stdout(io.StringIO()):
                     man = build(cfg)
-                wall = time.perf_counter() - t
+                wall, cpu = time.perf_counter() - t, time.process_time() - cpu
                 done = man["attempts"]["final"]
                 secs = man["this_run"]["seconds"]
-                rows.append((c, n, done, secs, wall, done / secs))
+                rows.append((c, n, done, secs, wall, done / secs, 1000 * cpu / done))
                 print(f"concurrency {c:>4}: {done}/{n} problems in {secs:.2f}s (wall {wall:.2f}s) "
-                      f"= {done / secs:.2f} problems/s", flush=True)
+                      f"= {done / secs:.2f} problems/s, builder CPU {1000 * cpu / done:.1f} ms/problem", flush=True)
     finally:
         server.terminate()
         server.wait(10)
     base = rows[0][5]
-    print(f"\nserver delay {a.delay}s; ideal problems/s = concurrency / delay; speed-up vs concurrency {rows[0][0]}")
-    print(f"{'concurrency':>11} {'problems':>8} {'seconds':>8} {'problems/s':>10} {'ideal/s':>8} {'speed-up':>8} {'of linear':>9}")
-    for c, n, done, secs, wall, rate in rows:
+    load = os.getloadavg()
+    print(f"\nserver delay {a.delay}s; ideal problems/s = concurrency / delay; speed-up vs concurrency {rows[0][0]}; "
+          f"{os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} (before: {load0[0]:.1f})")
+    print(f"{'concurrency':>11} {'problems':>8} {'seconds':>8} {'problems/s':>10} {'ideal/s':>8} {'speed-up':>8} "
+          f"{'of linear':>9} {'CPU ms/problem':>14}")
+    for c, n, done, secs, wall, rate, cpu_ms in rows:
         sp = rate / base
-        print(f"{c:>11} {n:>8} {secs:>8.2f} {rate:>10.2f} {c / a.delay:>8.1f} {sp:>7.1f}x {sp / (c / rows[0][0]):>8.0%}")
+        print(f"{c:>11} {n:>8} {secs:>8.2f} {rate:>10.2f} {c / a.delay:>8.1f} {sp:>7.1f}x {sp / (c / rows[0][0]):>8.0%} "
+              f"{cpu_ms:>14.1f}")
+    # the builder's own CPU per problem bounds it: one free core gives at most 1000 / cpu_ms problems/s
+    print(f"CPU-bound ceiling of the builder on one free core: ~{1000 / rows[-1][6]:.0f} problems/s "
+          "(other processes on the machine lower the measured speed-ups)")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class FaultServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: Nagle + delayed ACK = +40 ms
 
             def log_message(self, *a):  # quiet
                 pass
