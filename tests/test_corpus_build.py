@@ -220,6 +220,7 @@ def test_filters_and_splits_units():
     assert 60 < sum(v == "valid" for v in s.values()) < 140 and 60 < sum(v == "test" for v in s.values()) < 140
     assert {k: v for k, v in B.assign_splits(ids[:1500], cfg).items()} == {k: s[k] for k in ids[:1500]}  # stable
     assert sorted(B.assign_splits(["a", "b", "c"], cfg).values()) == ["test", "train", "valid"]
+    assert sorted(B.assign_splits(["a", "b"], cfg).values()) == ["train", "valid"]  # the trainer needs one
     assert B.public_url("https://user:pw@api.x.com:8443/v1") == "https://api.x.com:8443/v1"
     # a judge on the teacher's endpoint shares its requests/min budget
     cl = B.make_clients(B.C.CorpusConfig(base_url="http://127.0.0.1:9/v1", model="t", judge_model="j", rpm=60,

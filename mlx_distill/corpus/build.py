@@ -398,8 +398,8 @@ def assign_splits(pids: list[str], cfg: C.CorpusConfig) -> dict[str, str]:
     for pid in pids:
         out[pid], us[pid] = split_of(pid, cfg.seed, cfg.valid_fraction, cfg.test_fraction)
     # tiny corpora: the trainer needs a validation example (and the evaluator a test one)
-    for need, frac in (("valid", cfg.valid_fraction), ("test", cfg.test_fraction)):
-        if frac > 0 and len(pids) >= 3 and need not in out.values():
+    for need, frac, least in (("valid", cfg.valid_fraction, 2), ("test", cfg.test_fraction, 3)):
+        if frac > 0 and len(pids) >= least and need not in out.values():
             train = sorted((us[p], p) for p in pids if out[p] == "train")
             if len(train) > 1:
                 out[train[0][1]] = need
