@@ -482,8 +482,8 @@ class TorchClient:
                 "batch_size": self.batch_size, "device": str(self.device)}
 
     def encode(self, messages) -> list[int]:
-        if isinstance(messages, str):
-            return self.tokenizer.encode(messages, add_special_tokens=False)
+        if isinstance(messages, str):  # a raw prompt, tokenised as MLXClient does (with the tokenizer's BOS)
+            return self.tokenizer.encode(messages)
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False, **self.chat_template_kwargs))
 
