@@ -13,7 +13,7 @@ It answers ``POST /v1/chat/completions`` (and ``GET /v1/models``) from a *script
 
 The request kind is recognised from the prompt text: "CORRECT or INCORRECT" -> judge,
 "SCORE: <1-5>" -> critic, "Rewrite" -> rewrite, else solve. ``faults`` are consumed per (item, kind) in order:
-``429`` (with Retry-After: 0), ``500``, ``503``, ``empty`` (200 with no choices),
+``429`` (with Retry-After: 0), ``401`` (echoing the key, as real servers do), ``500``, ``503``, ``empty`` (200 with no choices),
 ``empty_body`` (200 with an empty body), ``empty_content`` (200, content "" and no finish
 reason), ``slow`` (sleeps ``slow_s`` then answers, for the client timeout), ``drop`` (closes
 the connection without answering). A reply with ``"echo_think": true`` puts the reasoning inline as ``<think>...</think>`` in the content,
@@ -110,6 +110,9 @@ class FaultServer:
             time.sleep(self.script["delay"])
         if fault == "429":
             return h._send(429, {"error": {"message": "rate limited", "type": "rate_limit"}}, {"Retry-After": "0"})
+        if fault == "401":  # like real servers, echo the key it was given
+            key = (h.headers.get("Authorization") or "").replace("Bearer ", "")
+            return h._send(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "auth"}})
         if fault in ("500", "503"):
             return h._send(int(fault), {"error": {"message": "server error"}})
         if fault == "empty":

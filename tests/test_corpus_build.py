@@ -308,3 +308,17 @@ def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
         B.main(args(srv, probs, tmp_path / "c", "--max-retries", "1"))
     shown = buf.getvalue()
     assert "3/3" in shown and "verified 1" in shown and "rejected 1" in shown and "failed 1" in shown and "$0.0" in shown
+
+
+def test_key_echoed_by_a_401_is_never_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORPUS_TEST_KEY", SECRET)
+    probs = gsm8k_file(tmp_path / "p.jsonl", 2)
+    with FaultServer({"items": {"[P0]": {"faults": ["401"]}, "[P1]": good(1)}}) as srv:
+        B.main(args(srv, probs, tmp_path / "c"))
+        assert srv.counts["401"] == 1  # a client error is not retried
+    last = finals(tmp_path / "c")
+    assert last["gsm8k-train-00000#s0"]["reason"] == "request failed: 401"
+    assert "Incorrect API key provided: ***" in last["gsm8k-train-00000#s0"]["error"]
+    for f in (tmp_path / "c").rglob("*"):
+        if f.is_file():
+            assert SECRET not in f.read_text(errors="ignore") and "sk-test-secret" not in f.read_text(errors="ignore")

@@ -20,6 +20,9 @@ Both split ``<think>...</think>`` that a server leaves inline in the content int
 ``Completion.reasoning`` and ``Completion.text``; a server's separate reasoning field
 (``reasoning_content`` on DeepSeek, ``reasoning`` on vLLM / mlx_lm server) is used as is.
 
+One client belongs to one event loop: create it, use it and ``aclose()`` it inside the same
+``asyncio.run`` (its semaphore and HTTP connections are bound to that loop).
+
 Example::
 
     client = make_client("api", base_url="http://127.0.0.1:8080/v1", model="default_model")
@@ -39,6 +42,7 @@ import logging
 import os
 import queue
 import random
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -258,23 +262,23 @@ class OpenAIClient:
                         kw["top_logprobs"] = top_logprobs
                 resp = await self._client.chat.completions.create(messages=messages, **kw)
         except openai.RateLimitError as e:
-            raise _Retryable("429", _brief(e), _retry_after(e)) from None
+            raise _Retryable("429", _brief(e, self._client.api_key), _retry_after(e)) from None
         except openai.APITimeoutError as e:
-            raise _Retryable("timeout", _brief(e)) from None
+            raise _Retryable("timeout", _brief(e, self._client.api_key)) from None
         except openai.APIConnectionError as e:
-            raise _Retryable("connection", _brief(e)) from None
+            raise _Retryable("connection", _brief(e, self._client.api_key)) from None
         except openai.InternalServerError as e:
-            raise _Retryable(str(getattr(e, "status_code", "5xx")), _brief(e), _retry_after(e)) from None
+            raise _Retryable(str(getattr(e, "status_code", "5xx")), _brief(e, self._client.api_key), _retry_after(e)) from None
         except openai.APIStatusError as e:
             code = getattr(e, "status_code", 0) or 0
             if code >= 500 or code in (408, 409, 425):
-                raise _Retryable(str(code), _brief(e), _retry_after(e)) from None
+                raise _Retryable(str(code), _brief(e, self._client.api_key), _retry_after(e)) from None
             self.stats[f"error_{code}"] += 1
-            raise ClientError(f"HTTP {code} from {self.base_url}: {_brief(e)}", kind=str(code)) from None
+            raise ClientError(f"HTTP {code} from {self.base_url}: {_brief(e, self._client.api_key)}", kind=str(code)) from None
         except openai.APIResponseValidationError as e:
-            raise _Retryable("bad_response", _brief(e)) from None
+            raise _Retryable("bad_response", _brief(e, self._client.api_key)) from None
         except ValueError as e:  # a 200 whose body is not JSON
-            raise _Retryable("bad_response", str(e)[:200]) from None
+            raise _Retryable("bad_response", redact(str(e), self._client.api_key)[:200]) from None
         return self._parse(resp, isinstance(messages, str), logprobs)
 
     def _parse(self, resp, raw: bool, want_logprobs: bool) -> Completion:
@@ -316,9 +320,19 @@ class OpenAIClient:
         await self._client.close()
 
 
-def _brief(e: Exception) -> str:
+_KEYLIKE = re.compile(r"\b(sk|key|token)-[A-Za-z0-9_\-]{6,}")
+
+
+def redact(text: str, key: Optional[str] = None) -> str:
+    """Error text without the API key or anything shaped like one (servers echo keys in 401s)."""
+    if key and len(key) >= 6:
+        text = text.replace(key, "***")
+    return _KEYLIKE.sub(lambda m: m.group(1) + "-***", text)
+
+
+def _brief(e: Exception, key: Optional[str] = None) -> str:
     msg = str(getattr(e, "message", None) or e)
-    return msg[:300]
+    return redact(msg, key)[:300]
 
 
 def _retry_after(e: Exception) -> Optional[float]:
