@@ -94,7 +94,8 @@ class LogitsConfig:
     max_seq_length: int = opt(TrainConfig.max_seq_length, "Longest example in tokens; longer ones are skipped "
                               "(use the value you train with).")
     resume: bool = opt(False, "Add the examples not yet stored in --out (the teacher, tokenizer and M must match).")
-    backend: str = opt("auto", "Teacher forward backend (auto = mlx).", choices=["auto", "mlx", "torch"])
+    backend: str = opt("auto", "Teacher forward backend (auto: MLX on Apple Silicon, torch where CUDA is present, "
+                       "else MLX).", choices=["auto", "mlx", "torch"])
     shard_size: int = opt(256, "Examples per safetensors shard (each shard is written atomically).")
     limit: int = opt(-1, "Score at most this many new examples (-1 = all).")
     # rendering: must be what `train` uses, or the student's tokens differ and KD refuses
@@ -113,12 +114,14 @@ EVAL_DATASETS = ["gsm8k", "math500", "aime24", "amc23", "math", "jsonl", "csv", 
 class EvalConfig:
     model: str = opt("smollm2", "Model: local MLX folder, Hugging Face repo id or 'smollm2' (the embedded "
                      "SmolLM2-135M-Instruct); with --backend api, the model name the server expects.")
-    adapter: str = opt("", "Adapter run folder (adapters.safetensors + adapter_config.json) to apply (MLX only).")
-    backend: str = opt("mlx", "Generation backend: local MLX or any OpenAI-compatible server.", choices=["mlx", "api"])
+    adapter: str = opt("", "Adapter run folder (adapters.safetensors + adapter_config.json) to apply; "
+                       "--backend torch also takes a PEFT folder.")
+    backend: str = opt("mlx", "Generation backend: local MLX, transformers (torch), or any OpenAI-compatible server.",
+                       choices=["mlx", "torch", "api"])
     base_url: str = opt("", "OpenAI-compatible endpoint for --backend api, e.g. http://127.0.0.1:8080/v1.")
     api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written anywhere).")
     concurrency: int = opt(16, "Requests in flight (--backend api).")
-    batch_size: int = opt(8, "Sequences decoded together (--backend mlx).")
+    batch_size: int = opt(8, "Sequences decoded together (--backend mlx / torch).")
     dataset: str = opt("gsm8k", f"Evaluation set: one of {EVAL_DATASETS} or a Hugging Face dataset name "
                        "(openai/gsm8k, HuggingFaceH4/MATH-500).")
     data: str = opt("", "Data file (default: ../shared/data, else Hugging Face); for --dataset corpus the corpus "

@@ -271,8 +271,15 @@ def make_eval_client(cfg: EvalConfig):
 
     if cfg.backend == "mlx":
         return mlx_client(cfg.model, cfg.adapter, cfg.batch_size)
+    if cfg.backend == "torch":  # transformers (+ peft); an mlx-lm or PEFT adapter folder
+        from .backends.torch import TorchClient
+
+        if cfg.adapter and not any((Path(cfg.adapter) / f).is_file()
+                                   for f in ("adapters.safetensors", "adapter_model.safetensors")):
+            raise InputError(f"{cfg.adapter}: no adapters.safetensors (mlx-lm) or adapter_model.safetensors (PEFT)")
+        return TorchClient(cfg.model, adapter_path=cfg.adapter or None, batch_size=cfg.batch_size)
     if cfg.adapter:
-        raise InputError("--adapter applies to --backend mlx; a server applies its own adapters")
+        raise InputError("--adapter applies to --backend mlx or torch; a server applies its own adapters")
     return make_client("api", base_url=cfg.base_url, model=cfg.model or None, api_key_env=cfg.api_key_env,
                        concurrency=cfg.concurrency)
 
@@ -472,6 +479,8 @@ def summarise(records: list[dict], **extra) -> dict:
 
 
 def parameter_counts(client) -> Optional[dict]:
+    if hasattr(client, "parameter_counts"):  # TorchClient
+        return client.parameter_counts()
     model = getattr(client, "model", None)
     if model is None or not hasattr(model, "parameters"):
         return None

@@ -97,17 +97,20 @@ class Teacher:
         from .embedded import resolve_model
 
         self.path = str(resolve_model(name))
-        self.backend = "mlx" if backend == "auto" else backend
+        if backend == "auto":
+            from .backends import auto_backend
+
+            backend = auto_backend()
+        self.backend = backend
         if self.backend == "mlx":
             from mlx_lm import load
 
             self.model, self.tokenizer = load(self.path)
-        else:
-            import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        else:  # float32 on CPU, bfloat16 on CUDA (backends/torch.py)
+            from .backends.torch import load_model
 
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-            self.model = AutoModelForCausalLM.from_pretrained(self.path, torch_dtype=torch.float32).eval()
+            self.model, self.tokenizer = load_model(self.path)
+            self.model.eval()
         self.vocab_size = self._vocab_rows()
 
     def _vocab_rows(self) -> int:
@@ -135,10 +138,11 @@ class Teacher:
         import torch
 
         with torch.no_grad():
-            z = self.model(torch.from_numpy(inputs.astype(np.int64))).logits.float()
+            x = torch.from_numpy(inputs.astype(np.int64)).to(self.model.device)
+            z = self.model(input_ids=x, use_cache=False).logits.float()
             val, idx = torch.topk(z, m, dim=-1)  # sorted
             val = val - torch.logsumexp(z, dim=-1, keepdim=True)
-        return idx.int().numpy(), val.numpy()
+        return idx.int().cpu().numpy(), val.cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- extraction

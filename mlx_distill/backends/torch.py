@@ -481,6 +481,14 @@ class TorchClient:
         return {"kind": "torch", "model": self.model_path, "adapter_path": self.adapter_path,
                 "batch_size": self.batch_size, "device": str(self.device)}
 
+    def parameter_counts(self) -> dict:
+        """As `evaluate.parameter_counts` reports an MLX model: all parameters, and the LoRA ones."""
+        total = adapter = 0
+        for name, p in self.model.named_parameters():
+            total += p.numel()
+            adapter += p.numel() if "lora" in name else 0
+        return {"total": int(total), "adapter": int(adapter)}
+
     def encode(self, messages) -> list[int]:
         if isinstance(messages, str):  # a raw prompt, tokenised as MLXClient does (with the tokenizer's BOS)
             return self.tokenizer.encode(messages)
