@@ -1,7 +1,6 @@
 """Clients: retries on 429/5xx/empty 200/timeouts/dropped connections, reasoning fields, limits, MLX batching."""
 
 import asyncio
-import os
 import time
 
 import pytest

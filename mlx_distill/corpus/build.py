@@ -42,9 +42,9 @@ from ..answers import word_count
 from ..io import InputError, atomic_write_json, iter_jsonl, read_json, sha256_file, versions, write_jsonl
 from ..problems import answer_kind, eval_question_index, load_problems, normalize_text
 from . import filters
-from .agents import Rewriter, Solver, Verifier, load_prompt, text_or_file, usage_of
+from .agents import Rewriter, Solver, Verifier, load_prompt, text_or_file
 from .clients import ClientError, MLXClient, make_client
-from .store import FINAL, CorpusStore, RunLock, latest, rewrite_key, trace_key
+from .store import CorpusStore, RunLock, latest, rewrite_key, trace_key
 
 # settings that change what is asked of the teacher: a folder built with other values is refused
 IDENTITY = ("source", "problems", "split", "teacher", "model", "adapter", "temperature", "max_tokens", "seed",
