@@ -156,6 +156,8 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     out = Path(cfg.out)
     _check_run_folder(cfg, out)
     backend = get_backend(cfg)
+    if getattr(backend, "rank", 0):  # torchrun: rank 0 writes the run folder, the others a copy of their own
+        out, quiet = out / "ranks" / str(backend.rank), True
     t0 = time.perf_counter()
     model, tokenizer = backend.load()
     reports = {s: data.LoadReport(path="") for s in ("train", "valid")}

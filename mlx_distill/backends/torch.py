@@ -297,9 +297,13 @@ class TorchBackend:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.world > 1:
-            for p in params:
-                torch.distributed.all_reduce(p.grad)
+        if self.world > 1:  # one flat all-reduce of the summed gradients (a bucket per dtype)
+            for dt in {p.grad.dtype for p in params}:
+                group = [p for p in params if p.grad.dtype == dt]
+                flat = torch.cat([p.grad.reshape(-1) for p in group])
+                torch.distributed.all_reduce(flat)
+                for p, g in zip(group, flat.split([p.numel() for p in group])):
+                    p.grad.copy_(g.view_as(p.grad))
         with torch.no_grad():
             for p in params:
                 p.grad.div_(max(ntokens, 1.0))

@@ -1,0 +1,56 @@
+"""torchrun with 2 CPU processes (gloo): each rank takes half the rows of every micro-batch and
+the summed gradients are all-reduced, so the adapter equals a single-process run's; only rank 0
+writes the run folder."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from mlx_distill.paths import REPO  # noqa: E402
+
+
+def test_torchrun_two_ranks_equals_one_process(tiny_model, tmp_path):
+    if not torch.distributed.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = [{"id": f"d{i}", "question": f"What is {i} + {i + 3}?", "reasoning": f"{i} + {i + 3} = {2 * i + 3}.",
+             "answer": str(2 * i + 3)} for i in range(12)]
+    (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    (corpus / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    args = ["-m", "mlx_distill", "train", "--backend", "torch", "--model", str(tiny_model), "--data", str(corpus),
+            "--iters", "3", "--batch-size", "4", "--grad-accumulation", "2", "--val-every", "3", "--report-every", "1",
+            "--learning-rate", "3e-3", "--warmup", "1", "--lora-layers", "-1", "--lora-rank", "4",
+            "--max-seq-length", "256"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "29517", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(tmp_path / "one" / "adapters.safetensors")), load_file(str(tmp_path / "two" / "adapters.safetensors"))
+    assert set(a) == set(b)
+    assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-5
+    m1 = [json.loads(x) for x in open(tmp_path / "one" / "metrics.jsonl")]
+    m2 = [json.loads(x) for x in open(tmp_path / "two" / "metrics.jsonl")]
+    assert [r["iter"] for r in m1] == [r["iter"] for r in m2]  # rank 0 alone wrote the folder's metrics
+    for r1, r2 in zip(m1, m2):
+        for k in ("train_loss", "val_loss"):
+            if k in r1:
+                assert r2[k] == pytest.approx(r1[k], rel=1e-5)
+    assert (tmp_path / "two" / "ranks" / "1" / "adapters.safetensors").is_file()
+    shutil.rmtree(tmp_path / "two" / "ranks")
