@@ -257,13 +257,7 @@ def mlx_client(model: str, adapter: str = "", batch_size: int = 8):
 
     if adapter and not (Path(adapter) / "adapters.safetensors").is_file():
         raise InputError(f"{adapter}: no adapters.safetensors (is it a finished `mlx_distill train` run folder?)")
-    client = make_client("mlx", model=resolve_model(model), adapter_path=adapter or None, batch_size=batch_size)
-    # mlx_lm.load leaves adapter weights lazy, tied to this thread's stream; the client decodes in
-    # its own thread, where evaluating them fails ("There is no Stream(cpu, 0) in current thread").
-    import mlx.core as mx
-
-    mx.eval(client.model.parameters())
-    return client
+    return make_client("mlx", model=resolve_model(model), adapter_path=adapter or None, batch_size=batch_size)
 
 
 def make_eval_client(cfg: EvalConfig):

@@ -394,6 +394,11 @@ class MLXClient:
             from mlx_lm import load
 
             self.model, self.tokenizer = load(self.model_path, adapter_path=adapter_path)
+        # mlx_lm.load leaves (adapter) weights lazy, tied to this thread's stream; decoding runs
+        # in a worker thread, where evaluating them fails ("There is no Stream(cpu, 0) in current thread").
+        import mlx.core as mx
+
+        mx.eval(self.model.parameters())
         self.model_id = self.model_path + (f"+{adapter_path}" if adapter_path else "")
         self._queue: queue.Queue = queue.Queue()
         self._thread: Optional[threading.Thread] = None
