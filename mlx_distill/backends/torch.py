@@ -166,6 +166,11 @@ class TorchBackend:
                     names.append(f"{prefix}.{i}.{rel}")
         if keys:
             found = {n.split(".", len(prefix.split(".")) + 1)[-1] for n in names}
+            # like mlx-lm, a key that names a whole-model module (e.g. lm_head) adapts it too
+            for name, m in self.model.named_modules():
+                if name in keys and isinstance(m, nn.Linear):
+                    names.append(name)
+                    found.add(name)
             missing = sorted(keys - found)
             if missing:
                 raise ValueError(f"--lora-keys {missing}: no such Linear in the blocks of {self.model_path}")
@@ -202,7 +207,9 @@ class TorchBackend:
                     elif ".lora_B." in name:
                         p.zero_()
         if cfg.grad_checkpoint:
-            self.model.gradient_checkpointing_enable()
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or \
+                self.model.gradient_checkpointing_enable  # the new name in transformers >= 5
+            enable()
             if hasattr(self.model, "enable_input_require_grads"):
                 self.model.enable_input_require_grads()
         self.params = []
