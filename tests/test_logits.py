@@ -237,3 +237,16 @@ def test_string_alignment_with_a_different_tokenizer(teacher, corpus, store_dir,
             assert got == kept[:M]
     # a student with the same tokenizer aligns exactly
     assert store.check(all_examples(teacher, corpus), len(teacher[1]), teacher[1])["mode"] == "exact"
+
+
+def test_torch_teacher_stores_the_same_top_m(tiny_model, corpus, store_dir, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "t"
+    extract(lcfg(tiny_model, corpus, out, backend="torch", limit=4), quiet=True)
+    a, b = TopMStore(store_dir), TopMStore(out)
+    assert len(b.entries) == 4
+    for eid in b.entries:
+        ia, la = a.rows(eid)
+        ib, lb = b.rows(eid)
+        assert (ia == ib).mean() > 0.98  # float noise may swap near-ties
+        np.testing.assert_allclose(la.astype(np.float32), lb.astype(np.float32), atol=2e-2)
