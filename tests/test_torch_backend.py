@@ -46,7 +46,7 @@ def cfg_for(model, corpus, out="unused", **kw):
 
 
 def test_schedule_is_mlx_schedule():
-    for kw in (dict(lr_schedule="cosine", warmup=3), dict(lr_schedule="linear", warmup=0),
+    for kw in (dict(lr_schedule="cosine", warmup=3), dict(lr_schedule="linear", warmup=0), dict(warmup=1),
                dict(lr_schedule="constant", warmup=2), dict(lr_schedule="cosine", warmup=0, min_lr_ratio=0.0)):
         cfg = TrainConfig(iters=12, learning_rate=2e-3, **kw)
         sched = MLXBackend(cfg).schedule()

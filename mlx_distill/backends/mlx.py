@@ -115,7 +115,8 @@ class MLXBackend:
         if warm == 0:
             return main
         # step s (0-based) of the warm-up gets lr*(s+1)/warm: no wasted step at lr=0
-        return optim.join_schedules([optim.linear_schedule(lr / warm, lr, warm - 1), main], [warm])
+        # (max(.., 1): mlx refuses a 0-step schedule; with warmup 1 it is only read at step 0 = lr)
+        return optim.join_schedules([optim.linear_schedule(lr / warm, lr, max(warm - 1, 1)), main], [warm])
 
     def init_optimizer(self):
         import mlx.optimizers as optim
