@@ -202,7 +202,9 @@ def tolerance_of(name: str, tol: dict) -> float:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlx_distill parity", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, TrainConfig)
+    # the training options that decide the numbers (a training YAML given with -c may hold the rest)
+    config.add_arguments(parser, TrainConfig, exclude=("out", "backend", "resume", "compile", "patience", "min_delta",
+                                                       "report_every", "save_every", "val_every", "val_batches"))
     parser.add_argument("--steps", dest="parity_steps", type=int, default=2,
                         help="Optimiser updates to compare through train_step (0 = none). (default: 2)")
     for k, v in TOLERANCES.items():
