@@ -62,10 +62,11 @@ def vocab_strings(tokenizer) -> list[str]:
     return out
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer, strings: list[str] | None = None) -> str:
     """sha256 of the id -> token-string table: equal fingerprints tokenise identically
     as far as ids go (same vocabulary, same ids)."""
-    return hashlib.sha256(json.dumps(vocab_strings(tokenizer), ensure_ascii=False).encode()).hexdigest()
+    strings = vocab_strings(tokenizer) if strings is None else strings
+    return hashlib.sha256(json.dumps(strings, ensure_ascii=False).encode()).hexdigest()
 
 
 def tokens_sha(tokens: np.ndarray) -> str:
@@ -161,10 +162,11 @@ def load_all_examples(cfg: LogitsConfig, tokenizer) -> list[data.Example]:
     for split in ("train", "valid"):
         if split == "valid" and not data.has_split(cfg.data, "valid"):
             continue
+        rep = data.LoadReport(path="")
         try:
-            exs = data.load_examples(dcfg, tokenizer, split)
-        except InputError as e:
-            if split == "valid" and "no usable" in str(e):
+            exs = data.load_examples(dcfg, tokenizer, split, rep)
+        except InputError:
+            if split == "valid" and rep.records and not rep.kept:  # a hash hold-out that caught nothing
                 continue
             raise
         for e in exs:
@@ -187,10 +189,11 @@ def _write_shard(path: Path, arrays: dict) -> int:
     return path.stat().st_size
 
 
-def _bytes_per_token(shards: list, m: int) -> dict:
+def _bytes_per_token(shards: list) -> dict:
     pos = sum(s["positions"] for s in shards)
+    payload = sum(s["payload_bytes"] for s in shards)
     files = sum(s["bytes"] for s in shards)
-    return {"positions": pos, "payload_bytes_per_token": 6.0 * m if pos else 0.0,
+    return {"positions": pos, "payload_bytes_per_token": round(payload / pos, 2) if pos else 0.0,
             "file_bytes_per_token": round(files / pos, 2) if pos else 0.0}
 
 
@@ -204,7 +207,8 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
     mpath = out / MANIFEST
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     teacher = Teacher(cfg.teacher, cfg.backend)
-    tok_fp = tokenizer_fingerprint(teacher.tokenizer)
+    t_vocab = vocab_strings(teacher.tokenizer)
+    tok_fp = tokenizer_fingerprint(teacher.tokenizer, t_vocab)
     t_fp = teacher_fingerprint(teacher.path)
     if cfg.top_m > teacher.vocab_size:
         raise InputError(f"--top-m {cfg.top_m} exceeds the teacher's vocabulary ({teacher.vocab_size})")
@@ -235,17 +239,17 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
         todo = todo[: cfg.limit]
     out.mkdir(parents=True, exist_ok=True)
     if not (out / VOCAB).is_file():
-        atomic_write_json(out / VOCAB, vocab_strings(teacher.tokenizer))
+        atomic_write_json(out / VOCAB, t_vocab)
 
     def save_manifest():
         write_manifest(mpath, "logits", config.to_dict(cfg), format=FORMAT, teacher=t_fp,
                        teacher_vocab_size=teacher.vocab_size,
-                       tokenizer={"fingerprint": tok_fp, "size": len(vocab_strings(teacher.tokenizer)),
+                       tokenizer={"fingerprint": tok_fp, "size": len(t_vocab),
                                   "file": VOCAB},
                        top_m=cfg.top_m,
                        dtype={"ids": "int32", "logprobs": "float16", "tokens": "int32",
                               "values": "teacher logit - logsumexp over the teacher vocabulary (T = 1)"},
-                       stats=_bytes_per_token(shards, cfg.top_m), shards=shards, examples=done)
+                       stats=_bytes_per_token(shards), shards=shards, examples=done)
 
     buf: list[tuple[data.Example, np.ndarray, np.ndarray]] = []
 
@@ -267,7 +271,8 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
                              "sha256": tokens_sha(e.tokens)}
             row, tok = row + len(i), tok + len(e.tokens)
         nbytes = _write_shard(out / name, {"ids": ids, "logprobs": lps, "tokens": toks})
-        shards.append({"file": name, "examples": len(items), "positions": int(len(ids)), "bytes": nbytes})
+        shards.append({"file": name, "examples": len(items), "positions": int(len(ids)),
+                       "payload_bytes": int(ids.nbytes + lps.nbytes), "bytes": nbytes})
         done.update(entries)
         save_manifest()  # after the shard: a crash in between leaves an unreferenced file, overwritten next time
 
@@ -294,7 +299,7 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
         flush()
     if not shards:
         save_manifest()
-    stats = _bytes_per_token(shards, cfg.top_m)
+    stats = _bytes_per_token(shards)
     summary = {"examples": len(done), "new_examples": len(todo), "new_positions": n_pos,
                "positions": stats["positions"], "payload_bytes_per_token": stats["payload_bytes_per_token"],
                "file_bytes_per_token": stats["file_bytes_per_token"],
@@ -387,10 +392,10 @@ class TopMStore:
               where: str = "train") -> dict:
         """Plan how every example's loss positions read the cache; report and enforce coverage."""
         self.student_vocab = int(student_vocab_size)
-        exact = tokenizer_fingerprint(tokenizer) == self.manifest["tokenizer"]["fingerprint"]
+        s_strings = vocab_strings(tokenizer)
+        exact = tokenizer_fingerprint(tokenizer, s_strings) == self.manifest["tokenizer"]["fingerprint"]
         if not exact:
             t_strings = read_json(self.dir / self.manifest["tokenizer"]["file"])
-            s_strings = vocab_strings(tokenizer)
             s_index = {s: i for i, s in enumerate(s_strings) if s}
             self._remap = np.array([s_index.get(s, -1) if s else -1 for s in t_strings], dtype=np.int64)
         total = covered = missing = text_differs = 0

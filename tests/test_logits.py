@@ -77,7 +77,7 @@ def test_extraction_stores_exact_top_m_of_a_direct_forward(teacher, corpus, stor
     assert len(exs) == 14 and set(store.entries) == {e.id for e in exs}
     man = store.manifest
     assert man["top_m"] == M and man["dtype"]["ids"] == "int32" and man["dtype"]["logprobs"] == "float16"
-    assert man["stats"]["payload_bytes_per_token"] == 6 * M
+    assert man["stats"]["payload_bytes_per_token"] == 6 * M  # int32 id + float16 value per slot
     for e in exs:
         np.testing.assert_array_equal(store.scored_tokens(e.id), e.tokens)
         ids, lps = store.rows(e.id)
