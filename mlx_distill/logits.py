@@ -123,12 +123,13 @@ class Teacher:
                 return int(v)
         return len(vocab_strings(self.tokenizer))
 
-    def top_m(self, inputs: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-        """inputs (B, L) int32 -> ids (B, L, M) int32, logprobs (B, L, M) float32, sorted descending."""
+    def top_m(self, inputs: np.ndarray, m: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """inputs (B, L) int32 -> ids (B, L - start, M) int32, logprobs (B, L - start, M) float32,
+        sorted descending, for positions start.. (the prompt before `start` needs no top-M)."""
         if self.backend == "mlx":
             import mlx.core as mx
 
-            z = self.model(mx.array(inputs)).astype(mx.float32)
+            z = self.model(mx.array(inputs))[:, start:].astype(mx.float32)
             lse = mx.logsumexp(z, axis=-1, keepdims=True)
             idx = mx.argpartition(-z, kth=m - 1, axis=-1)[..., :m].astype(mx.int32)
             val = mx.take_along_axis(z, idx, axis=-1)
@@ -140,7 +141,7 @@ class Teacher:
 
         with torch.no_grad():
             x = torch.from_numpy(inputs.astype(np.int64)).to(self.model.device)
-            z = self.model(input_ids=x, use_cache=False).logits.float()
+            z = self.model(input_ids=x, use_cache=False).logits[:, start:].float()
             val, idx = torch.topk(z, m, dim=-1)  # sorted
             val = val - torch.logsumexp(z, dim=-1, keepdim=True)
         return idx.int().cpu().numpy(), val.cpu().numpy()
@@ -285,11 +286,12 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
         for idx in data.bucket(todo, cfg.batch_size):
             b = data.collate(todo, idx, pad)
             tic = time.perf_counter()
-            ids, lps = teacher.top_m(b.tokens[:, :-1], cfg.top_m)
+            start = min(first_target(todo[i].prompt_len) for i in idx)
+            ids, lps = teacher.top_m(b.tokens[:, :-1], cfg.top_m, start)
             t_model += time.perf_counter() - tic
             for r, i in enumerate(idx):
                 e = todo[i]
-                lo, hi = first_target(e.prompt_len), len(e.tokens) - 1
+                lo, hi = first_target(e.prompt_len) - start, len(e.tokens) - 1 - start
                 buf.append((e, ids[r, lo:hi], lps[r, lo:hi]))
                 n_pos += hi - lo
                 n_fwd += len(e.tokens) - 1
