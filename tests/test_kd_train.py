@@ -74,3 +74,167 @@ def test_kd_alpha_warmup_and_refusals(tiny_llama, kd_corpus, tmp_path):
     write_jsonl(other / "valid.jsonl", arith(6, seed=1, start=100))
     with pytest.raises(InputError, match="cover 0.0%"):
         train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "o", data=str(other)), quiet=True)
+
+
+# ----------------------------------------------------------------------------- learning test
+# Task: given six distinct digits, answer with a digit d such that d + x != 9 for every
+# listed x (the nines' complement of a missing digit). Every problem has four correct
+# answers, so a trace shows one of them while the teacher's logits carry all four: exactly
+# the token-level uncertainty KD is meant to transfer. (Single-answer arithmetic such as
+# 2-digit addition was tried first: a tiny teacher did not learn it within ~1000 steps on
+# a 2-core CPU, and on a single-answer task a good teacher's top-K is nearly one-hot, so KD
+# adds little over its traces.)
+DIGITS = "0123456789"
+
+
+def correct_answers(problem: str) -> list[str]:
+    return [d for d in DIGITS if str(9 - int(d)) not in problem]
+
+
+def toy_problems(rng, n: int) -> list[str]:
+    return ["".join(rng.sample(DIGITS, 6)) for _ in range(n)]
+
+
+def _chat(tok, problem, answer=None):
+    msgs = [{"role": "user", "content": problem}]
+    if answer is None:
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    return tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], return_dict=False)
+
+
+def _direct_train(src, dst, iters, lr, answer_fn, rng):
+    """All-parameter training on fresh problems each step (the teacher, and the stand-in for
+    a student's pre-training). `train` itself is used for the students' SFT / SFT+KD runs;
+    its full fine-tuning keeps the embeddings frozen, as mlx-lm does, which suits
+    fine-tuning a pretrained model, not learning from scratch."""
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlx_distill.losses import sft_loss
+
+    model, tok = load(str(src))
+    sched = optim.join_schedules([optim.linear_schedule(lr / 50, lr, 50), optim.cosine_decay(lr, iters - 50, lr * 0.1)], [50])
+    opt = optim.AdamW(sched, weight_decay=0.0)
+
+    def loss(m, x, mask):
+        s, n = sft_loss(m(x[:, :-1]), x[:, 1:], mask)
+        return s / n
+
+    step = nn.value_and_grad(model, loss)
+    for _ in range(iters):
+        rows, plens = [], []
+        for p in toy_problems(rng, 64):
+            rows.append(_chat(tok, p, answer_fn(p)))
+            plens.append(len(_chat(tok, p)))
+        x = np.array(rows, np.int32)  # every row has the same length
+        mask = np.zeros((len(rows), x.shape[1] - 1), np.float32)
+        for i, pl in enumerate(plens):
+            mask[i, pl - 1:] = 1.0
+        _, g = step(model, mx.array(x), mx.array(mask))
+        g, _ = optim.clip_grad_norm(g, 1.0)
+        opt.update(model, g)
+        mx.eval(model.parameters(), opt.state)
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return dst
+
+
+def _answer_probs(model_dir, problems, adapter=None):
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tok = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
+    z = model(mx.array([_chat(tok, p) for p in problems]))[:, -1].astype(mx.float32)
+    return np.array(mx.softmax(z, axis=-1)), tok
+
+
+def _score(model_dir, problems, adapter=None) -> tuple[float, float]:
+    """(greedy accuracy, mean probability of a correct answer) on `problems`."""
+    probs, tok = _answer_probs(model_dir, problems, adapter)
+    ids = {d: tok.convert_tokens_to_ids(d) for d in DIGITS}
+    greedy = [tok.convert_ids_to_tokens(int(i)) for i in probs.argmax(-1)]
+    acc = np.mean([g in correct_answers(p) for g, p in zip(greedy, problems)])
+    mass = np.mean([sum(probs[i, ids[d]] for d in correct_answers(p)) for i, p in enumerate(problems)])
+    return float(acc), float(mass)
+
+
+@pytest.mark.slow
+def test_distillation_transfers_on_a_toy_task(tmp_path):
+    """Teacher (hidden 64, 2 layers) trained to ~100%; students (hidden 48, 2 layers, briefly
+    pre-trained on the answer format with random digits) get the teacher's sampled traces on
+    100 problems and train 300 steps with SFT, or SFT + KD (K = 10, T = 1, alpha = 2), same
+    seed and budget. Scored on 400 held-out problems by greedy accuracy (chance 0.4) and the
+    probability of a correct answer. SFT is scored both at its early-stopped best adapter
+    (which mostly stays at iteration 0: its validation loss rises as it memorises one answer
+    per problem) and at its last step; the better of the two is compared.
+
+    Stated margin, over 4 seeds: SFT+KD beats SFT by >= 0.15 mean greedy accuracy and in at
+    least 3 of 4 seeds. Measured (2-core Linux CPU, ~100 s): SFT+KD 0.73/0.86/0.82/0.86,
+    SFT best 0.38/0.38/0.42/0.40, SFT last 0.41/0.57/0.59/0.67."""
+    import random
+    import shutil
+
+    from mlx_distill.tiny import build_model, build_tokenizer
+
+    rng = random.Random(0)
+    tokdir = tmp_path / "tok"
+    # one character per digit; "user"/"assistant" merged so the chat frame stays short
+    build_tokenizer(tokdir, texts=[DIGITS] + ["user\nassistant\nsystem\n"] * 50, vocab_size=261 + 18)
+    t0 = build_model(tmp_path / "t0", tokenizer_dir=tokdir, seed=0, hidden=64, layers=2, heads=4, kv_heads=2,
+                     intermediate=128)
+    teacher = _direct_train(t0, tmp_path / "teacher", 1000, 2e-3, lambda p: rng.choice(correct_answers(p)), rng)
+    held_out = toy_problems(rng, 400)
+    t_acc, t_mass = _score(teacher, held_out)
+    assert t_acc > 0.95 and t_mass > 0.9, (t_acc, t_mass)
+
+    # the teacher's traces: one sampled answer per problem (T = 1), then its top-K logits
+    train_p, valid_p = toy_problems(rng, 100), toy_problems(rng, 100)
+    probs, tok = _answer_probs(teacher, train_p)
+    nrng = np.random.default_rng(0)
+    traces = [tok.convert_ids_to_tokens(int(nrng.choice(len(p), p=p / p.sum()))) for p in probs]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "train.jsonl", [{"id": f"t{i}", "prompt": p, "completion": c}
+                                         for i, (p, c) in enumerate(zip(train_p, traces))])
+    write_jsonl(corpus / "valid.jsonl", [{"id": f"v{i}", "prompt": p, "completion": rng.choice(correct_answers(p))}
+                                         for i, p in enumerate(valid_p)])
+    (tmp_path / "plain.txt").write_text("{question}")
+    common = dict(data=str(corpus), prompt_template=str(tmp_path / "plain.txt"), max_seq_length=64)
+    extract(build(LogitsConfig, dict(teacher=str(teacher), out=str(tmp_path / "logits"), top_m=10, batch_size=50,
+                                     **common)), quiet=True)
+
+    results = {"sft": [], "sft_last": [], "kd": []}
+    for seed in range(4):
+        s0 = build_model(tmp_path / f"s0-{seed}", tokenizer_dir=tokdir, seed=100 + seed, hidden=48, layers=2, heads=4,
+                         kv_heads=2, intermediate=96)
+        student = _direct_train(s0, tmp_path / f"student{seed}", 150, 3e-3, lambda p: rng.choice(DIGITS), rng)
+        for mode in ("sft", "kd"):
+            kd = dict(kd_dir=str(tmp_path / "logits"), kd_alpha=2.0, kd_temperature=1.0, kd_top_k=10) if mode == "kd" else {}
+            out = tmp_path / f"{mode}{seed}"
+            train.run(build(TrainConfig, dict(model=str(student), out=str(out), fine_tune_type="full", lora_layers=-1,
+                                              iters=300, batch_size=16, learning_rate=3e-3, warmup=10, val_every=25,
+                                              report_every=50, save_every=1000, patience=0, seed=seed, **common, **kd)),
+                      quiet=True)
+            results[mode].append(_score(student, held_out, adapter=out))
+            if mode == "sft":  # the last SFT state too, so early stopping is not what SFT loses by
+                last = tmp_path / f"sft-last{seed}"
+                last.mkdir()
+                shutil.copy(out / "adapter_config.json", last)
+                shutil.copy(out / "checkpoints" / "last" / "adapters.safetensors", last)
+                results["sft_last"].append(_score(student, held_out, adapter=last))
+    sft, kd, sft_last = (np.array(results[k]) for k in ("sft", "kd", "sft_last"))
+    table = (f"teacher {t_acc:.3f}/{t_mass:.3f} | (greedy acc, p(correct)) per seed: "
+             + " | ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in results.items()))
+    print(table)
+    best_sft = np.maximum(sft, sft_last)  # SFT's better state, per seed and metric
+    assert kd[:, 0].mean() - best_sft[:, 0].mean() >= 0.15, table
+    assert np.sum(kd[:, 0] > best_sft[:, 0]) >= 3, table
+    assert kd[:, 1].mean() > best_sft[:, 1].mean(), table
