@@ -41,6 +41,7 @@ import numpy as np
 from . import config, data
 from .config import LogitsConfig, TrainConfig
 from .io import InputError, atomic_path, atomic_write_json, read_json, write_manifest
+from .losses import ops
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -130,8 +131,9 @@ class Teacher:
             import mlx.core as mx
 
             z = self.model(mx.array(inputs))[:, start:].astype(mx.float32)
-            lse = mx.logsumexp(z, axis=-1, keepdims=True)
-            idx = mx.argpartition(-z, kth=m - 1, axis=-1)[..., :m].astype(mx.int32)
+            o = ops(z)  # the losses' log-sum-exp: chunked over long vocabularies for float32 accuracy
+            lse = o.logsumexp(z, -1)
+            idx = o.topk_idx(z, m)
             val = mx.take_along_axis(z, idx, axis=-1)
             order = mx.argsort(-val, axis=-1)
             idx, val = mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(val, order, axis=-1) - lse
