@@ -238,6 +238,20 @@ def batch_arrays(batch: Batch) -> dict:
     return {"inputs": batch.tokens[:, :-1], "targets": batch.tokens[:, 1:], "mask": loss_mask(batch)}
 
 
+PER_POSITION = ("targets", "mask", "kd_ids", "kd_logits")
+
+
+def trim_prompt(arrays: dict, batch: Batch, multiple: int = 16) -> dict:
+    """Drop the leading target positions that no row of the batch trains on (the shortest
+    prompt, rounded down to `multiple` so few distinct shapes reach the compiled step).
+    `inputs` stays whole (attention needs the prompt); the objective asks the model for
+    logits at the last ``targets.shape[1]`` positions only."""
+    start = max(0, int(batch.prompt_lens.min()) - 1) // multiple * multiple
+    if start == 0:
+        return arrays
+    return {k: (v[:, start:] if k in PER_POSITION else v) for k, v in arrays.items()}
+
+
 class BatchStream:
     """Training batches in a deterministic order; position k (micro-batches consumed) is
     all a checkpoint needs to resume the exact same sequence."""

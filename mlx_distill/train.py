@@ -35,7 +35,8 @@ from .losses import sft_loss
 # Changing these between a run and its --resume would silently change the curve.
 RESUME_MUST_MATCH = ("model", "data", "batch_size", "grad_accumulation", "seed", "fine_tune_type", "lora_rank",
                      "lora_scale", "lora_layers", "lora_keys", "max_seq_length", "learning_rate", "warmup",
-                     "lr_schedule", "kd_dir", "kd_alpha", "kd_temperature", "kd_top_k", "kd_warmup", "kd_kind")
+                     "lr_schedule", "kd_dir", "kd_alpha", "kd_temperature", "kd_top_k", "kd_warmup", "kd_kind",
+                     "kd_tail", "mask_prompt", "prompt_template", "system_prompt")
 
 
 @dataclass
@@ -60,7 +61,7 @@ class LoopState:
 # ----------------------------------------------------------------------------- objectives
 def sft_objective(forward):
     def objective(model, b):
-        logits = forward(model, b["inputs"])
+        logits = forward(model, b["inputs"], b["targets"].shape[1])
         s, n = sft_loss(logits, b["targets"], b["mask"])
         return s, n, {"sft_loss": s}
 
@@ -72,7 +73,7 @@ def kd_objective(forward, cfg: TrainConfig):
     from .losses import kd_loss
 
     def objective(model, b):
-        logits = forward(model, b["inputs"])
+        logits = forward(model, b["inputs"], b["targets"].shape[1])
         s, n = sft_loss(logits, b["targets"], b["mask"])
         k, _ = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
                        kind=cfg.kd_kind, tail=cfg.kd_tail, top_k=cfg.kd_top_k)
@@ -183,7 +184,8 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     pad = data.pad_id_of(tokenizer)
     stream = data.BatchStream(train_ex, cfg.batch_size, cfg.seed, pad)
-    val_batches = [data.batch_arrays(b) for b in data.eval_batches(val_ex, cfg.batch_size, pad, cfg.val_batches)]
+    val_batches = [data.trim_prompt(data.batch_arrays(b), b)
+                   for b in data.eval_batches(val_ex, cfg.batch_size, pad, cfg.val_batches)]
 
     st = LoopState()
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +217,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         if kd_store is not None:
             arrays.update(kd_store.batch_arrays(b, cfg.kd_top_k))
             arrays["kd_alpha"] = np.array(kd_alpha_at(cfg, step), dtype=np.float32)
-        return arrays, b.ntokens
+        return data.trim_prompt(arrays, b), b.ntokens
 
     def validate() -> float:
         backend.train_mode(False)

@@ -274,3 +274,27 @@ def test_resume_after_sigkill_continues_the_same_curve(tiny_model, corpus, tmp_p
         for k in ("train_loss", "val_loss", "learning_rate", "trained_tokens"):
             if k in x:
                 assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["iter"], k)
+
+
+def test_trimmed_prompt_positions_give_the_same_loss(tiny_model, corpus, tmp_path):
+    """Logits only at trained positions (the vocabulary projection skips the shared prompt)."""
+    import mlx.core as mx
+
+    from mlx_distill.backends.mlx import MLXBackend
+    from mlx_distill.train import sft_objective
+
+    cfg = cfg_for(tiny_model, corpus, tmp_path / "o")
+    be = MLXBackend(cfg)
+    _, tok = be.load()
+    be.prepare()
+    assert be._head is not None  # qwen2: logits == lm_head(model.model(x)), verified numerically
+    ex = data.load_examples(cfg, tok, "train")
+    b = data.collate(ex, list(range(4)), data.pad_id_of(tok))
+    full = data.batch_arrays(b)
+    trimmed = data.trim_prompt(full, b)
+    assert trimmed["targets"].shape[1] < full["targets"].shape[1]  # prompts here are > 16 tokens
+    assert trimmed["mask"].sum() == full["mask"].sum()
+    obj = sft_objective(be.forward)
+    s_full, n_full, _ = obj(be.model, be.to_arrays(full))
+    s_trim, n_trim, _ = obj(be.model, be.to_arrays(trimmed))
+    assert n_full.item() == n_trim.item() and abs(s_full.item() - s_trim.item()) < 1e-4 * abs(s_full.item())

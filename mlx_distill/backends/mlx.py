@@ -42,6 +42,7 @@ class MLXBackend:
         self.cfg = cfg
         self.mx = mx
         self.model = None
+        self._head = None
         self.optimizer = None
         self._step = None
 
@@ -70,7 +71,32 @@ class MLXBackend:
             linear_to_lora_layers(model, self.num_layers, self.lora_parameters(), use_dora=cfg.fine_tune_type == "dora")
         if cfg.grad_checkpoint:
             grad_checkpoint(model.layers[0])
+        self._head = self._find_head()
         return model
+
+    def _find_head(self):
+        """The output projection, when the model's logits are exactly head(model.model(x)).
+
+        Then `forward(..., keep=n)` projects only the last n positions: the vocabulary
+        projection is a large share of a small model's FLOPs, and the masked prompt
+        positions need no logits. Checked numerically once, so an architecture with extra
+        output processing (soft-capping, scaling) silently keeps the full path."""
+        mx, model = self.mx, self.model
+        inner = getattr(model, "model", None)
+        head = getattr(model, "lm_head", None)
+        if head is None and inner is not None and hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
+            head = inner.embed_tokens.as_linear
+        if inner is None or head is None:
+            return None
+        was_training = model.training
+        model.eval()
+        try:
+            x = mx.array([[1, 2, 3, 4]])
+            ok = mx.allclose(model(x)[:, -2:], head(inner(x)[:, -2:]), rtol=1e-4, atol=1e-4).item()
+        except Exception:  # noqa: BLE001 - any mismatch in structure means "use the full path"
+            ok = False
+        model.train(was_training)
+        return head if ok else None
 
     def lora_parameters(self) -> dict:
         p = {"rank": self.cfg.lora_rank, "scale": self.cfg.lora_scale, "dropout": self.cfg.lora_dropout}
@@ -92,8 +118,13 @@ class MLXBackend:
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         return {"total": int(total), "trainable": int(trainable)}
 
-    def forward(self, model, inputs):
-        return model(inputs)
+    def forward(self, model, inputs, keep: int | None = None):
+        """Logits for the last `keep` positions (all when None)."""
+        if keep is None or keep >= inputs.shape[1]:
+            return model(inputs)
+        if self._head is not None:
+            return self._head(model.model(inputs)[:, -keep:])
+        return model(inputs)[:, -keep:]
 
     def to_arrays(self, arrays: dict) -> dict:
         mx = self.mx

@@ -237,8 +237,11 @@ class TorchBackend:
         trainable = sum(p.numel() for _, p, _ in self.params)
         return {"total": int(total), "trainable": int(trainable)}
 
-    def forward(self, model, inputs):
-        return model(input_ids=inputs, use_cache=False).logits
+    def forward(self, model, inputs, keep: int | None = None):
+        """Logits for the last `keep` positions (all when None); transformers projects only those."""
+        if keep is None or keep >= inputs.shape[1]:
+            return model(input_ids=inputs, use_cache=False).logits
+        return model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits
 
     def to_arrays(self, arrays: dict) -> dict:
         """NumPy -> tensors on the device (integers as int64); under torchrun, this rank's rows."""
