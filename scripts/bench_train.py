@@ -6,10 +6,11 @@
 Both trainers get the same chat-format copy of the sample corpus, prompt masking, LoRA
 rank 8 / scale 20 on the same number of top blocks, AdamW at the same learning rate, the
 same batch size and max length. Both count trained tokens the same way (completion tokens
-only). Batch *order* differs (each shuffles its own way), so their loss curves are compared
-through the mean train loss over the run, not step by step.
+only). The training set is cut to iters x batch-size examples, so each trainer runs exactly
+one epoch over the same examples; batch *order* differs (each shuffles its own way), so the
+loss curves are compared through the token-weighted mean train loss over the epoch.
 
-Prints: trained tokens/s of each (first report window, which includes compilation, left out),
+Prints: trained tokens/s of each over the whole epoch (compilation included for both),
 their ratio, padding fraction of our batches vs mlx-lm's, a float32 matmul measured in this
 run, and the model FLOP utilisation MFU = 4 * non-embedding params * tokens/s / matmul FLOP/s
 (forward 2N + input-gradient backward 2N; LoRA has no weight gradients to speak of).
@@ -53,15 +54,21 @@ def matmul_gflops(n=1024, reps=10) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
 
 
-def chat_corpus(src: Path, dst: Path) -> None:
-    """Render corpus records to mlx-lm's {"messages": [...]} format (both trainers read it)."""
+def chat_corpus(src: Path, dst: Path, n_train: int) -> None:
+    """Render corpus records to mlx-lm's {"messages": [...]} format (both trainers read it).
+    Exactly iters x batch-size training examples: one epoch each, so both trainers see the
+    same examples grouped the same way (both sort by length and cut batches), only in
+    another order."""
     from mlx_distill.data import record_to_messages
     from mlx_distill.io import read_jsonl, write_jsonl
 
     template = (REPO / "prompts" / "train_user.txt").read_text()
     dst.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "valid"):
-        write_jsonl(dst / f"{split}.jsonl", ({"messages": record_to_messages(r, template)} for r in read_jsonl(src / f"{split}.jsonl")))
+    for split, n in (("train", n_train), ("valid", 8)):
+        rows = read_jsonl(src / f"{split}.jsonl")[:n]
+        if len(rows) < n:
+            raise SystemExit(f"{src / split}.jsonl has {len(rows)} records, the benchmark needs {n}")
+        write_jsonl(dst / f"{split}.jsonl", ({"messages": record_to_messages(r, template)} for r in rows))
 
 
 def non_embedding_params(model_path: str) -> int:
@@ -104,7 +111,7 @@ def main():
 
         shutil.rmtree(out)
     chat = out / "data"
-    chat_corpus(Path(a.data), chat)
+    chat_corpus(Path(a.data), chat, a.iters * a.batch_size)
     env = blas.preload_env()
     env["PYTHONUNBUFFERED"] = "1"
 
@@ -133,19 +140,26 @@ def main():
         print(log)
         raise SystemExit("could not parse mlx_lm lora's report lines")
 
-    def steady(rs):  # leave out the first window (compilation)
-        rs = rs[1:] or rs
-        toks = sum(r["tokens_per_sec"] for r in rs) / len(rs)
-        loss = sum(r["train_loss"] for r in rs) / len(rs)
-        return toks, loss
+    def epoch(rs):
+        """Trained tokens / training seconds over the whole epoch (compilation included for
+        both), and the token-weighted mean train loss."""
+        prev, toks, secs, loss = 0, 0, 0.0, 0.0
+        for r in rs:
+            n = r["trained_tokens"] - prev
+            prev = r["trained_tokens"]
+            toks, secs, loss = toks + n, secs + n / r["tokens_per_sec"], loss + n * r["train_loss"]
+        return toks / secs, loss / toks, toks
 
-    t_ours, l_ours = steady(rows)
-    t_theirs, l_theirs = steady(theirs_rows)
+    t_ours, l_ours, n_ours = epoch(rows)
+    t_theirs, l_theirs, n_theirs = epoch(theirs_rows)
+    if n_ours != n_theirs:
+        print(f"note: trained tokens differ: {n_ours} vs {n_theirs}")
     n_ne = non_embedding_params(model)
     gflops_end = matmul_gflops()
     res = {
         "model": model, "non_embedding_params": n_ne, "iters": a.iters, "batch_size": a.batch_size,
         "matmul_gflops": round((gflops + gflops_end) / 2, 1),
+        "trained_tokens": {"mlx_distill": n_ours, "mlx_lm_lora": n_theirs},
         "mlx_distill": {"tokens_per_sec": round(t_ours, 1), "mean_train_loss": round(l_ours, 4),
                         "mfu": round(4 * n_ne * t_ours / ((gflops + gflops_end) / 2 * 1e9), 4)},
         "mlx_lm_lora": {"tokens_per_sec": round(t_theirs, 1), "mean_train_loss": round(l_theirs, 4),
