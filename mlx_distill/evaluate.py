@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import collections
 import hashlib
-import json
 import math
 import random
 import re

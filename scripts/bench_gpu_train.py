@@ -33,11 +33,8 @@ first losses agree to bf16 rounding; ratios are measured in one process, one aft
 
 import argparse
 import gc
-import json
-import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -18,7 +18,6 @@ run, and the model FLOP utilisation MFU = 4 * non-embedding params * tokens/s / 
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time

@@ -1,6 +1,5 @@
 """Shared fixtures: a tiny random qwen2 model + trained BPE tokenizer built once per session."""
 
-import os
 import sys
 import warnings
 from pathlib import Path

@@ -1,6 +1,5 @@
 """Top-K KD in `train`: a KD run lowers the KD loss; distillation transfers on a toy task."""
 
-import json
 
 import numpy as np
 import pytest
@@ -11,30 +10,17 @@ from mlx_distill.io import InputError, read_jsonl
 from mlx_distill.logits import extract
 from mlx_distill.paths import REPO
 
+from helpers import arith_records, write_jsonl
+
 TEMPLATE = str(REPO / "prompts" / "train_user.txt")
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def arith(n, seed=0, start=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        a, b = int(rng.integers(1, 50)), int(rng.integers(1, 50))
-        out.append({"id": f"a{start + i}", "question": f"What is {a} + {b}?",
-                    "reasoning": f"{a} + {b} = {a + b}.", "answer": str(a + b)})
-    return out
 
 
 @pytest.fixture(scope="module")
 def kd_corpus(tmp_path_factory, tiny_model):
     d = tmp_path_factory.mktemp("kdc")
     (d / "corpus").mkdir()
-    write_jsonl(d / "corpus" / "train.jsonl", arith(24))
-    write_jsonl(d / "corpus" / "valid.jsonl", arith(6, seed=1, start=100))
+    write_jsonl(d / "corpus" / "train.jsonl", arith_records(24))
+    write_jsonl(d / "corpus" / "valid.jsonl", arith_records(6, seed=1, start=100))
     extract(build(LogitsConfig, dict(teacher=str(tiny_model), data=str(d / "corpus"), out=str(d / "logits"), top_m=8,
                                      batch_size=8, prompt_template=TEMPLATE, max_seq_length=512)), quiet=True)
     return d
@@ -70,8 +56,8 @@ def test_kd_alpha_warmup_and_refusals(tiny_llama, kd_corpus, tmp_path):
     # a corpus the teacher never scored is refused before any step
     other = tmp_path / "other"
     other.mkdir()
-    write_jsonl(other / "train.jsonl", arith(24, seed=7, start=500))
-    write_jsonl(other / "valid.jsonl", arith(6, seed=1, start=100))
+    write_jsonl(other / "train.jsonl", arith_records(24, seed=7, start=500))
+    write_jsonl(other / "valid.jsonl", arith_records(6, seed=1, start=100))
     with pytest.raises(InputError, match="cover 0.0%"):
         train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "o", data=str(other)), quiet=True)
 

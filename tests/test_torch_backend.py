@@ -18,22 +18,14 @@ from mlx_distill.backends.torch import TorchBackend, lr_at  # noqa: E402
 from mlx_distill.config import TrainConfig, build  # noqa: E402
 from mlx_distill.io import read_jsonl  # noqa: E402
 
-
-def arith_records(n, seed=0, start=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        a, b = int(rng.integers(1, 50)), int(rng.integers(1, 50))
-        out.append({"id": f"a{start + i}", "question": f"What is {a} + {b}?",
-                    "reasoning": f"{a} + {b} = {a + b}.", "answer": str(a + b)})
-    return out
+from helpers import arith_records, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arith_records(24)))
-    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arith_records(4, seed=1, start=100)))
+    write_jsonl(d / "train.jsonl", arith_records(24))
+    write_jsonl(d / "valid.jsonl", arith_records(4, seed=1, start=100))
     return d
 
 

@@ -15,20 +15,7 @@ from mlx_distill import data
 from mlx_distill.config import ConfigError, TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
 
-
-def arith_records(n, seed=0, start=0):
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        a, b = int(rng.integers(1, 50)), int(rng.integers(1, 50))
-        out.append({"id": f"a{start + i}", "question": f"What is {a} + {b}?",
-                    "reasoning": f"{a} + {b} = {a + b}.", "answer": str(a + b)})
-    return out
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+from helpers import arith_records, write_jsonl
 
 
 @pytest.fixture
@@ -278,7 +265,6 @@ def test_resume_after_sigkill_continues_the_same_curve(tiny_model, corpus, tmp_p
 
 def test_trimmed_prompt_positions_give_the_same_loss(tiny_model, corpus, tmp_path):
     """Logits only at trained positions (the vocabulary projection skips the shared prompt)."""
-    import mlx.core as mx
 
     from mlx_distill.backends.mlx import MLXBackend
     from mlx_distill.train import sft_objective

@@ -13,12 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def resolve_model_path(name: str) -> str:
-    """'smollm2' -> the embedded model folder; anything else unchanged (path or HF repo id)."""
-    from ..embedded import resolve_model
-
-    return str(resolve_model(name))
+from .base import BackendBase, resolve_model_path
 
 
 def save_arrays_atomic(path: Path, arrays: dict, metadata: dict | None = None) -> None:
@@ -33,7 +28,7 @@ def save_arrays_atomic(path: Path, arrays: dict, metadata: dict | None = None) -
         os.replace(target, tmp)
 
 
-class MLXBackend:
+class MLXBackend(BackendBase):
     name = "mlx"
 
     def __init__(self, cfg):
@@ -97,19 +92,6 @@ class MLXBackend:
             ok = False
         model.train(was_training)
         return head if ok else None
-
-    def lora_parameters(self) -> dict:
-        p = {"rank": self.cfg.lora_rank, "scale": self.cfg.lora_scale, "dropout": self.cfg.lora_dropout}
-        if self.cfg.lora_keys:
-            p["keys"] = list(self.cfg.lora_keys)
-        return p
-
-    def adapter_config(self) -> dict:
-        """mlx-lm's adapter_config.json (read by `mlx_lm generate --adapter-path`, `mlx_lm fuse`)."""
-        cfg = self.cfg
-        return {"model": self.model_path, "fine_tune_type": cfg.fine_tune_type, "num_layers": self.num_layers,
-                "lora_parameters": self.lora_parameters(), "data": cfg.data, "seed": cfg.seed,
-                "max_seq_length": cfg.max_seq_length, "trained_by": "mlx_distill"}
 
     def parameter_counts(self) -> dict:
         from mlx.utils import tree_flatten

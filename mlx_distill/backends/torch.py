@@ -53,14 +53,11 @@ from typing import Optional
 
 import numpy as np
 
+from .base import BackendBase, resolve_model_path
+
 BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
 
 
-def resolve_model_path(name: str) -> str:
-    """'smollm2' -> the embedded model folder; anything else unchanged (path or HF repo id)."""
-    from ..embedded import resolve_model
-
-    return str(resolve_model(name))
 
 
 def lr_at(cfg, step: int) -> float:
@@ -115,7 +112,7 @@ def mlx_name(torch_name: str) -> tuple[str, bool]:
     return n, False
 
 
-class TorchBackend:
+class TorchBackend(BackendBase):
     name = "torch"
 
     def __init__(self, cfg, device: Optional[str] = None, dtype: Optional[str] = None):
@@ -218,19 +215,6 @@ class TorchBackend:
                 name, transpose = mlx_name(n)
                 self.params.append((name, p, transpose))
         return self.model
-
-    def lora_parameters(self) -> dict:
-        p = {"rank": self.cfg.lora_rank, "scale": self.cfg.lora_scale, "dropout": self.cfg.lora_dropout}
-        if self.cfg.lora_keys:
-            p["keys"] = list(self.cfg.lora_keys)
-        return p
-
-    def adapter_config(self) -> dict:
-        """mlx-lm's adapter_config.json: the run's adapter loads in mlx-lm as it is."""
-        cfg = self.cfg
-        return {"model": self.model_path, "fine_tune_type": cfg.fine_tune_type, "num_layers": self.num_layers,
-                "lora_parameters": self.lora_parameters(), "data": cfg.data, "seed": cfg.seed,
-                "max_seq_length": cfg.max_seq_length, "trained_by": "mlx_distill"}
 
     def parameter_counts(self) -> dict:
         total = sum(p.numel() for p in self.model.parameters())
