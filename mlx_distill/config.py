@@ -79,6 +79,8 @@ class TrainConfig:
     kd_tail: bool = opt(False, "Add a 'rest of vocabulary' bucket instead of renormalising over the K ids.")
     kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher logits cover less than this share of the "
                                  "student's completion positions (see `mlx_distill.logits.TopMStore.check`).")
+    kd_teacher: str = opt("", "Online KD: a teacher model held in memory that scores each batch as it is trained "
+                          "(same tokenizer as the student; instead of --kd).")
 
 
 # ----------------------------------------------------------------------------- logits (issue 4; owner: KD)

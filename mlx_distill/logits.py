@@ -537,15 +537,42 @@ def student_vocab_size(cfg: TrainConfig, tokenizer) -> int:
     return len(vocab_strings(tokenizer))
 
 
-def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: int | None = None) -> TopMStore:
-    """Open cfg.kd_dir and check it against the student's examples (called by `train`).
-    Coverage is enforced on the train split; other splits are planned and reported."""
+class OnlineTeacher:
+    """Online KD: the teacher, held in memory beside the student, scores every batch as it is
+    trained (one extra forward pass per step, no cache on disk). Same batch_arrays contract as
+    `TopMStore`. Needs the student's tokenizer (the student's token ids are the teacher's input);
+    teacher ids beyond the student's embedding rows become empty slots, as in the offline path."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, vocab_size: int):
+        self.teacher = Teacher(cfg.kd_teacher, backend=cfg.backend)
+        mine, theirs = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(self.teacher.tokenizer)
+        if mine != theirs:
+            raise InputError(f"--kd-teacher {cfg.kd_teacher}: its tokenizer differs from the student's; online KD "
+                             "needs the same vocabulary (extract with `mlx_distill logits` for aligned offline KD)")
+        self.vocab_size = vocab_size
+
+    def batch_arrays(self, batch, top_k: int) -> dict:
+        ids, lps = self.teacher.top_m(batch.tokens[:, :-1], top_k)
+        outside = ids >= self.vocab_size
+        return {"kd_ids": np.where(outside, 0, ids).astype(np.int32),
+                "kd_logits": np.where(outside, -np.inf, lps).astype(np.float32)}
+
+
+def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: int | None = None):
+    """Open cfg.kd_dir and check it against the student's examples (called by `train`), or
+    load the online teacher (cfg.kd_teacher). Coverage is enforced on the train split; other
+    splits are planned and reported."""
+    if cfg.kd_dir and cfg.kd_teacher:
+        raise InputError("give either --kd (offline top-M logits) or --kd-teacher (online), not both")
+    if cfg.kd_top_k < 1:
+        raise InputError(f"--kd-top-k must be >= 1, got {cfg.kd_top_k}")
+    if cfg.kd_teacher:
+        print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k})", file=sys.stderr)
+        return OnlineTeacher(cfg, tokenizer, vocab_size or student_vocab_size(cfg, tokenizer))
     store = TopMStore(cfg.kd_dir)
     if cfg.kd_top_k > store.m:
         raise InputError(f"--kd-top-k {cfg.kd_top_k} > M={store.m} stored in {cfg.kd_dir}; lower --kd-top-k "
                          f"or re-extract with --top-m >= {cfg.kd_top_k}")
-    if cfg.kd_top_k < 1:
-        raise InputError(f"--kd-top-k must be >= 1, got {cfg.kd_top_k}")
     v = vocab_size or student_vocab_size(cfg, tokenizer)
     for split, exs in examples_by_split.items():
         rep = store.check(exs, v, tokenizer, cfg.kd_min_coverage if split == "train" else 0.0, where=split)

@@ -36,7 +36,7 @@ from .losses import sft_loss
 RESUME_MUST_MATCH = ("model", "data", "batch_size", "grad_accumulation", "seed", "fine_tune_type", "lora_rank",
                      "lora_scale", "lora_layers", "lora_keys", "max_seq_length", "learning_rate", "warmup",
                      "lr_schedule", "kd_dir", "kd_alpha", "kd_temperature", "kd_top_k", "kd_warmup", "kd_kind",
-                     "kd_tail", "mask_prompt", "prompt_template", "system_prompt")
+                     "kd_tail", "kd_teacher", "mask_prompt", "prompt_template", "system_prompt")
 
 
 @dataclass
@@ -173,7 +173,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     counts = backend.parameter_counts()
 
     kd_store = None
-    if cfg.kd_dir:
+    if cfg.kd_dir or cfg.kd_teacher:
         from .logits import kd_setup
 
         kd_store = kd_setup(cfg, {"train": train_ex, "valid": val_ex}, tokenizer)

@@ -62,6 +62,28 @@ def test_kd_alpha_warmup_and_refusals(tiny_llama, kd_corpus, tmp_path):
         train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "o", data=str(other)), quiet=True)
 
 
+def test_online_teacher_matches_the_offline_cache(tiny_model, tiny_llama, kd_corpus, tmp_path):
+    """--kd-teacher (teacher in memory) trains on the same targets as the extracted cache:
+    the same run, offline and online, logs the same KD losses (float16 cache vs float32)."""
+    kw = dict(iters=4, report_every=1, val_every=4, learning_rate=1e-3)
+    off = train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "off", **kw), quiet=True)
+    on = train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "on", kd_dir="", kd_teacher=str(tiny_model), **kw),
+                   quiet=True)
+    a = [r for r in read_jsonl(tmp_path / "off" / "metrics.jsonl") if "kd_loss" in r]
+    b = [r for r in read_jsonl(tmp_path / "on" / "metrics.jsonl") if "kd_loss" in r]
+    assert len(a) == len(b) == 4
+    # step 1 sees identical weights: the targets agree to the float16 rounding of the cache
+    assert b[0]["kd_loss"] == pytest.approx(a[0]["kd_loss"], rel=1e-3)
+    assert b[0]["sft_loss"] == pytest.approx(a[0]["sft_loss"], rel=1e-6)
+    # later steps drift apart only through that rounding
+    for x, y in zip(a[1:], b[1:]):
+        assert y["kd_loss"] == pytest.approx(x["kd_loss"], rel=3e-2)
+        assert y["sft_loss"] == pytest.approx(x["sft_loss"], rel=1e-2)
+    assert on["best_val_loss"] == pytest.approx(off["best_val_loss"], rel=1e-2)
+    with pytest.raises(InputError, match="either --kd .* or --kd-teacher"):
+        train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "both", kd_teacher=str(tiny_model)), quiet=True)
+
+
 # ----------------------------------------------------------------------------- learning test
 # Task: given six distinct digits, answer with a digit d such that d + x != 9 for every
 # listed x (the nines' complement of a missing digit). Every problem has four correct
