@@ -253,6 +253,7 @@ def test_sigkill_and_ctrl_c_then_resume_equal_uninterrupted(tmp_path):
         a = _spawn(["build", *common, "--out", str(tmp_path / "a")], env)
         assert a.wait(60) == 0, a.stdout.read()
         for sig, out in ((signal.SIGKILL, tmp_path / "k"), (signal.SIGINT, tmp_path / "i")):
+            srv.script["delay"] = 0.3  # a wide window to stop in: the 18+ unfinished requests take >= 2.7 s
             p = _spawn(["build", *common, "--out", str(out)], env)
             deadline = time.time() + 30
             while time.time() < deadline:  # kill mid-run: some traces written, most not
@@ -269,6 +270,7 @@ def test_sigkill_and_ctrl_c_then_resume_equal_uninterrupted(tmp_path):
                 assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
             else:
                 assert rc == -signal.SIGKILL
+            srv.script["delay"] = 0.08
             r = _spawn(["build", *common, "--out", str(out)], env)
             assert r.wait(60) == 0, r.stdout.read()
             assert len(read_jsonl(out / "traces.jsonl")) == n  # each attempt logged once: none repeated, none lost
