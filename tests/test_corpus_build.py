@@ -228,9 +228,16 @@ def test_filters_and_splits_units():
     assert cl["judge"] is not cl["teacher"] and cl["judge"].limiter is cl["teacher"].limiter
 
 
+def _default_sigint():
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # children inherit that (CI may run us so): give the builder the Ctrl-C a user's terminal sends.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(argv, env):
     return subprocess.Popen([sys.executable, "-m", "mlx_distill", "corpus", *argv], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def _comparable(out: Path) -> dict:
