@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 from . import answers, config
 from .config import EvalConfig, GradeConfig
-from .io import InputError, atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl, sha256_file, \
+from .io import InputError, atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl, save_figure, sha256_file, \
     sha256_text, write_jsonl, write_manifest
 from .paths import prompt_path, shared_data_dir
 
@@ -631,10 +631,7 @@ def plot_lengths(records: list[dict], path: Path) -> bool:
     ax.legend()
     ax.set_title("Response length by outcome")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 

@@ -36,7 +36,7 @@ from typing import Any, Optional
 
 from . import config
 from .config import EvalConfig, StudyConfig, TrainConfig
-from .io import InputError, atomic_write_json, atomic_write_text, write_manifest
+from .io import InputError, atomic_write_json, atomic_write_text, save_figure, write_manifest
 
 METRICS = ("accuracy", "words_mean", "words_median", "tokens_mean", "truncation_rate", "invalid_rate")
 
@@ -243,10 +243,7 @@ def plot(agg: list[dict], path: Path, kind: str) -> bool:
     ax.set_title(f"Accuracy vs response length ({_value_label(kind)})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return True
 
 

@@ -6,8 +6,6 @@ backend (`backends/torch.py`) implements the same methods.
 
 import json
 import os
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 
@@ -210,19 +208,12 @@ class MLXBackend(BackendBase):
         """Adapter + optimizer + loop state (RNG is derived from it), written to a temp folder and renamed."""
         from mlx.utils import tree_flatten
 
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=folder.parent))
-        os.chmod(tmp, 0o755)
-        self.mx.save_safetensors(str(tmp / "adapters.safetensors"), self.adapter_weights())
-        opt_state = dict(tree_flatten(self.optimizer.state))
-        self.mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        from ..io import atomic_dir
+
+        with atomic_dir(folder) as tmp:
+            self.mx.save_safetensors(str(tmp / "adapters.safetensors"), self.adapter_weights())
+            self.mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, folder: Path) -> dict:
         from mlx.utils import tree_unflatten

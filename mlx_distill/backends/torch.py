@@ -44,8 +44,6 @@ import asyncio
 import json
 import math
 import os
-import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -364,25 +362,19 @@ class TorchBackend(BackendBase):
     def save_checkpoint(self, folder: Path, state: dict) -> None:
         """Adapter + optimizer (MLX names and layouts) + loop state (the RNG is derived from it),
         written to a temp folder and renamed into place."""
+        from ..io import atomic_dir
+
         torch = self.torch
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ckpt-", dir=folder.parent))
-        os.chmod(tmp, 0o755)
-        _save_tensors(tmp / "adapters.safetensors", self.adapter_weights(), atomic=False)
-        opt = {"step": torch.tensor(self.opt_step, dtype=torch.uint64),
-               "learning_rate": torch.tensor(self.learning_rate(), dtype=torch.float32)}
-        transpose = {n: t for n, _, t in self.params}
-        for n, (m, v) in self.opt_state.items():
-            opt[f"{n}.m"] = (m.T if transpose[n] else m).contiguous().cpu()
-            opt[f"{n}.v"] = (v.T if transpose[n] else v).contiguous().cpu()
-        _save_tensors(tmp / "optimizer.safetensors", opt, atomic=False)
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        with atomic_dir(folder) as tmp:
+            _save_tensors(tmp / "adapters.safetensors", self.adapter_weights(), atomic=False)
+            opt = {"step": torch.tensor(self.opt_step, dtype=torch.uint64),
+                   "learning_rate": torch.tensor(self.learning_rate(), dtype=torch.float32)}
+            transpose = {n: t for n, _, t in self.params}
+            for n, (m, v) in self.opt_state.items():
+                opt[f"{n}.m"] = (m.T if transpose[n] else m).contiguous().cpu()
+                opt[f"{n}.v"] = (v.T if transpose[n] else v).contiguous().cpu()
+            _save_tensors(tmp / "optimizer.safetensors", opt, atomic=False)
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, folder: Path) -> dict:
         """Resume from a checkpoint written by this backend or by the MLX one."""
