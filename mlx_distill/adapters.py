@@ -260,23 +260,14 @@ def _check_against_mlx_model(model: str, mlx_cfg: dict, weights: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- helpers for loaders
-def ensure_peft(adapter: str | Path, model: str | None = None) -> Path:
-    """A PEFT folder for `adapter` (converted into a temporary folder if it is an mlx-lm one)."""
+def ensure_format(adapter: str | Path, fmt: str, model: str | None = None) -> Path:
+    """An adapter folder in `fmt` ("mlx" or "peft"): `adapter` itself, or its conversion
+    into a temporary folder."""
     adapter = Path(adapter)
-    if detect_format(adapter) == "peft":
+    if detect_format(adapter) == fmt:
         return adapter
-    out = Path(tempfile.mkdtemp(prefix="peft-adapter-"))
-    mlx_to_peft(adapter, out, model)
-    return out
-
-
-def ensure_mlx(adapter: str | Path, model: str | None = None) -> Path:
-    """An mlx-lm folder for `adapter` (converted into a temporary folder if it is a PEFT one)."""
-    adapter = Path(adapter)
-    if detect_format(adapter) == "mlx":
-        return adapter
-    out = Path(tempfile.mkdtemp(prefix="mlx-adapter-"))
-    peft_to_mlx(adapter, out, model)
+    out = Path(tempfile.mkdtemp(prefix=f"{fmt}-adapter-"))
+    (mlx_to_peft if fmt == "peft" else peft_to_mlx)(adapter, out, model)
     return out
 
 

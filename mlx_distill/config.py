@@ -355,6 +355,14 @@ def resolve(cls, args: argparse.Namespace):
     return build(cls, yaml_values, ns, source=str(path or "config"))
 
 
+def from_cli(cls, argv, prog: str, description: str | None = None):
+    """A stage's command line -> its resolved config: flags from `cls`, `-c` YAML below them."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, cls)
+    return resolve(cls, parser.parse_args(argv))
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

@@ -29,7 +29,6 @@ Output folder (``--out``)::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import hashlib
@@ -759,11 +758,7 @@ def _data_file(cfg) -> Optional[Path]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlx_distill eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, EvalConfig)
-    cfg = config.resolve(EvalConfig, parser.parse_args(argv))
-    evaluate(cfg)
+    evaluate(config.from_cli(EvalConfig, argv, "python -m mlx_distill eval", __doc__))
 
 
 # ============================================================================= the grade stage
@@ -813,9 +808,7 @@ def grade_predictions(cfg: GradeConfig) -> dict:
 
 
 def grade_main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlx_distill grade", description=grade_predictions.__doc__)
-    config.add_arguments(parser, GradeConfig)
-    cfg = config.resolve(GradeConfig, parser.parse_args(argv))
+    cfg = config.from_cli(GradeConfig, argv, "python -m mlx_distill grade", grade_predictions.__doc__)
     s = grade_predictions(cfg)
     print_summary(s)
     if s["missing"]:

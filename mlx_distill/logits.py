@@ -29,7 +29,6 @@ since it was scored is an error. Shards and the manifest are written atomically;
 loses at most the shard being filled.
 """
 
-import argparse
 import hashlib
 import json
 import sys
@@ -317,11 +316,7 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlx_distill logits", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, LogitsConfig)
-    cfg = config.resolve(LogitsConfig, parser.parse_args(argv))
-    extract(cfg)
+    extract(config.from_cli(LogitsConfig, argv, "python -m mlx_distill logits", __doc__))
 
 
 # ----------------------------------------------------------------------------- reading

@@ -25,7 +25,6 @@ and ``runs/<level>-seed<s>/`` with each evaluation's records and summary.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -275,8 +274,5 @@ def main(argv=None) -> None:
         return
     if argv[0] != "length":
         raise InputError(f"unknown study {argv[0]!r}; available: length")
-    parser = argparse.ArgumentParser(prog="python -m mlx_distill study length", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, StudyConfig)
-    cfg = config.resolve(StudyConfig, parser.parse_args(argv[1:]))
+    cfg = config.from_cli(StudyConfig, argv[1:], "python -m mlx_distill study length", __doc__)
     run_study(cfg)

@@ -18,7 +18,6 @@ Run folder::
     checkpoints/last/      resumable state (adapter, optimizer, RNG, loop position)
 """
 
-import argparse
 import math
 import sys
 import time
@@ -306,9 +305,4 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mlx_distill train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser, TrainConfig)
-    args = parser.parse_args(argv)
-    cfg = config.resolve(TrainConfig, args)
-    run(cfg)
+    run(config.from_cli(TrainConfig, argv, "python -m mlx_distill train", __doc__))

@@ -599,7 +599,7 @@ def load_model(path: str, adapter_path: Optional[str] = None, device=None, dtype
     if adapter_path:
         from peft import PeftModel
 
-        from ..adapters import ensure_peft
+        from ..adapters import ensure_format
 
-        model = PeftModel.from_pretrained(model, str(ensure_peft(adapter_path, path)), autocast_adapter_dtype=True)
+        model = PeftModel.from_pretrained(model, str(ensure_format(adapter_path, "peft", path)), autocast_adapter_dtype=True)
     return model, tokenizer
