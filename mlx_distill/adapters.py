@@ -84,7 +84,7 @@ def _num_blocks(model_path) -> int | None:
     if not model_path:
         return None
     try:
-        from .embedded import resolve_model
+        from .models import resolve_model
 
         model_path = resolve_model(str(model_path))
     except Exception:
@@ -246,7 +246,7 @@ def _check_against_mlx_model(model: str, mlx_cfg: dict, weights: dict) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
-    from .embedded import resolve_model
+    from .models import resolve_model
 
     m, _ = load_model(Path(resolve_model(model)), lazy=True)
     m.freeze()

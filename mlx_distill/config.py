@@ -63,7 +63,8 @@ class TrainConfig:
     min_delta: float = opt(0.0, "Smallest validation-loss decrease that counts as an improvement.")
     report_every: int = opt(5, "Write a metrics row every N iterations.")
     save_every: int = opt(25, "Write a resumable checkpoint every N iterations.")
-    grad_checkpoint: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    grad_checkpoint: bool = opt(False, "Recompute each block's activations in the backward pass: less memory, "
+                                 "one extra forward per step (up to ~33% more compute).")
     compile: bool = opt(True, "Compile the training step (mx.compile).")
     seed: int = opt(0, "Seed for data order, LoRA init and dropout.")
     resume: bool = opt(False, "Continue from the run folder's last checkpoint (optimizer, schedule, RNG, data position).")
@@ -280,7 +281,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
         t = _type_of(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS,
-                                  help=f"{f.metadata.get('help', '')} (default: {default!r})")
+                                  # argparse %-formats help: a literal % must be doubled
+                                  help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"))
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if t is bool:

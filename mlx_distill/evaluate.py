@@ -251,7 +251,7 @@ def problem_seed(seed: int, pid: str) -> int:
 
 def mlx_client(model: str, adapter: str = "", batch_size: int = 8):
     from .corpus.clients import make_client
-    from .embedded import resolve_model
+    from .models import resolve_model
 
     if adapter and not (Path(adapter) / "adapters.safetensors").is_file():
         raise InputError(f"{adapter}: no adapters.safetensors (is it a finished `mlx_distill train` run folder?)")

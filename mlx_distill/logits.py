@@ -94,10 +94,10 @@ def teacher_fingerprint(path: str | Path) -> dict:
 class Teacher:
     """One forward pass per batch -> top-M ids and log-probabilities at every position."""
 
-    def __init__(self, name: str, backend: str = "auto"):
-        from .embedded import resolve_model
+    def __init__(self, name: str, backend: str = "auto", flag: str = "--teacher"):
+        from .models import resolve_model
 
-        self.path = str(resolve_model(name))
+        self.path = resolve_model(name, flag=flag)
         if backend == "auto":
             from .backends import auto_backend
 
@@ -521,7 +521,7 @@ class TopMStore:
 def student_vocab_size(cfg: TrainConfig, tokenizer) -> int:
     """Embedding rows of the student (config.json), else its tokenizer size."""
     try:
-        from .embedded import resolve_model
+        from .models import resolve_model
 
         c = json.loads((Path(resolve_model(cfg.model)) / "config.json").read_text())
         v = c.get("vocab_size") or c.get("text_config", {}).get("vocab_size")
@@ -539,7 +539,7 @@ class OnlineTeacher:
     teacher ids beyond the student's embedding rows become empty slots, as in the offline path."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, vocab_size: int):
-        self.teacher = Teacher(cfg.kd_teacher, backend=cfg.backend)
+        self.teacher = Teacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
         mine, theirs = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(self.teacher.tokenizer)
         if mine != theirs:
             raise InputError(f"--kd-teacher {cfg.kd_teacher}: its tokenizer differs from the student's; online KD "

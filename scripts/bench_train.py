@@ -101,7 +101,7 @@ def main():
     a = ap.parse_args()
 
     from mlx_distill import blas
-    from mlx_distill.embedded import resolve_model
+    from mlx_distill.models import resolve_model
 
     model = str(resolve_model(a.model))
     out = Path(a.out)

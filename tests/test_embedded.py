@@ -94,15 +94,6 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
     assert embedded.info()["converted"] is False
 
 
-def test_resolve_model(folder, tmp_path, monkeypatch):
-    assert embedded.resolve_model("smollm2") == str(folder)
-    assert embedded.resolve_model("SmolLM2-135M-Instruct") == str(folder)
-    assert embedded.resolve_model("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "smollm2").mkdir()  # a local folder of that name wins
-    assert embedded.resolve_model("smollm2") == "smollm2"
-
-
 # ----------------------------------------------------------------------------- the folder
 def test_folder_config_and_manifest(folder):
     cfg = json.loads((folder / "config.json").read_text())

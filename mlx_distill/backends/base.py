@@ -1,11 +1,5 @@
-"""What both backends share: model-name resolution and the mlx-lm adapter description."""
-
-
-def resolve_model_path(name: str) -> str:
-    """'smollm2' -> the embedded model folder; anything else unchanged (path or HF repo id)."""
-    from ..embedded import resolve_model
-
-    return str(resolve_model(name))
+"""What both backends share: the mlx-lm adapter description. (Model names are resolved by
+`mlx_distill.models.resolve_model`, the one resolver every command uses.)"""
 
 
 class BackendBase:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import BackendBase, resolve_model_path
+from ..models import resolve_model
+from .base import BackendBase
 
 
 def save_arrays_atomic(path: Path, arrays: dict, metadata: dict | None = None) -> None:
@@ -43,7 +44,7 @@ class MLXBackend(BackendBase):
     def load(self):
         from mlx_lm import load
 
-        self.model_path = resolve_model_path(self.cfg.model)
+        self.model_path = resolve_model(self.cfg.model)
         self.model, self.tokenizer = load(self.model_path)
         return self.model, self.tokenizer
 

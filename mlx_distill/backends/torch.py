@@ -51,7 +51,8 @@ from typing import Optional
 
 import numpy as np
 
-from .base import BackendBase, resolve_model_path
+from ..models import resolve_model
+from .base import BackendBase
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
 
@@ -141,7 +142,7 @@ class TorchBackend(BackendBase):
     def load(self):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model_path = resolve_model_path(self.cfg.model)
+        self.model_path = resolve_model(self.cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=self.dtype).to(self.device)
         self.model.config.use_cache = False
@@ -453,7 +454,7 @@ class TorchClient:
         if model_obj is not None:
             self.model, self.tokenizer = model_obj
         else:
-            self.model, self.tokenizer = load_model(resolve_model_path(self.model_path), adapter_path, self.device, dtype)
+            self.model, self.tokenizer = load_model(resolve_model(self.model_path), adapter_path, self.device, dtype)
         self.model.eval()
         self.model_id = self.model_path + (f"+{adapter_path}" if adapter_path else "")
         self.eos_ids = _eos_ids(self.model, self.tokenizer)

@@ -194,7 +194,7 @@ def make_clients(cfg: C.CorpusConfig) -> dict:
     API key or model fails at once. The judge / rewriter reuse the teacher unless another model is named."""
     model = cfg.model or None
     if cfg.teacher == "mlx" and model:
-        from ..embedded import resolve_model  # 'smollm2' = the embedded SmolLM2-135M-Instruct
+        from ..models import resolve_model  # 'smollm2' = the embedded SmolLM2-135M-Instruct
 
         model = resolve_model(model)
     teacher = make_client(cfg.teacher, preset=cfg.preset or None, base_url=cfg.base_url or None,

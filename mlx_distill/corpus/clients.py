@@ -393,7 +393,9 @@ class MLXClient:
         else:
             from mlx_lm import load
 
-            self.model, self.tokenizer = load(self.model_path, adapter_path=adapter_path)
+            from ..models import resolve_model
+
+            self.model, self.tokenizer = load(resolve_model(self.model_path), adapter_path=adapter_path)
         # mlx_lm.load leaves (adapter) weights lazy, tied to this thread's stream; decoding runs
         # in a worker thread, where evaluating them fails ("There is no Stream(cpu, 0) in current thread").
         import mlx.core as mx
