@@ -398,6 +398,8 @@ class TopMStore:
             s_index = {s: i for i, s in enumerate(s_strings) if s}
             self._remap = np.array([s_index.get(s, -1) if s else -1 for s in t_strings], dtype=np.int64)
         total = covered = missing = text_differs = 0
+        # completion positions left without a teacher, by cause (each cause has its own fix)
+        lost = {"not_extracted": 0, "text_differs": 0, "unscored_range": 0, "token_boundaries": 0}
         mismatched = []
         for ex in examples:
             lo, hi = first_target(ex.prompt_len), len(ex.tokens) - 1
@@ -406,6 +408,7 @@ class TopMStore:
             ent = self.entries.get(ex.id)
             if ent is None:
                 missing += 1
+                lost["not_extracted"] += len(want)
                 self._plans[ex.id] = (want[:0], want[:0])
                 continue
             if exact:
@@ -414,39 +417,81 @@ class TopMStore:
                     continue
                 t = want[(want >= ent["first"]) & (want < ent["first"] + ent["n"])]
                 rows = t - ent["first"]
+                lost["unscored_range"] += len(want) - len(t)
             else:
                 t, rows = self._align_by_offsets(ex, ent, want, t_strings, s_strings)
                 if t is None:
                     text_differs += 1
+                    lost["text_differs"] += len(want)
                     t = rows = want[:0]
+                else:
+                    lost["token_boundaries"] += len(want) - len(t)
             self._plans[ex.id] = (t.astype(np.int64), rows.astype(np.int64))
             covered += len(t)
         if mismatched:
-            ex = mismatched[0]
-            scored = self.scored_tokens(ex.id)
-            n = min(len(scored), len(ex.tokens))
-            diff = next((i for i in range(n) if scored[i] != ex.tokens[i]), n)
-            a = int(ex.tokens[diff]) if diff < len(ex.tokens) else "end"
-            b = int(scored[diff]) if diff < len(scored) else "end"
-            raise InputError(f"{self.dir / MANIFEST}: example {ex.id!r}: the student's token ids differ from the ones "
-                             f"the teacher scored (first difference at token {diff}: student {a}, scored {b}; "
-                             f"{len(mismatched)} of {len(examples)} {where} example(s) differ). Render with the same "
-                             "--data, --prompt-template, --system-prompt and chat template as `logits` did, "
-                             "or re-extract.")
+            raise InputError(self._mismatch_message(mismatched, len(examples), where))
         dropped, slots = self._count_dropped(examples)
         cov = covered / total if total else 1.0
         self.report = rep = {
             "split": where, "mode": "exact" if exact else "string", "examples": len(examples),
             "missing_examples": missing, "text_differs": text_differs, "positions": total,
             "covered_positions": covered, "coverage": round(cov, 4), "dropped_teacher_ids": dropped,
-            "teacher_slots": slots, "dropped_fraction": round(dropped / slots, 6) if slots else 0.0}
+            "teacher_slots": slots, "dropped_fraction": round(dropped / slots, 6) if slots else 0.0,
+            "uncovered_by_cause": lost}
         if cov < min_coverage:
-            raise InputError(
-                f"{self.dir}: teacher logits cover {cov:.1%} of the {total} {where} completion positions "
-                f"(mode {rep['mode']}: {missing} example(s) not stored, {text_differs} whose text differs) < "
-                f"--kd-min-coverage {min_coverage:.0%}. Extract logits for this corpus and rendering "
-                "(`python -m mlx_distill logits --resume ...`) or use a student sharing the teacher's tokenizer.")
+            raise InputError(self._coverage_message(rep, lost, min_coverage))
         return rep
+
+    # the fix for each cause of low coverage, most positions lost first in the message
+    _FIXES = {
+        "not_extracted": "{n} example(s) of this split were never extracted (their ids are not in the store: "
+                         "`logits --limit`, an interrupted run, or a corpus that grew); add them with "
+                         "`python -m mlx_distill logits --resume --teacher {teacher} --data {data} --out {dir}`",
+        "text_differs": "{n} example(s) render to different text than the teacher scored (the tokenizers differ "
+                        "AND so does the rendered string: another chat template, --system-prompt or "
+                        "--prompt-template); render them alike, or extract with a teacher whose tokenizer the "
+                        "student shares",
+        "token_boundaries": "the tokenizers differ (mode string): only positions where both tokenizers end a token "
+                            "at the same character get a teacher; use a student that shares the teacher's "
+                            "tokenizer (same family) for full coverage",
+        "unscored_range": "same tokenizer and tokens, but the student trains on positions the teacher did not "
+                          "score (e.g. --no-mask-prompt here, not in `logits`); use the same --mask-prompt as "
+                          "`logits`, or re-extract with it",
+    }
+
+    def _coverage_message(self, rep: dict, lost: dict, min_coverage: float) -> str:
+        man = self.manifest.get("config", {})
+        causes = [c for c in sorted(lost, key=lost.get, reverse=True) if lost[c]]
+        fixes = []
+        for c in causes:
+            n = rep["missing_examples"] if c == "not_extracted" else rep["text_differs"]
+            fixes.append(f"[{lost[c]} positions] " + self._FIXES[c].format(
+                n=n, teacher=man.get("teacher", "TEACHER"), data=man.get("data", "CORPUS"), dir=self.dir))
+        return (f"{self.dir}: teacher logits cover {rep['coverage']:.1%} of the {rep['positions']} {rep['split']} "
+                f"completion positions < --kd-min-coverage {min_coverage:.0%} ({rep['mode']} alignment: "
+                f"{'same' if rep['mode'] == 'exact' else 'different'} tokenizer as the teacher). Why: "
+                + "; ".join(fixes) + ". Or lower --kd-min-coverage to train with what is covered "
+                "(the KD loss is averaged over the covered positions only).")
+
+    def _mismatch_message(self, mismatched: list, n_examples: int, where: str) -> str:
+        """Same tokenizer, different token ids: say whether the prompt or the completion moved."""
+        ex = mismatched[0]
+        scored = self.scored_tokens(ex.id)
+        n = min(len(scored), len(ex.tokens))
+        diff = next((i for i in range(n) if scored[i] != ex.tokens[i]), n)
+        a = int(ex.tokens[diff]) if diff < len(ex.tokens) else "end"
+        b = int(scored[diff]) if diff < len(scored) else "end"
+        stored_plen = int(self.entries[ex.id]["prompt_len"])
+        if diff < min(ex.prompt_len, stored_plen):
+            why = ("the prompt differs: render with the same --prompt-template, --system-prompt and chat template "
+                   "as `logits` did")
+        else:
+            why = ("the completion differs: the record's text, or how it is rendered (--think-in-content, the "
+                   "chat template), changed since `logits` scored it")
+        return (f"{self.dir / MANIFEST}: example {ex.id!r}: same tokenizer as the teacher, but the student's token ids "
+                f"differ from the ones the teacher scored (first difference at token {diff}: student {a}, scored "
+                f"{b}; {len(mismatched)} of {n_examples} {where} example(s) differ); {why}, or re-extract into a "
+                "new --out.")
 
     def _align_by_offsets(self, ex, ent, want, t_strings, s_strings):
         scored = self.scored_tokens(ex.id)

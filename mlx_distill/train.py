@@ -47,6 +47,7 @@ class LoopState:
     bad_vals: int = 0
     trained_tokens: int = 0
     stopped: str = ""
+    kd_dry_steps: int = 0  # consecutive steps whose batches carried no teacher target (see kd_dry_check)
     # the open report window, so a checkpoint mid-window resumes it exactly
     win_loss: float = 0.0
     win_tokens: int = 0
@@ -68,17 +69,53 @@ def sft_objective(forward):
 
 
 def kd_objective(forward, cfg: TrainConfig):
-    """L = L_SFT + alpha_t * L_KD, alpha_t rising linearly to kd_alpha over kd_warmup steps."""
-    from .losses import kd_loss
+    """Per optimizer step, L = S / N + alpha_t * K / N_KD: the SFT sum S over its N completion
+    tokens, the KD sum K over the N_KD positions that carry teacher targets (never over SFT
+    tokens, so positions without a teacher do not dilute it); alpha_t rises linearly to
+    kd_alpha over kd_warmup steps.
+
+    The backends divide the summed objective of a step's micro-batches once by N, so the KD
+    sum is returned scaled by ``kd_scale = N / N_KD``, counted by the loop over the whole step
+    (every micro-batch, every rank; `kd_step_scale`). Callers that give no ``kd_scale`` get
+    the micro-batch's own ratio. A step without any teacher target has ``kd_scale = 0``."""
+    from .losses import kd_loss, ops
 
     def objective(model, b):
         logits = forward(model, b["inputs"], b["targets"].shape[1])
         s, n = sft_loss(logits, b["targets"], b["mask"])
-        k, _ = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
-                       kind=cfg.kd_kind, tail=cfg.kd_tail, top_k=cfg.kd_top_k)
-        return s + b["kd_alpha"] * k, n, {"sft_loss": s, "kd_loss": k}
+        k, nk = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
+                        kind=cfg.kd_kind, tail=cfg.kd_tail, top_k=cfg.kd_top_k)
+        if "kd_scale" in b:
+            scale = b["kd_scale"]
+        else:
+            o = ops(nk)
+            scale = n / o.maximum(nk, o.full_like(nk, 1.0))
+        return s + b["kd_alpha"] * scale * k, n, {"sft_loss": s, "kd_loss": k, "kd_positions": nk}
 
     return objective
+
+
+def kd_step_scale(step_arrays: list[dict]) -> tuple[float, float, float]:
+    """(N / N_KD, N, N_KD) over the micro-batches of one optimizer step (NumPy arrays as
+    `data.batch_arrays` + a KD source give them): N counts loss positions, N_KD those with at
+    least one teacher slot (`losses.kd_loss`'s count). 0 when no position has a teacher."""
+    from .losses import EMPTY_BELOW
+
+    n = sum(float(a["mask"].sum()) for a in step_arrays)
+    nk = sum(float((a["mask"] * (a["kd_logits"] > EMPTY_BELOW).any(-1)).sum()) for a in step_arrays)
+    return (n / nk if nk else 0.0), n, nk
+
+
+def window_parts(parts: dict, ntokens: int) -> dict:
+    """A report window's averages of the objective's parts: ``sft_loss`` per completion token;
+    ``kd_loss`` per position carrying a teacher target (None when none did) and
+    ``kd_coverage``, the share of completion tokens that carried one."""
+    out = {k: v / max(ntokens, 1) for k, v in parts.items() if k not in ("kd_loss", "kd_positions")}
+    if "kd_positions" in parts:
+        nk = parts["kd_positions"]
+        out["kd_loss"] = parts.get("kd_loss", 0.0) / nk if nk else None
+        out["kd_coverage"] = round(nk / max(ntokens, 1), 4)
+    return out
 
 
 def kd_alpha_at(cfg: TrainConfig, step: int) -> float:
@@ -126,7 +163,7 @@ class Reporter:
 def fmt_row(row: dict) -> str:
     parts = [f"iter {row['iter']:>5}"]
     for k, f in (("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("sft_loss", "{:.4f}"), ("kd_loss", "{:.4f}"),
-                 ("learning_rate", "{:.2e}"), ("tokens_per_sec", "{:.1f}"), ("peak_memory_gb", "{:.2f}")):
+                 ("kd_coverage", "{:.2f}"), ("learning_rate", "{:.2e}"), ("tokens_per_sec", "{:.1f}"), ("peak_memory_gb", "{:.2f}")):
         if row.get(k) is not None:
             parts.append(f"{k} " + f.format(row[k]))
     return " | ".join(parts)
@@ -210,13 +247,36 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         "blas": blas.status(),
     }
 
+    kd_step: dict[int, tuple[dict, int]] = {}  # micro index -> (arrays, ntokens) of the KD step being trained
+    kd_warned = False
+
     def batch_for(k: int, step: int) -> tuple[dict, int]:
-        b = stream.at(k)
-        arrays = data.batch_arrays(b)
-        if kd_store is not None:
-            arrays.update(kd_store.batch_arrays(b, cfg.kd_top_k))
-            arrays["kd_alpha"] = np.array(kd_alpha_at(cfg, step), dtype=np.float32)
-        return data.trim_prompt(arrays, b), b.ntokens
+        if kd_store is None:
+            b = stream.at(k)
+            return data.trim_prompt(data.batch_arrays(b), b), b.ntokens
+        if k not in kd_step:  # the step's first micro-batch: its KD normaliser needs all of them
+            kd_step.clear()
+            group = [(j, stream.at(j)) for j in range(k, k + cfg.grad_accumulation)]
+            arrays = [{**data.batch_arrays(b), **kd_store.batch_arrays(b, cfg.kd_top_k)} for _, b in group]
+            scale, n, nk = kd_step_scale(arrays)
+            kd_dry_check(step, nk)
+            for (j, b), a in zip(group, arrays):
+                a["kd_alpha"] = np.array(kd_alpha_at(cfg, step), dtype=np.float32)
+                a["kd_scale"] = np.array(scale, dtype=np.float32)
+                kd_step[j] = data.trim_prompt(a, b), b.ntokens
+        return kd_step[k]
+
+    def kd_dry_check(step: int, kd_positions: float) -> None:
+        """A KD run must not train on without a teacher signal: refuse when a whole validation
+        interval of steps carried no teacher target (the report warns at the first dry window)."""
+        st.kd_dry_steps = 0 if kd_positions else st.kd_dry_steps + 1
+        if st.kd_dry_steps >= max(cfg.val_every, 1):
+            raise InputError(
+                f"KD run without a teacher signal: no position of the last {st.kd_dry_steps} training steps (up to "
+                f"iteration {step}, a whole --val-every interval) has teacher logits in {cfg.kd_dir or cfg.kd_teacher}, "
+                "so only SFT would be trained. Extract logits for the training examples (`python -m mlx_distill "
+                "logits --resume ...` without --limit; the `kd train:` line above gives the coverage) or train "
+                "without --kd.")
 
     def validate() -> float:
         backend.train_mode(False)
@@ -262,7 +322,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                     st.micro += 1
                     st.win_loss += r["loss_sum"]
                     st.win_tokens += int(r["ntokens"])
-                    for k in ("sft_loss", "kd_loss"):
+                    for k in ("sft_loss", "kd_loss", "kd_positions"):
                         if k in r:
                             st.win_parts[k] = st.win_parts.get(k, 0.0) + r[k]
                 st.step = step
@@ -271,13 +331,19 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 if step % cfg.report_every == 0 or step == cfg.iters:
                     st.trained_tokens += st.win_tokens
                     row.update(train_loss=st.win_loss / max(st.win_tokens, 1),
-                               **{k: v / max(st.win_tokens, 1) for k, v in st.win_parts.items()},
+                               **window_parts(st.win_parts, st.win_tokens),
                                learning_rate=backend.learning_rate(),
                                tokens_per_sec=st.win_tokens / max(st.win_time, 1e-9),
                                trained_tokens=st.trained_tokens, peak_memory_gb=backend.peak_memory_gb(),
                                epoch=round(stream.epoch_of(st.micro), 3))
                     if kd_store is not None:
                         row["kd_alpha"] = kd_alpha_at(cfg, step)
+                        if not row.get("kd_coverage") and not kd_warned:
+                            kd_warned = True
+                            print(f"warning: iter {step}: no training position of the last {cfg.report_every} "
+                                  f"step(s) had teacher logits (kd_coverage 0): the KD term is inert; the run "
+                                  f"stops if a whole --val-every interval ({cfg.val_every} steps) stays so",
+                                  file=sys.stderr, flush=True)
                     st.win_loss, st.win_tokens, st.win_time, st.win_parts = 0.0, 0, 0.0, {}
                 if step % cfg.val_every == 0 or step == cfg.iters:
                     on_validation(row)

@@ -266,7 +266,7 @@ class TorchBackend(BackendBase):
         torch.manual_seed((self.cfg.seed * 1_000_003 + micro) * self.world + self.rank)
         b = self.to_arrays(arrays)
         if b["inputs"].shape[0] == 0:  # more ranks than rows: contribute nothing, join the all-reduce
-            s, n, parts = self._empty_result()
+            s, n, parts = self._empty_result("kd_ids" in arrays)
         else:
             s, n, parts = self._objective(self.model, b)
             s.backward()
@@ -278,9 +278,11 @@ class TorchBackend(BackendBase):
             self._acc_n = 0.0
         return {"loss_sum": vals[0], "ntokens": vals[1], **dict(zip(parts, vals[2:]))}
 
-    def _empty_result(self):
+    def _empty_result(self, kd: bool):
+        """What a rank without rows contributes: zeros, with the parts (in order) of the objective
+        the other ranks run, the KD one (`train.kd_objective`) when the batch carries KD arrays."""
         z = self.torch.zeros((), device=self.device)
-        names = ("sft_loss", "kd_loss") if self.cfg.kd_dir else ("sft_loss",)
+        names = ("sft_loss", "kd_loss", "kd_positions") if kd else ("sft_loss",)
         return z, z, {k: z for k in names}
 
     def _update(self, ntokens: float) -> None:
@@ -314,7 +316,7 @@ class TorchBackend(BackendBase):
         torch = self.torch
         b = self.to_arrays(arrays)
         with torch.no_grad():
-            s, n, parts = objective(self.model, b) if b["inputs"].shape[0] else self._empty_result()
+            s, n, parts = objective(self.model, b) if b["inputs"].shape[0] else self._empty_result("kd_ids" in arrays)
             vals = self._all_reduce(torch.stack([s.float(), n.float(), *[v.float() for v in parts.values()]]).cpu())
         vals = vals.tolist()
         return {"loss_sum": vals[0], "ntokens": vals[1], **dict(zip(parts, vals[2:]))}
