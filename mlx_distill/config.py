@@ -58,16 +58,38 @@ class TrainConfig:
     mask_prompt: bool = opt(True, "Train on completion tokens only.")
     val_fraction: float = opt(0.1, "Validation share when --data is one JSONL file.")
     val_every: int = opt(10, "Measure validation loss every N iterations.")
-    val_batches: int = opt(-1, "Validation batches per measurement (-1 = the whole validation set).")
-    patience: int = opt(5, "Stop after this many validations without improvement (0 = never stop early).")
-    min_delta: float = opt(0.0, "Smallest validation-loss decrease that counts as an improvement.")
+    val_batches: int = opt(256, "Validation batches per loss measurement: a fixed subset of N x --batch-size "
+                           "examples spread over the length-sorted validation split (one per equal-size length "
+                           "stratum, picked by a hash of its id), or the whole split when N <= 0. The default 256 "
+                           "validates the whole split whenever it holds <= 256 examples, at any --batch-size; the "
+                           "ids used are in manifest.json.")
+    select_by: str = opt("loss", "Which validation keeps the adapter and drives early stopping: the validation loss, "
+                         "or the task accuracy of greedy generations (ties broken by validation loss).",
+                         choices=["loss", "accuracy"])
+    val_accuracy_every: int = opt(0, "With --select-by accuracy: measure accuracy every K iterations, a multiple of "
+                                  "--val-every (0 = at every validation); always at iteration 0 and the last.")
+    val_accuracy_n: int = opt(64, "With --select-by accuracy: problems generated per accuracy measurement (a fixed "
+                              "subset of the validation split spread over lengths; <= 0 = all).")
+    val_max_tokens: int = opt(256, "With --select-by accuracy: generation cap per problem (a truncated response is "
+                              "graded as it is, usually invalid).")
+    patience: int = opt(5, "Stop after this many validations without improvement (0 = never stop early); with "
+                        "--select-by accuracy it counts accuracy validations.")
+    min_delta: float = opt(0.0, "Smallest improvement that counts: a validation-loss decrease (--select-by loss) or "
+                           "an accuracy increase (--select-by accuracy).")
     report_every: int = opt(5, "Write a metrics row every N iterations.")
     save_every: int = opt(25, "Write a resumable checkpoint every N iterations.")
     grad_checkpoint: bool = opt(False, "Recompute each block's activations in the backward pass: less memory, "
                                  "one extra forward per step (up to ~33% more compute).")
     compile: bool = opt(True, "Compile the training step (mx.compile).")
     seed: int = opt(0, "Seed for data order, LoRA init and dropout.")
-    resume: bool = opt(False, "Continue from the run folder's last checkpoint (optimizer, schedule, RNG, data position).")
+    resume: bool = opt(False, "Continue from the run folder's last checkpoint (optimizer, schedule, RNG, data "
+                       "position). Every option that shapes the curve must be unchanged (see train.RESUME_MAY_CHANGE "
+                       "for the few that may change); the data files must have the same hashes.")
+    extend: bool = opt(False, "With --resume: train a run further to a raised --iters. The learning rate keeps the "
+                       "schedule the run started with (its decay ends at the original --iters, via --decay-iters) "
+                       "and stays at its final value for the extra steps.")
+    decay_iters: int = opt(0, "Steps the learning-rate decay spans (0 = --iters); the rate stays at its final value "
+                           "after them. --extend sets it to the run's original --iters.")
     system_prompt: str = opt("", "System message for corpus records (empty = none).")
     prompt_template: str = opt("prompts/train_user.txt", "User-turn template for corpus records ({question}).")
     # top-K logit distillation (issue 4). YAML: a `kd:` section.

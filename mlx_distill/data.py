@@ -272,12 +272,26 @@ class BatchStream:
         return k / len(self.batches)
 
 
+def spread_subset(examples: list[Example], n: int) -> list[int]:
+    """Indices of `n` examples spread over the whole length range (all when n <= 0 or n >= len).
+
+    The length-sorted list is cut into `n` strata of (nearly) equal size and each gives the
+    example with the smallest sha256 of its id: a fixed subset that depends only on the ids
+    and lengths (not on --seed, not on the file order), so every validation of a run, and runs
+    with different training seeds, see the same examples; never just the shortest ones."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), examples[i].id))
+    if n <= 0 or n >= len(order):
+        return order
+    key = lambda i: hashlib.sha256(examples[i].id.encode()).digest()  # noqa: E731
+    return [min(order[s * len(order) // n: (s + 1) * len(order) // n], key=key) for s in range(n)]
+
+
 def eval_batches(examples: list[Example], batch_size: int, pad_id: int, limit: int = -1):
-    batches = bucket(examples, batch_size)
-    if limit > 0:
-        batches = batches[:limit]
-    for idx in batches:
-        yield collate(examples, idx, pad_id)
+    """Validation batches: `limit` batches of a `spread_subset` of ``limit * batch_size``
+    examples (bucketed by length), or every example when limit <= 0."""
+    sub = [examples[i] for i in spread_subset(examples, limit * batch_size if limit > 0 else 0)]
+    for idx in bucket(sub, batch_size):
+        yield collate(sub, idx, pad_id)
 
 
 def pad_id_of(tokenizer) -> int:

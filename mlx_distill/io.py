@@ -45,9 +45,12 @@ def atomic_path(path: str | Path):
 
 @contextlib.contextmanager
 def atomic_dir(folder: str | Path):
-    """Yield a temporary folder next to `folder`; if the block succeeds, swap it into place
-    (the old folder is renamed aside, then removed), so readers see the old or the new
-    folder whole, never a half-written one."""
+    """Yield a temporary folder next to `folder`; if the block succeeds, swap it into place,
+    so readers see the old or the new folder whole, never a half-written one.
+
+    The swap is two renames (``folder -> folder.old``, ``tmp -> folder``), then ``folder.old``
+    is removed. A crash between the renames leaves only ``folder.old`` (complete): readers go
+    through `complete_dir`, which falls back to it, and the next swap here replaces it."""
     import shutil
 
     folder = Path(folder)
@@ -58,11 +61,23 @@ def atomic_dir(folder: str | Path):
         yield tmp
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
+            # a leftover .old beside a whole `folder` (a crash after the second rename) is stale
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def complete_dir(folder: str | Path) -> Path | None:
+    """The whole folder `atomic_dir` last wrote: `folder`, else ``folder.old`` when a crash
+    fell between its two renames; None when neither exists."""
+    folder = Path(folder)
+    for p in (folder, folder.with_name(folder.name + ".old")):
+        if p.is_dir():
+            return p
+    return None
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> None:

@@ -2,11 +2,23 @@
 
     python -m mlx_distill train --model smollm2 --data corpora/gsm8k-sample --out runs/demo --iters 40
 
-Validation loss every --val-every steps (and at step 0), early stopping after --patience
-validations without an improvement of at least --min-delta, the best adapter kept as
-``adapters.safetensors``. ``--resume`` continues from ``checkpoints/last`` with the
-optimizer state, schedule position, RNG and data position, so the curve continues as if the
-run had never stopped. Every file is written atomically.
+Validation loss every --val-every steps (and at step 0) on a fixed subset spread over the
+lengths of the validation split (`data.spread_subset`; the whole split by default up to 256
+examples), early stopping after --patience validations without an improvement of at least
+--min-delta, the best adapter kept as ``adapters.safetensors``. With ``--select-by accuracy``
+the model being trained also generates greedily on --val-accuracy-n validation problems every
+--val-accuracy-every steps and the adapter with the best task accuracy is kept (ties: lower
+validation loss; see `mlx_distill.selection`).
+
+``--resume`` continues from ``checkpoints/last`` (or ``last.old``, when a crash fell inside the
+folder swap) with the optimizer state, schedule position, RNG and data position, so the curve
+continues as if the run had never stopped. It refuses, naming it, every option that would
+change the curve (all but `RESUME_MAY_CHANGE`) and data files whose sha256 differs from the
+manifest written when the run started. ``--iters`` may only be raised, with ``--extend``: the
+learning-rate decay still ends at the original ``--iters`` (``decay_iters``) and the extra
+steps run at the final rate. Ctrl-C (SIGINT) finishes the current optimizer step (never
+inside gradient accumulation) and writes the checkpoint there; a second Ctrl-C stops at once,
+and the run resumes from its last checkpoint. Every file is written atomically.
 
 Run folder::
 
@@ -18,32 +30,39 @@ Run folder::
     checkpoints/last/      resumable state (adapter, optimizer, RNG, loop position)
 """
 
+import dataclasses
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import blas, config, data
+from . import blas, config, data, selection
 from .config import TrainConfig
-from .io import InputError, JsonlAppender, atomic_write_json, read_jsonl, sha256_file, write_manifest
+from .io import (InputError, JsonlAppender, atomic_write_json, complete_dir, read_json, read_jsonl, sha256_file,
+                 write_manifest)
 from .losses import sft_loss
 
-# Changing these between a run and its --resume would silently change the curve.
-RESUME_MUST_MATCH = ("model", "data", "batch_size", "grad_accumulation", "seed", "fine_tune_type", "lora_rank",
-                     "lora_scale", "lora_layers", "lora_keys", "max_seq_length", "learning_rate", "warmup",
-                     "lr_schedule", "kd_dir", "kd_alpha", "kd_temperature", "kd_top_k", "kd_warmup", "kd_kind",
-                     "kd_tail", "kd_teacher", "mask_prompt", "prompt_template", "system_prompt")
+# The only options --resume lets change: where and how often things are written, how the same
+# numbers are computed, and a refusal threshold. Every other TrainConfig field (present or
+# added later) shapes the curve or the kept adapter and must match the run's config.yaml.
+# `data` is a path: the data is compared by the sha256 of its files instead (manifest.json).
+# `iters` may only be raised, with --extend (see `check_resume`).
+RESUME_MAY_CHANGE = ("out", "resume", "extend", "data", "backend", "compile", "grad_checkpoint", "report_every",
+                     "save_every", "kd_min_coverage")
 
 
 @dataclass
 class LoopState:
     step: int = 0  # optimizer steps done
     micro: int = 0  # micro-batches consumed (the data position)
-    best_val: float = math.inf
+    best_val: float = math.inf  # validation loss of the kept adapter
     best_iter: int = -1
+    best_acc: float = -1.0  # --select-by accuracy: accuracy of the kept adapter
     bad_vals: int = 0
     trained_tokens: int = 0
     stopped: str = ""
@@ -162,7 +181,8 @@ class Reporter:
 
 def fmt_row(row: dict) -> str:
     parts = [f"iter {row['iter']:>5}"]
-    for k, f in (("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("sft_loss", "{:.4f}"), ("kd_loss", "{:.4f}"),
+    for k, f in (("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("val_accuracy", "{:.3f}"), ("sft_loss", "{:.4f}"),
+                 ("kd_loss", "{:.4f}"),
                  ("kd_coverage", "{:.2f}"), ("learning_rate", "{:.2e}"), ("tokens_per_sec", "{:.1f}"), ("peak_memory_gb", "{:.2f}")):
         if row.get(k) is not None:
             parts.append(f"{k} " + f.format(row[k]))
@@ -170,20 +190,75 @@ def fmt_row(row: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- the loop
+def _check_options(cfg: TrainConfig) -> None:
+    if cfg.select_by == "accuracy" and cfg.val_accuracy_every > 0 and cfg.val_accuracy_every % cfg.val_every:
+        raise InputError(f"--val-accuracy-every {cfg.val_accuracy_every} must be a multiple of --val-every "
+                         f"{cfg.val_every} (accuracy is measured at loss validations)")
+    if cfg.extend and not cfg.resume:
+        raise InputError("--extend continues a finished run: pass it with --resume and a raised --iters")
+
+
+def check_resume(cfg: TrainConfig, saved: dict, state: dict, where: Path) -> None:
+    """Refuse a --resume that would not continue the same curve, naming each changed option;
+    with --extend, set ``cfg.decay_iters`` so the schedule stays the run's own."""
+    defaults = config.to_dict(TrainConfig())
+    saved = {**defaults, **saved}  # a field added after the run was written had its default
+    saved_decay = saved["decay_iters"] or saved["iters"]
+    diff = [k for k in config.to_dict(cfg) if k not in RESUME_MAY_CHANGE + ("iters", "decay_iters")
+            and saved.get(k) != getattr(cfg, k)]
+    hint = ""
+    if cfg.extend:
+        if cfg.iters <= saved["iters"]:
+            raise InputError(f"{where}: --extend needs --iters above the run's {saved['iters']} (got {cfg.iters})")
+        cfg.decay_iters = cfg.decay_iters or saved_decay
+    elif cfg.iters != saved["iters"]:
+        diff.insert(0, "iters")
+        hint = " (the learning-rate decay spans --iters: to train a run further, pass --extend as well)"
+    if (cfg.decay_iters or cfg.iters) != saved_decay and "iters" not in diff:
+        diff.append("decay_iters")
+    if diff:
+        raise InputError(f"{where}: --resume with changed option(s) "
+                         + ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
+                         + f"; these change the curve: resume with the run's values or start a new --out{hint}")
+    stopped = state.get("stopped") or ""
+    if stopped and stopped.startswith("early stop") and cfg.extend:
+        raise InputError(f"{where}: this run stopped early ({stopped}); --extend would stop again at its next "
+                         "validation. Start a new --out (e.g. with a larger --patience)")
+    if stopped and not cfg.extend:
+        raise InputError(f"{where}: this run has already finished ({stopped}); --resume has nothing to do. "
+                         f"To train it further pass --extend with --iters above {saved['iters']}")
+
+
 def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
     ckpt = out / "checkpoints" / "last"
     if cfg.resume:
-        if not ckpt.is_dir():
+        found = complete_dir(ckpt)
+        if found is None:
             raise InputError(f"{out}: --resume given but there is no checkpoint in {ckpt}")
-        saved = config.load_yaml(out / "config.yaml")
-        diff = [k for k in RESUME_MUST_MATCH if saved.get(k) != getattr(cfg, k)]
-        if diff:
-            raise InputError(f"{out / 'config.yaml'}: --resume with changed option(s) "
-                             + ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in diff)
-                             + "; start a new --out instead")
+        state = read_json(found / "state.json")
+        check_resume(cfg, config.load_yaml(out / "config.yaml"), state, out / "config.yaml")
     elif (out / "metrics.jsonl").exists():
         raise InputError(f"{out}: this run folder already holds a run; pass --resume to continue it "
                          "or choose another --out")
+
+
+def _check_resume_data(out: Path, manifest_extra: dict) -> None:
+    """The data (and prompt template) must be the bytes the run started with, wherever they now are."""
+    path = out / "manifest.json"
+    if not path.is_file():  # a run written before start manifests existed, killed before its end
+        print(f"warning: {path} is missing: cannot check that the data is unchanged", file=sys.stderr)
+        return
+    man = read_json(path)
+    for split, now in manifest_extra["data_files"].items():
+        then = man.get("data_files", {}).get(split)
+        if then and then.get("sha256") != now["sha256"]:
+            raise InputError(f"{now['path']}: the {split} data changed since the run started (sha256 "
+                             f"{then['sha256'][:12]}... -> {now['sha256'][:12]}...; it was {then.get('path')}); "
+                             "resume needs the same data: restore it or start a new --out")
+    then = man.get("prompt_template_sha256")
+    if then and then != manifest_extra.get("prompt_template_sha256"):
+        raise InputError(f"{manifest_extra.get('prompt_template')}: the prompt template changed since the run "
+                         "started; resume needs the same template: restore it or start a new --out")
 
 
 def run(cfg: TrainConfig, quiet: bool = False) -> dict:
@@ -191,6 +266,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     from .backends import get_backend
 
     out = Path(cfg.out)
+    _check_options(cfg)
     _check_run_folder(cfg, out)
     backend = get_backend(cfg)
     if getattr(backend, "rank", 0):  # torchrun: rank 0 writes the run folder, the others a copy of their own
@@ -220,32 +296,55 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     pad = data.pad_id_of(tokenizer)
     stream = data.BatchStream(train_ex, cfg.batch_size, cfg.seed, pad)
-    val_batches = [data.trim_prompt(data.batch_arrays(b), b)
-                   for b in data.eval_batches(val_ex, cfg.batch_size, pad, cfg.val_batches)]
+    val_collated = list(data.eval_batches(val_ex, cfg.batch_size, pad, cfg.val_batches))
+    val_batches = [data.trim_prompt(data.batch_arrays(b), b) for b in val_collated]
+    accuracy = None  # --select-by accuracy: one call = one accuracy validation (`selection.AccuracyValidator`)
+    if cfg.select_by == "accuracy":
+        if not hasattr(backend, "generate"):
+            raise InputError(f"--select-by accuracy: the {backend.name} backend cannot generate; use --select-by loss")
+        accuracy = selection.AccuracyValidator(
+            selection.load_problems(cfg, tokenizer, reports["valid"].path, val_ex, cfg.val_accuracy_n),
+            cfg.val_max_tokens)
+    acc_every = cfg.val_accuracy_every or cfg.val_every
 
-    st = LoopState()
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints" / "last"
-    if cfg.resume:
-        st = LoopState(**backend.load_checkpoint(ckpt_dir))
-        # drop rows written after the checkpoint (the run died before its next checkpoint)
-        rows = [r for r in read_jsonl(out / "metrics.jsonl", tolerate_torn_tail=True) if r["iter"] <= st.step]
-        from .io import write_jsonl
-
-        write_jsonl(out / "metrics.jsonl", rows)
-    else:
-        config.dump_yaml(cfg, out / "config.yaml")
-        atomic_write_json(out / "adapter_config.json", backend.adapter_config())
-    backend.build_step(train_objective)
-    metrics = JsonlAppender(out / "metrics.jsonl")
     data_files = {s: r.path for s, r in reports.items()}
     manifest_extra = {
         "model_path": backend.model_path, "backend": backend.name, "parameters": counts,
         "data_files": {s: {"path": p, "sha256": sha256_file(p)} for s, p in data_files.items()},
         "examples": {s: {"records": r.records, "kept": r.kept, "skipped_long": r.skipped_long, "longest": r.longest}
                      for s, r in reports.items()},
+        "validation": {"val_batches": cfg.val_batches, "examples": sum(len(b.ids) for b in val_collated),
+                       "of": len(val_ex), "ids": [i for b in val_collated for i in b.ids],
+                       **({"accuracy_ids": accuracy.ids, "accuracy_max_tokens": cfg.val_max_tokens} if accuracy else {})},
         "blas": blas.status(),
     }
+    if cfg.prompt_template:
+        from .paths import prompt_path
+
+        manifest_extra.update(prompt_template=cfg.prompt_template,
+                              prompt_template_sha256=sha256_file(prompt_path(cfg.prompt_template)))
+
+    st = LoopState()
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints" / "last"
+    if cfg.resume:
+        _check_resume_data(out, manifest_extra)
+        st = LoopState(**backend.load_checkpoint(ckpt_dir))
+        # drop rows written after the checkpoint (the run died before its next checkpoint)
+        rows = [r for r in read_jsonl(out / "metrics.jsonl", tolerate_torn_tail=True) if r["iter"] <= st.step]
+        from .io import write_jsonl
+
+        write_jsonl(out / "metrics.jsonl", rows)
+        if cfg.extend:  # a finished run trained further: config.yaml now holds the raised --iters
+            st.stopped = ""
+            config.dump_yaml(dataclasses.replace(cfg, resume=False, extend=False), out / "config.yaml")
+    else:
+        config.dump_yaml(cfg, out / "config.yaml")
+        atomic_write_json(out / "adapter_config.json", backend.adapter_config())
+    # written at the start (a run that dies still says what it trained on); rewritten with the result
+    write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="running")
+    backend.build_step(train_objective)
+    metrics = JsonlAppender(out / "metrics.jsonl")
 
     kd_step: dict[int, tuple[dict, int]] = {}  # micro index -> (arrays, ntokens) of the KD step being trained
     kd_warned = False
@@ -291,15 +390,41 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         backend.save_checkpoint(ckpt_dir, asdict(st))
 
     def on_validation(row: dict) -> None:
+        tic = time.perf_counter()
         val = validate()
-        row["val_loss"] = val
-        if val < st.best_val - cfg.min_delta:
+        row.update(val_loss=val, val_loss_seconds=round(time.perf_counter() - tic, 3))
+        if accuracy is None:
+            improved = val < st.best_val - cfg.min_delta
+        elif st.step == 0 or st.step % acc_every == 0 or st.step == cfg.iters:
+            backend.train_mode(False)  # greedy generation with the live model: no dropout
+            row.update(accuracy(backend, st.step))
+            backend.train_mode(True)
+            improved = selection.better(row["val_accuracy"], val, st.best_acc, st.best_val, cfg.min_delta)
+        else:
+            return  # a loss-only validation: selection and patience count accuracy validations
+        if improved:
             st.best_val, st.best_iter, st.bad_vals = val, st.step, 0
+            st.best_acc = row.get("val_accuracy", st.best_acc)
             backend.save_adapter(out)
         else:
             st.bad_vals += 1
             if cfg.patience > 0 and st.bad_vals >= cfg.patience:
-                st.stopped = f"early stop: no val improvement for {st.bad_vals} validations (best {st.best_val:.4f} at iter {st.best_iter})"
+                best = (f"val accuracy {st.best_acc:.4f}" if accuracy else f"val loss {st.best_val:.4f}")
+                st.stopped = (f"early stop: no {cfg.select_by} improvement for {st.bad_vals} validations "
+                              f"(best {best} at iter {st.best_iter})")
+
+    # Ctrl-C: finish the optimizer step under way, checkpoint at its boundary, then stop
+    interrupt = {"signal": None}
+
+    def on_sigint(signum, frame):
+        if interrupt["signal"] is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now; the last checkpoint stays
+        interrupt["signal"] = signum
+        print("\ninterrupted: finishing this optimizer step, then writing the checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    prev_sigint = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
 
     if not quiet:
         print(f"model {backend.model_path} | {counts['trainable'] / 1e6:.3f}M trainable / {counts['total'] / 1e6:.1f}M "
@@ -313,7 +438,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 on_validation(row)
                 metrics.write(row)
                 ui.line(fmt_row(row))
-            while st.step < cfg.iters and not st.stopped:
+            while st.step < cfg.iters and not st.stopped and interrupt["signal"] is None:
                 tic = time.perf_counter()
                 step = st.step + 1
                 for a in range(cfg.grad_accumulation):
@@ -353,20 +478,33 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 ui.advance(f"loss {row.get('train_loss', float('nan')):.3f}" if "train_loss" in row else "")
                 if step % cfg.save_every == 0:
                     checkpoint()
-        except KeyboardInterrupt:
-            checkpoint()
+            if interrupt["signal"] is not None:  # at an optimizer-step boundary: nothing in flight
+                checkpoint()
+                write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
+                               status="interrupted", result={"last_iter": st.step, "best_iter": st.best_iter})
+                raise KeyboardInterrupt
+        finally:
+            # a KeyboardInterrupt from a second Ctrl-C writes no checkpoint: the state may be mid-step
             metrics.close()
-            raise
+            if main_thread:
+                signal.signal(signal.SIGINT, prev_sigint)
     if not st.stopped:
         st.stopped = f"finished {cfg.iters} iterations"
     checkpoint()
-    metrics.close()
+    best_value = st.best_acc if accuracy else st.best_val
     summary = {"best_iter": st.best_iter, "best_val_loss": st.best_val, "last_iter": st.step,
                "stop_reason": st.stopped, "trained_tokens": st.trained_tokens,
+               "select_by": cfg.select_by, "best_value": best_value,
+               **({"best_val_accuracy": st.best_acc} if accuracy else {}),
                "wall_seconds": round(time.perf_counter() - t0, 1), "run": str(out)}
-    write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, result=summary)
+    selected = {"criterion": cfg.select_by, "metric": "val_accuracy" if accuracy else "val_loss",
+                "best_value": best_value, "best_iter": st.best_iter,
+                **({"tie_break": "val_loss", "best_val_loss": st.best_val} if accuracy else {})}
+    write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="finished",
+                   selection=selected, result=summary)
     if not quiet:
-        print(f"{st.stopped}. Best adapter (iter {st.best_iter}, val loss {st.best_val:.4f}) -> {out / 'adapters.safetensors'}")
+        best = f"val accuracy {st.best_acc:.4f}, val loss {st.best_val:.4f}" if accuracy else f"val loss {st.best_val:.4f}"
+        print(f"{st.stopped}. Best adapter (iter {st.best_iter}, {best}) -> {out / 'adapters.safetensors'}")
     return summary
 
 

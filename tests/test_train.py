@@ -119,6 +119,24 @@ def test_batches_grouped_by_length_and_deterministic(tok, corpus, tmp_path):
     assert sorted(i for k in range(len(s1)) for i in s1.at(k).ids) == sorted(e.id for e in ex)
 
 
+def test_validation_subset_spreads_over_lengths():
+    import random
+
+    ex = [data.Example(f"e{i}", np.zeros(10 + i, np.int32), 2) for i in range(100)]  # lengths 10..109
+    idx = data.spread_subset(ex, 10)
+    assert sorted((len(ex[i].tokens) - 10) // 10 for i in idx) == list(range(10))  # one per length decile
+    shuffled = ex[:]
+    random.Random(0).shuffle(shuffled)  # fixed by ids and lengths, not by the file order
+    assert sorted(ex[i].id for i in idx) == sorted(shuffled[i].id for i in data.spread_subset(shuffled, 10))
+    assert len(data.spread_subset(ex, 0)) == len(data.spread_subset(ex, 500)) == 100
+    sub = [e for b in data.eval_batches(ex, 4, 0, limit=3) for e in b.ids]
+    lengths = sorted(int(e[1:]) + 10 for e in sub)
+    assert len(sub) == 12 and lengths[0] < 20 and lengths[-1] > 100  # not the 12 shortest
+    assert sum(len(b.ids) for b in data.eval_batches(ex, 4, 0, limit=-1)) == 100
+    # the default validates every example of a split of up to 256, at any batch size
+    assert TrainConfig().val_batches * 1 >= 256
+
+
 def test_yaml_below_flags(tmp_path):
     import argparse
 
@@ -225,7 +243,7 @@ def test_refuses_to_overwrite_and_checks_resume_config(tiny_model, corpus, tmp_p
     with pytest.raises(InputError, match="already holds a run"):
         run(cfg_for(tiny_model, corpus, tmp_path / "run", iters=2), quiet=True)
     with pytest.raises(InputError, match="changed option.*batch_size"):
-        run(cfg_for(tiny_model, corpus, tmp_path / "run", iters=4, batch_size=2, resume=True), quiet=True)
+        run(cfg_for(tiny_model, corpus, tmp_path / "run", iters=2, val_every=2, batch_size=2, resume=True), quiet=True)
 
 
 def _cli(args, **kw):
@@ -235,7 +253,10 @@ def _cli(args, **kw):
 
 
 def test_resume_after_sigkill_continues_the_same_curve(tiny_model, corpus, tmp_path):
+    """SIGKILL at any moment (with gradient accumulation 2, so also between micro-batches):
+    the resumed run reports what the uninterrupted one reports."""
     common = ["--model", str(tiny_model), "--data", str(corpus), "--iters", "40", "--batch-size", "4",
+              "--grad-accumulation", "2",
               "--val-every", "8", "--report-every", "1", "--save-every", "4", "--learning-rate", "3e-3",
               "--lora-dropout", "0.1", "--lora-layers", "-1", "--max-seq-length", "256", "--patience", "0"]
     ref = _cli(common + ["--out", str(tmp_path / "ref")])

@@ -117,7 +117,7 @@ class MLXBackend(BackendBase):
 
         cfg = self.cfg
         lr, warm = cfg.learning_rate, max(cfg.warmup, 0)
-        decay_steps = max(cfg.iters - warm, 1)
+        decay_steps = max((cfg.decay_iters or cfg.iters) - warm, 1)  # constant at the end rate after it
         if cfg.lr_schedule == "cosine":
             main = optim.cosine_decay(lr, decay_steps, end=lr * cfg.min_lr_ratio)
         elif cfg.lr_schedule == "linear":
@@ -193,6 +193,31 @@ class MLXBackend(BackendBase):
     def learning_rate(self) -> float:
         return float(self.optimizer.learning_rate.item())
 
+    def generate(self, prompts: list, max_tokens: int, batch_size: int = 32) -> list:
+        """Greedy continuations (token ids, EOS excluded) of `prompts` by the live model and its
+        current adapter, batched by mlx-lm's BatchGenerator (as `corpus.clients.MLXClient`), in
+        this thread. The caller puts the model in eval mode (no dropout)."""
+        from mlx_lm.generate import BatchGenerator
+
+        eos = getattr(self.tokenizer, "eos_token_ids", None) or [self.tokenizer.eos_token_id]
+        gen = BatchGenerator(self.model, stop_tokens=[[t] for t in eos], completion_batch_size=batch_size,
+                             prefill_batch_size=min(batch_size, 8))
+        try:
+            uids = gen.insert([list(p) for p in prompts], [max_tokens] * len(prompts))
+            out, todo = {u: [] for u in uids}, set(uids)
+            while todo:
+                responses = gen.next_generated()
+                if not responses:
+                    break
+                for r in responses:
+                    if r.finish_reason != "stop":  # the stop token itself is not part of the text
+                        out[r.uid].append(r.token)
+                    if r.finish_reason is not None:
+                        todo.discard(r.uid)
+        finally:
+            gen.close()
+        return [out[u] for u in uids]
+
     def peak_memory_gb(self) -> float:
         return self.mx.get_peak_memory() / 1e9
 
@@ -219,8 +244,13 @@ class MLXBackend(BackendBase):
     def load_checkpoint(self, folder: Path) -> dict:
         from mlx.utils import tree_unflatten
 
+        from ..io import InputError, complete_dir
+
         mx = self.mx
-        folder = Path(folder)
+        found = complete_dir(folder)
+        if found is None:
+            raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
+        folder = found
         self.model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
         mx.eval(self.model.parameters(), self.optimizer.state)

@@ -62,12 +62,12 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
 def lr_at(cfg, step: int) -> float:
     """Learning rate of update number ``step + 1`` (0-based ``step``): `MLXBackend.schedule`
     in closed form. Warm-up step s gets lr*(s+1)/warmup; then cosine / linear / constant
-    from lr to lr*min_lr_ratio over ``iters - warmup`` steps."""
+    from lr to lr*min_lr_ratio over ``(decay_iters or iters) - warmup`` steps, constant after."""
     lr, warm = cfg.learning_rate, max(cfg.warmup, 0)
     if step < warm:
         return lr * (step + 1) / warm
     s = step - warm
-    decay = max(cfg.iters - warm, 1)
+    decay = max((cfg.decay_iters or cfg.iters) - warm, 1)
     end = lr * cfg.min_lr_ratio
     if cfg.lr_schedule == "cosine":
         return end + 0.5 * (1.0 + math.cos(math.pi / decay * min(s, decay))) * (lr - end)
@@ -324,6 +324,17 @@ class TorchBackend(BackendBase):
     def train_mode(self, on: bool) -> None:
         self.model.train(on)
 
+    def generate(self, prompts: list, max_tokens: int, batch_size: int = 32) -> list:
+        """Greedy continuations (token ids, EOS excluded) of `prompts` by the live (peft) model
+        with its current adapter: `TorchClient.generate` on this very model object (no copy).
+        The caller puts the model in eval mode. Under torchrun every rank generates them all."""
+        client = TorchClient(self.model_path, model_obj=(self.model, self.tokenizer), device=str(self.device))
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = [list(p) for p in prompts[i: i + batch_size]]
+            out += [toks for toks, _ in client.generate(chunk, [max_tokens] * len(chunk))]
+        return out
+
     def learning_rate(self) -> float:
         """The rate of the last update (before any: the first one's), as MLX reports it."""
         return float(lr_at(self.cfg, max(self.opt_step - 1, 0)))
@@ -383,7 +394,12 @@ class TorchBackend(BackendBase):
         """Resume from a checkpoint written by this backend or by the MLX one."""
         from safetensors.torch import load_file
 
-        folder = Path(folder)
+        from ..io import InputError, complete_dir
+
+        found = complete_dir(folder)
+        if found is None:
+            raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
+        folder = found
         self.set_adapter_weights(load_file(str(folder / "adapters.safetensors")))
         opt = load_file(str(folder / "optimizer.safetensors"))
         self.opt_step = int(opt["step"].item())
