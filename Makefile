@@ -13,6 +13,15 @@ else
   EXTRAS := dev,plots
 endif
 
+# Benchmark data for the tests: the project's data setting, pointed at ../shared/data when it exists
+# (a user's own data folder works the same: MLX_DISTILL_DATA=/path/to/data make test).
+SHARED_DATA := $(abspath ../shared/data)
+ifeq ($(MLX_DISTILL_DATA),)
+  ifneq ($(wildcard $(SHARED_DATA)/gsm8k/test.jsonl),)
+    export MLX_DISTILL_DATA := $(SHARED_DATA)
+  endif
+endif
+
 .PHONY: setup demo test bench clean
 
 $(BIN)/.installed: pyproject.toml

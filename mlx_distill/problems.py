@@ -1,26 +1,27 @@
 """Problem sources -> one record shape ``{id, question, answer, source, meta}``.
 
-Every loader returns records with *stable* ids, so that a corpus, its splits, its
+What a named benchmark is (its files, Hub datasets, splits, answer kind) is defined once,
+in the task registry (``mlx_distill.tasks``). This module resolves where its data comes
+from and turns rows into records with *stable* ids, so that a corpus, its splits, its
 teacher logits and its evaluations can be joined by id and re-runs can skip work:
 
-===========  =======================================  ============================  ======================
-source       default local file (paths.shared_data_dir) gold answer                   id
-===========  =======================================  ============================  ======================
-gsm8k        gsm8k/{train,test}.jsonl                 text after ``####``, commas    ``gsm8k-test-00042``
-                                                      stripped (official grader)
-math         math/train.jsonl                         last ``\\boxed{}`` of solution ``math-train/algebra/0``
-math500      math500/test.jsonl                       ``answer`` field               ``math500-test/precalculus/807``
-aime24       aime24/test.jsonl                        ``answer`` field               ``aime24-60``
-amc23        amc23/test.jsonl                         ``answer`` (27.0 -> "27")      ``amc23-0``
-jsonl / csv  ``path`` (required)                      ``answer`` (or last boxed of   ``id`` field, else
-                                                      ``solution``)                  ``<stem>-<year>-<n>`` or a
-                                                                                     hash of the question
-===========  =======================================  ============================  ======================
+===========  ============================  ======================================
+reader       gold answer                   id
+===========  ============================  ======================================
+gsm8k        text after ``####``, commas   ``gsm8k-test-00042``
+             stripped (official grader)
+math         ``answer`` field, else the    ``math-train/algebra/0``,
+             last ``\\boxed{}`` of the      ``math500-test/precalculus/807``
+             solution
+competition  ``answer`` (27.0 -> "27")     ``aime24-60``, ``amc23-0``
+user         ``answer`` (or last boxed of  ``id`` field, else ``<stem>-<year>-<n>``
+(jsonl/csv)  ``solution``)                 or a hash of the question
+===========  ============================  ======================================
 
-Hugging Face names (``openai/gsm8k``, ``EleutherAI/hendrycks_math``,
-``HuggingFaceH4/MATH-500``, ``HuggingFaceH4/aime_2024``, ``math-ai/amc23``, or any
-``org/name`` with problem/question + answer/solution columns) are loaded with
-``datasets`` when given as ``source``; they produce the same records as the local files.
+Data resolution, in order (``resolve``): the file given with ``--data``; the data folder
+named by the ``MLX_DISTILL_DATA`` environment variable (``<folder>/gsm8k/test.jsonl``, ...);
+the Hugging Face Hub through ``datasets``. When none can be read, one ``InputError`` line
+names the dataset, what was tried, and what to pass.
 
 User competition sets (JSONL or CSV; e.g. the John O'Bryan Mathematics Competition,
 2011-2025) have ``problem`` (or ``question``), ``answer``, optional ``year``/``number``
@@ -35,72 +36,28 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional
 
+from . import tasks
+from .answers import boxed_content, gsm8k_gold
 from .io import InputError, iter_jsonl
-from .paths import shared_data_dir
 
-LOCAL_FILES = {  # source -> {split: relative path under shared_data_dir()}
-    "gsm8k": {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"},
-    "math": {"train": "math/train.jsonl"},
-    "math500": {"test": "math500/test.jsonl"},
-    "aime24": {"test": "aime24/test.jsonl"},
-    "amc23": {"test": "amc23/test.jsonl"},
-}
-DEFAULT_SPLIT = {"gsm8k": "train", "math": "train", "math500": "test", "aime24": "test", "amc23": "test"}
-HF_NAMES = {  # Hugging Face dataset -> (our source, config, default split)
-    "openai/gsm8k": ("gsm8k", "main", "train"),
-    "gsm8k": ("gsm8k", "main", "train"),
-    "EleutherAI/hendrycks_math": ("math", None, "train"),
-    "hendrycks/competition_math": ("math", None, "train"),
-    "HuggingFaceH4/MATH-500": ("math500", None, "test"),
-    "HuggingFaceH4/aime_2024": ("aime24", None, "train"),
-    "math-ai/aime24": ("aime24", None, "test"),
-    "math-ai/amc23": ("amc23", None, "test"),
-    "AI-MO/aimo-validation-amc": ("amc23", None, "train"),
-}
-HENDRYCKS_SUBJECTS = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra",
-                      "number_theory", "prealgebra", "precalculus"]
-SOURCES = ["gsm8k", "math", "math500", "aime24", "amc23", "jsonl", "csv"]
-EVAL_SOURCES = ["gsm8k-test", "math500", "aime24", "amc23"]  # what the leakage check compares against
+DATA_ENV = "MLX_DISTILL_DATA"
 FIGURE_FIELDS = ("figure", "has_figure", "needs_figure", "requires_figure", "diagram", "image")
+
+
+def data_dir() -> Optional[Path]:
+    """The user's benchmark data folder (``$MLX_DISTILL_DATA``), or None when it is not set."""
+    d = os.environ.get(DATA_ENV, "").strip()
+    return Path(d).expanduser() if d else None
 
 
 def answer_kind(source: str) -> str:
     """How a source's answers are graded: "gsm8k" (numeric) or "math" (LaTeX via math-verify)."""
-    s = HF_NAMES.get(source, (source,))[0]
-    return "gsm8k" if s.split("-")[0] == "gsm8k" else "math"
-
-
-# ----------------------------------------------------------------------------- answers
-def last_boxed(text: str) -> Optional[str]:
-    """Contents of the last ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced; None if absent.
-
-    MATH also has a few ``\\boxed 2`` without braces (train/algebra 1655, 1707): the next token."""
-    if not text:
-        return None
-    hits = list(re.finditer(r"\\(?:boxed|fbox)(?![a-zA-Z])\s*", text))
-    if not hits:
-        return None
-    i = hits[-1].end()
-    if text[i:i + 1] != "{":
-        m = re.match(r"[^\s$]+", text[i:])
-        return m.group().rstrip(".") if m else None
-    i += 1
-    depth, j = 1, i
-    while j < len(text) and depth:
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        j += 1
-    return text[i:j - 1].strip() if depth == 0 else None
-
-
-def gsm8k_gold(solution: str) -> str:
-    """GSM8K's official gold answer: the text after the last ``####``, commas removed."""
-    if "####" not in solution:
-        raise ValueError("no '####' in GSM8K answer")
-    return solution.split("####")[-1].strip().replace(",", "")
+    return tasks.answer_kind(source)
 
 
 def format_number(v) -> str:
@@ -124,28 +81,29 @@ def _hash_id(text: str, n: int = 10) -> str:
 
 
 # ----------------------------------------------------------------------------- per-source record builders
-def _gsm8k(rows: Iterable[dict], split: str) -> list[dict]:
+def _gsm8k(rows: Iterable[tuple[str, dict]], split: str) -> list[dict]:
     out = []
-    for i, r in enumerate(rows):
+    for i, (where, r) in enumerate(rows):
         try:
-            gold = gsm8k_gold(r["answer"])
-        except (KeyError, ValueError):
-            raise InputError(f"gsm8k record {i}: expected 'question' and an 'answer' with '####'") from None
+            gold = gsm8k_gold(r["answer"], strict=True)
+            r["question"]
+        except (KeyError, ValueError, TypeError):
+            raise InputError(f"{where}: a gsm8k record needs 'question' and an 'answer' with '####'") from None
         out.append({"id": f"gsm8k-{split}-{i:05d}", "question": r["question"], "answer": gold,
                     "source": "gsm8k", "meta": {"split": split, "index": i, "solution": r["answer"]}})
     return out
 
 
-def _math(rows: Iterable[dict], split: str, source: str = "math") -> list[dict]:
+def _math(rows: Iterable[tuple[str, dict]], split: str, source: str = "math") -> list[dict]:
     out = []
-    for i, r in enumerate(rows):
+    for i, (where, r) in enumerate(rows):
         if "problem" not in r or "solution" not in r and "answer" not in r:
-            raise InputError(f"{source} record {i}: expected 'problem' and 'solution' (or 'answer')")
+            raise InputError(f"{where}: a {source} record needs 'problem' and 'solution' (or 'answer')")
         gold = r.get("answer") if source != "math" else None
         if gold is None or gold == "":
-            gold = last_boxed(r.get("solution", ""))
+            gold = boxed_content(r.get("solution", ""))
         if gold is None:
-            raise InputError(f"{source} record {i}: no \\boxed{{}} answer in its solution")
+            raise InputError(f"{where}: no \\boxed{{}} answer in its solution")
         uid = r.get("unique_id") or f"{split}/{i}"
         uid = uid[:-5] if uid.endswith(".json") else uid
         level = r.get("level")
@@ -164,12 +122,12 @@ def _level(v):
     return v
 
 
-def _competition(rows: Iterable[dict], source: str, split: str) -> list[dict]:
+def _competition(rows: Iterable[tuple[str, dict]], source: str, split: str) -> list[dict]:
     out = []
-    for i, r in enumerate(rows):
+    for i, (where, r) in enumerate(rows):
         q = r.get("problem") or r.get("question")
         if q is None or r.get("answer") is None:
-            raise InputError(f"{source} record {i}: expected 'problem' and 'answer'")
+            raise InputError(f"{where}: a {source} record needs 'problem' and 'answer'")
         meta = {"split": split, "index": i, **{k: r[k] for k in ("url", "solution", "year") if r.get(k)}}
         out.append({"id": f"{source}-{r.get('id', i)}", "question": q, "answer": format_number(r["answer"]),
                     "source": source, "meta": meta})
@@ -193,7 +151,7 @@ def _user(rows: Iterable[tuple[str, dict]], source: str, path: Path,
         q = str(q).strip()
         ans = r.get("answer")
         if ans is None or str(ans).strip() == "":
-            ans = last_boxed(str(r.get("solution") or ""))
+            ans = boxed_content(str(r.get("solution") or ""))
         year = r.get("year")
         number = r.get("number") or r.get("problem_number") or r.get("no")
         if r.get("id") not in (None, ""):
@@ -248,84 +206,165 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     return [(f"{path}:{i}", r) for i, r in iter_jsonl(path)]
 
 
-def _hf_rows(name: str, config: Optional[str], split: str) -> list[dict]:
-    try:
-        import datasets
-    except ImportError as e:  # pragma: no cover
-        raise InputError(f"loading {name!r} needs the `datasets` package") from e
-    if name in ("EleutherAI/hendrycks_math",):
+# ----------------------------------------------------------------------------- resolution
+def _hub_rows(hub: tasks.Hub, split: str) -> list[dict]:
+    import logging
+
+    import datasets
+
+    # a failed attempt is reported once, by the caller, in one line: not as the libraries' warnings
+    for name in ("datasets", "huggingface_hub", "fsspec"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+    theirs = hub.splits.get(split, split)
+    if hub.subsets:
         rows = []
-        for sub in HENDRYCKS_SUBJECTS:
-            rows += list(datasets.load_dataset(name, sub, split=split))
+        for sub in hub.subsets:
+            rows += list(datasets.load_dataset(hub.name, sub, split=theirs))
         return rows
-    return list(datasets.load_dataset(name, config, split=split) if config else datasets.load_dataset(name, split=split))
+    return list(datasets.load_dataset(hub.name, hub.config, split=theirs) if hub.config
+                else datasets.load_dataset(hub.name, split=theirs))
 
 
-def _build(source: str, rows: list[dict], split: str) -> list[dict]:
-    if source == "gsm8k":
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
+
+
+def resolve(task: tasks.Task, split: str, path: str | Path | None = None,
+            hubs: tuple = (), local: bool = True) -> tuple[list[tuple[str, dict]], dict]:
+    """Rows of `task`'s `split` and where they came from: ``(rows, {"kind": file|hub, ...})``.
+
+    Order: `path` (--data); ``$MLX_DISTILL_DATA/<task.local[split]>`` (unless `local` is False:
+    the user named a Hub dataset); each Hub source (`hubs`, else the task's).
+    """
+    if path:
+        p = Path(path)
+        if p.is_dir() and task.local.get(split):  # a data folder laid out like MLX_DISTILL_DATA
+            p = p / task.local[split]
+        return _read_rows(p), {"kind": "file", "path": str(p.resolve())}
+    tried = []
+    folder = data_dir()
+    rel = task.local.get(split) if local else None
+    if rel and folder is not None:
+        p = folder / rel
+        if p.is_file():
+            return _read_rows(p), {"kind": "file", "path": str(p.resolve())}
+        tried.append(f"{p} (not found)")
+    elif rel:
+        tried.append(f"${DATA_ENV} (not set)")
+    for hub in hubs or task.hub:
+        if split not in hub.splits:
+            continue
+        try:
+            rows = _hub_rows(hub, split)
+        except ImportError:
+            tried.append(f"Hugging Face {hub.name} (the `datasets` package is not installed)")
+            continue
+        except Exception as e:  # offline, not found, gated: one line, not a traceback
+            tried.append(f"Hugging Face {hub.name} ({_first_line(e)})")
+            continue
+        return [(f"{hub.name}[{i}]", r) for i, r in enumerate(rows)], {
+            "kind": "hub", "name": hub.name, "config": hub.config, "split": hub.splits[split]}
+    if not tried:
+        raise InputError(f"{task.name} has no {split!r} split; it has {task.splits}")
+    what = f"{task.local[split]} " if rel else ""
+    raise InputError(f"cannot load {task.name} ({split}): tried " + "; ".join(tried)
+                     + f". Pass --data FILE, set {DATA_ENV} to a folder holding {what or 'its files '}"
+                       "(see README 'Data'), or allow Hugging Face Hub access")
+
+
+def _build(task: tasks.Task, rows: list[tuple[str, dict]], split: str, path: Optional[Path],
+           skipped: Optional[list]) -> list[dict]:
+    if task.reader == "gsm8k":
         return _gsm8k(rows, split)
-    if source in ("math", "math500"):
-        return _math(rows, split, source)
-    return _competition(rows, source, split)
+    if task.reader == "math":
+        return _math(rows, split, task.name)
+    if task.reader == "competition":
+        return _competition(rows, task.name, split)
+    if task.reader == "corpus":
+        recs = _user(rows, "jsonl", path, skipped)
+        for r in recs:  # keep the corpus's own ids: they join with its traces
+            own = r["meta"].get("id")
+            if own not in (None, ""):
+                r["id"] = str(own)
+        return recs
+    return _user(rows, task.name, path, skipped)
 
 
 def load_problems(source: str, path: str | Path | None = None, limit: int | None = None,
-                  split: str | None = None, skipped: list | None = None) -> list[dict]:
+                  split: str | None = None, skipped: list | None = None, provenance: dict | None = None) -> list[dict]:
     """Load problems as ``[{id, question, answer, source, meta}]`` (see the module docstring).
 
-    source: one of ``SOURCES`` or a Hugging Face dataset name. path: a local file (required
-    for jsonl/csv; optional for the named sources, which default to ../shared/data).
-    limit: the first N records (after skipping). split: train/test (named sources only).
+    source: a task name (``tasks.NAMES``), a Hugging Face dataset name a task knows
+    (``openai/gsm8k``), or any other ``org/name`` (read like a user set). path: a local file
+    (required for jsonl/csv/corpus; a corpus folder for ``corpus``). limit: the first N records
+    (after skipping). split: train/test (named tasks; default ``task.default_split``).
     skipped: if a list, skipped user problems are appended with their ``reason``.
+    provenance: if a dict, filled with where the rows came from (file path or Hub name).
     """
-    if source in ("jsonl", "csv"):
+    src_info: dict
+    known = tasks.find(source)
+    if known is not None and known.needs_data:
         if not path:
-            raise InputError(f"--source {source} needs --problems PATH (a .{source} file)")
+            what = "a corpus folder (with test.jsonl)" if known.reader == "corpus" else f"a .{source} file"
+            raise InputError(f"{source} needs --data PATH ({what}; `corpus build` takes it as --problems PATH)")
         p = Path(path)
-        recs = _user(_read_rows(p), source, p, skipped)
-    elif source in LOCAL_FILES:
-        split = split or DEFAULT_SPLIT[source]
-        if path:
-            rows = [r for _, r in _read_rows(Path(path))]
-        else:
-            rel = LOCAL_FILES[source].get(split)
-            if rel is None:
-                raise InputError(f"source {source!r} has no local {split!r} split; have {sorted(LOCAL_FILES[source])}")
-            p = shared_data_dir() / rel
-            if p.is_file():
-                rows = [r for _, r in _read_rows(p)]
-            else:  # no local copy: fall back to the Hugging Face dataset
-                name = next(n for n, v in HF_NAMES.items() if v[0] == source and "/" in n)
-                rows = _hf_rows(name, HF_NAMES[name][1], HF_NAMES[name][2] if source != "gsm8k" else split)
-        recs = _build(source, rows, split)
-    elif source in HF_NAMES or "/" in source:
-        ours, config, default_split = HF_NAMES.get(source, (None, None, "train"))
-        split = split or default_split
-        rows = _hf_rows(source, config, split)
-        if ours is None:  # an unknown dataset: treat it like a user competition set
-            recs = _user(((f"{source}[{i}]", r) for i, r in enumerate(rows)), source.replace("/", "_"),
-                         Path(source.replace("/", "_")), skipped)
-        else:
-            recs = _build(ours, rows, split)
+        if known.reader == "corpus" and p.is_dir():
+            p = p / f"{split or 'test'}.jsonl"
+            if not p.is_file():
+                raise InputError(f"{p}: corpus split not found (build the corpus with splits, or pass a JSONL file)")
+        rows = _read_rows(p)
+        src_info = {"kind": "file", "path": str(p.resolve())}
+        recs = _build(known, rows, split or "test", p, skipped)
+    elif known is not None:
+        hubs, local = (), True
+        if source not in tasks.TASKS:  # the user named a Hub dataset: that one, from the Hub
+            hub = tasks.hub_source(source)[1]
+            hubs, local = (hub,), False
+            split = split or next(iter(hub.splits))
+        split = split or known.default_split
+        rows, src_info = resolve(known, split, path, hubs, local)
+        recs = _build(known, rows, split, Path(src_info.get("path", source)), skipped)
+    elif "/" in source:  # an unknown Hub dataset: read like a user competition set
+        split = split or "train"
+        adhoc = tasks.Task(source, source, reader="user", answer_kind="math", answer_format="boxed",
+                           hub=(tasks.Hub(source, None, {split: split}),))
+        rows, src_info = resolve(adhoc, split, path)
+        name = source.replace("/", "_")
+        recs = _user(rows, name, Path(name), skipped)
     else:
-        raise InputError(f"unknown problem source {source!r}: use one of {SOURCES} or a Hugging Face dataset name")
+        raise InputError(f"unknown problem source {source!r}: use one of {tasks.NAMES} or a Hugging Face dataset name")
     ids = [r["id"] for r in recs]
     if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
+        seen, dup = set(), None
+        for i in ids:
+            if i in seen:
+                dup = i
+                break
+            seen.add(i)
         raise InputError(f"{path or source}: duplicate problem id {dup!r}; ids must be unique")
+    if provenance is not None:
+        provenance.update(src_info, split=split)
     return recs[:limit] if limit else recs
 
 
-def eval_question_index() -> dict[str, str]:
-    """Normalised question text -> evaluation-set id, for GSM8K test, MATH-500, AIME 2024, AMC 2023.
+def leakage_index(sets: list[str] | None = None) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """Normalised question text -> evaluation id over the eval split of every leakage task.
 
-    Sets whose local file is missing are left out (the caller reports which ones were checked).
+    Returns ``(index, loaded, missing)``: the names of the sets actually loaded, and for each
+    set that could not be loaded, why. Callers report exactly ``loaded`` as checked.
     """
-    index = {}
-    for source, split in (("gsm8k", "test"), ("math500", "test"), ("aime24", "test"), ("amc23", "test")):
-        p = shared_data_dir() / LOCAL_FILES[source][split]
-        if not p.is_file():
+    index, loaded, missing = {}, [], {}
+    for t in tasks.leakage_tasks():
+        if sets is not None and t.name not in sets:
             continue
-        for r in load_problems(source, split=split):
+        try:
+            recs = load_problems(t.name, split=t.eval_split)
+        except InputError as e:
+            missing[t.name] = str(e)
+            continue
+        loaded.append(f"{t.name}-{t.eval_split}")
+        for r in recs:
             index.setdefault(normalize_text(r["question"]), r["id"])
-    return index
+    return index, loaded, missing

@@ -138,7 +138,8 @@ def run_study(cfg: StudyConfig, quiet: bool = False) -> dict:
         print("note: greedy decoding (eval.temperature 0): every seed gives the same run; "
               "set eval.temperature > 0 to measure seed variance", file=sys.stderr)
     shared = None
-    from .evaluate import evaluate, make_eval_client
+    from .evaluate import evaluate
+    from .generation import make_eval_client
 
     rows = []
     try:

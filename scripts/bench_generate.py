@@ -41,7 +41,8 @@ def main() -> None:
     from mlx_lm import stream_generate
 
     from mlx_distill.config import EvalConfig
-    from mlx_distill.evaluate import build_messages, load_eval_problems, mlx_client, template_for
+    from mlx_distill.evaluate import build_messages, load_eval_problems, template_for
+    from mlx_distill.generation import mlx_client
 
     model = args.model
     if model == "tiny":
@@ -51,8 +52,8 @@ def main() -> None:
 
         model = str(build_model(Path(tempfile.mkdtemp()) / "tiny"))
     problems = load_eval_problems("gsm8k", limit=args.prompts)
-    _, template = template_for(EvalConfig(), "gsm8k")
-    messages = [build_messages(p["question"], template) for p in problems]
+    _, template = template_for(EvalConfig(dataset="gsm8k"))
+    messages = [build_messages(p["question"], template, "####") for p in problems]
 
     batched = mlx_client(model, batch_size=args.batch_size)
     single = mlx_client(model, batch_size=1)

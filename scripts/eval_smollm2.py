@@ -34,7 +34,7 @@ def main() -> None:
     from mlx_distill.evaluate import evaluate
 
     cfg = EvalConfig(model="smollm2", dataset="gsm8k", limit=args.limit, max_tokens=args.max_tokens,
-                     batch_size=args.batch_size, out=args.out, plot=True)
+                     batch_size=args.batch_size, out=args.out, plot=True, overwrite=True)
     s = evaluate(cfg)  # progress lines on stderr; the summary below
     lo, hi = s["accuracy_ci95"]
     print(f"SmolLM2-135M-Instruct, GSM8K test first {s['n']} problems, greedy, max {args.max_tokens} tokens, "

@@ -47,7 +47,7 @@ SCENARIOS = {  # problem index -> (script item, expected status, expected reason
     8: ({"solve": {"content": "As an AI language model I think it is 18.\n#### 18"}}, "rejected", "banned"),
     9: ({"solve": {"content": "#### 19", "reasoning_content": "inline", "echo_think": True},
          "rewrite": {"content": "#### 20"}}, "verified", None),  # its rewrite changes the answer: rejected
-    10: ({"solve": {"content": "#### twenty", "reasoning_content": "r"}, "judge": {"content": "CORRECT"}},
+    10: ({"solve": {"content": "#### twenty", "reasoning_content": "r"}, "judge": {"content": "VERDICT: CORRECT"}},
          "verified", None),  # unparsable -> the judge decides
     11: ({"faults": ["500"] * 4}, "failed", "request failed: 500"),
 }
@@ -59,7 +59,7 @@ def script() -> dict:
 
 def args(srv, problems, out, *extra):
     return ["build", "--source", "gsm8k", "--problems", str(problems), "--base-url", srv.base_url,
-            "--model", "asked-model", "--api-key-env", "CORPUS_TEST_KEY", "--out", str(out),
+            "--model", "asked-model", "--api-key-env", "CORPUS_TEST_KEY", "--out", str(out), "--leakage", "warn",
             "--backoff", "0.01", "--max-retries", "3", "--timeout", "0.8", "--concurrency", "4", *extra]
 
 
@@ -206,6 +206,25 @@ def test_leakage_and_figure_skipping(tmp_path, shared_data):
     assert man["leakage"]["matches"][0]["id"] not in in_splits and len(read_jsonl(tmp_path / "l" / "verified.jsonl")) == 2
 
 
+def test_leakage_sets_unavailable_refuse_before_any_request(tmp_path, monkeypatch, shared_data):
+    """A leakage check that cannot load an evaluation set refuses before the teacher is asked
+    anything; with --leakage warn it warns loudly and the manifest names exactly what was checked."""
+    (tmp_path / "data" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "data" / "gsm8k" / "test.jsonl").write_text((shared_data / "gsm8k" / "test.jsonl").read_text())
+    monkeypatch.setenv("MLX_DISTILL_DATA", str(tmp_path / "data"))
+    probs = gsm8k_file(tmp_path / "p.jsonl", 2)
+    with FaultServer({"items": {"[P0]": good(0), "[P1]": good(1)}}) as srv:
+        base = ["build", "--source", "gsm8k", "--problems", str(probs), "--base-url", srv.base_url, "--model", "m",
+                "--backoff", "0.01"]
+        with pytest.raises(InputError, match=r"leakage check cannot load math500, aime24, amc23.*--leakage warn"):
+            B.main(base + ["--out", str(tmp_path / "r")])
+        assert sum(srv.counts.values()) == 0 and not (tmp_path / "r").exists()
+        B.main(base + ["--out", str(tmp_path / "w"), "--leakage", "warn"])
+    man = json.loads((tmp_path / "w" / "manifest.json").read_text())
+    assert man["leakage"]["checked"] == ["gsm8k-test"] and man["leakage"]["eval_problems"] == 1319
+    assert set(man["leakage"]["not_checked"]) == {"math500", "aime24", "amc23"}
+
+
 def test_filters_and_splits_units():
     assert filters.final_marker("x \\boxed{3} then #### 4") == "####"
     assert filters.final_marker("#### 4 and \\boxed{3}") == "boxed" and filters.final_marker("4") is None
@@ -256,7 +275,7 @@ def test_sigkill_and_ctrl_c_then_resume_equal_uninterrupted(tmp_path):
     env = preload_env({**os.environ, "PYTHONPATH": str(REPO)})
     with FaultServer({"delay": 0.08, "items": items}) as srv:
         common = ["--source", "gsm8k", "--problems", str(probs), "--base-url", srv.base_url, "--model", "m",
-                  "--concurrency", "2", "--backoff", "0.01", "--rewrite-levels", "R1"]
+                  "--concurrency", "2", "--backoff", "0.01", "--rewrite-levels", "R1", "--leakage", "warn"]
         a = _spawn(["build", *common, "--out", str(tmp_path / "a")], env)
         assert a.wait(60) == 0, a.stdout.read()
         for sig, out in ((signal.SIGKILL, tmp_path / "k"), (signal.SIGINT, tmp_path / "i")):
@@ -300,7 +319,8 @@ def test_critic_score_and_missing_key_fails_before_writing(tmp_path, monkeypatch
     assert read_jsonl(tmp_path / "c" / "verified.jsonl")[0]["critic"] == 5
     monkeypatch.delenv("DEEPSEEK_API_KEY", raising=False)
     with pytest.raises(InputError, match="DEEPSEEK_API_KEY"):
-        B.main(["build", "--preset", "deepseek", "--problems", str(probs), "--out", str(tmp_path / "none")])
+        B.main(["build", "--preset", "deepseek", "--problems", str(probs), "--out", str(tmp_path / "none"),
+                "--leakage", "warn"])
     assert not (tmp_path / "none").exists()
 
 

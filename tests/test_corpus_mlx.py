@@ -78,7 +78,7 @@ def test_build_against_mlx_lm_server(tmp_path, mlx_server, monkeypatch):
     out = tmp_path / "c"
     argv = ["build", "--source", "gsm8k", "--problems", str(probs), "--base-url", mlx_server,
             "--model", "default_model", "--samples", "2", "--max-tokens", "12", "--concurrency", "4",
-            "--temperature", "0.8", "--out", str(out)]
+            "--temperature", "0.8", "--out", str(out), "--leakage", "warn"]
     B.main(argv)
     traces, man = check_corpus(out, 3, 2, "default_model")
     assert man["models_reported"] == {"default_model": 6} and man["tokens"]["solver"]["prompt_tokens"] > 0
@@ -90,7 +90,7 @@ def test_build_with_local_mlx_teacher(tmp_path, tiny_model):
     probs = problems_file(tmp_path / "p.jsonl", 4)
     out = tmp_path / "m"
     argv = ["build", "--teacher", "mlx", "--model", str(tiny_model), "--source", "gsm8k", "--problems", str(probs),
-            "--samples", "2", "--max-tokens", "10", "--concurrency", "4", "--out", str(out)]
+            "--samples", "2", "--max-tokens", "10", "--concurrency", "4", "--out", str(out), "--leakage", "warn"]
     B.main(argv)
     traces, man = check_corpus(out, 4, 2, str(tiny_model))
     assert man["this_run"]["new_traces"] == 8 and man["cost_usd"] == 0  # local: no API prices

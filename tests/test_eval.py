@@ -14,10 +14,17 @@ import pytest
 
 from mlx_distill import data as train_data
 from mlx_distill.config import EvalConfig, TrainConfig
-from mlx_distill.evaluate import (build_messages, evaluate, find_overlap, has_repetition, load_eval_problems,
-                                  mlx_client, render_user, template_for, wilson)
+from mlx_distill.answers import repetition
+from mlx_distill.evaluate import build_messages, evaluate, load_eval_problems, render_user, template_for
+from mlx_distill.generation import mlx_client
 from mlx_distill.io import InputError
+from mlx_distill.metrics import REPEAT, wilson
+from mlx_distill.overlap import question_key, training_keys
 from mlx_distill.paths import REPO, prompt_path
+
+
+def has_repetition(text):
+    return repetition(text, **REPEAT) is not None
 
 RECORD_FIELDS = {"id", "prompt", "response", "extracted", "gold", "correct", "status", "tokens", "words",
                  "words_final", "finish_reason", "latency_s", "truncated", "arithmetic_checked", "failure_kind"}
@@ -73,7 +80,8 @@ def test_eval_cli_tiny_model_with_adapter(tmp_path, tiny_model, adapter_run):
     assert s["n"] == 5 and s["adapter"] == str(adapter_run)
     assert s["parameters"]["adapter"] > 0 and s["parameters"]["total"] > s["parameters"]["adapter"]
     assert s["generated_tokens"] == sum(x["tokens"] for x in recs) > 0
-    assert s["overlap"]["checked"] and s["overlap"]["overlapping"] == 0  # corpus read from the adapter's config.yaml
+    assert s["overlap"]["checked"] and s["overlap"]["overlapping"] == 0  # the adapter's train_questions.json
+    assert s["overlap"]["source"].endswith("train_questions.json")
     assert s["peak_memory_gb"] > 0
 
 
@@ -87,8 +95,8 @@ def test_overlap_refuse_drop_warn(tmp_path, tiny_model, shared_data):
     _write(corpus / "valid.jsonl", [{"messages": [{"role": "user", "content": test[3]["question"] + "\n\nSolve it."},
                                                   {"role": "assistant", "content": "#### 1"}]}])
     base = EvalConfig(model=str(tiny_model), dataset="gsm8k", limit=5, max_tokens=2, train_data=str(corpus),
-                      out=str(tmp_path / "e"), plot=False)
-    with pytest.raises(InputError, match=r"3 of 5 evaluation problems also occur in the training corpus"):
+                      out=str(tmp_path / "e"), plot=False, overwrite=True)
+    with pytest.raises(InputError, match=r"3 of 5 evaluation problems also occur in the training data"):
         evaluate(base, quiet=True)
     s = evaluate(dataclasses.replace(base, overlap="drop"), quiet=True)
     assert s["n"] == 2 and s["overlap"]["overlapping"] == 3
@@ -98,10 +106,11 @@ def test_overlap_refuse_drop_warn(tmp_path, tiny_model, shared_data):
     assert flagged == ["gsm8k-test-00000", "gsm8k-test-00002", "gsm8k-test-00003"]
 
 
-def test_find_overlap_ignores_unrelated(tmp_path, shared_data):
+def test_overlap_keys_ignore_unrelated(tmp_path, shared_data):
     probs = load_eval_problems("gsm8k", limit=3)
     f = _write(tmp_path / "c.jsonl", [{"question": "What is 2 + 2?", "answer": "4"}])
-    assert find_overlap(probs, f) == []
+    keys = training_keys([f])
+    assert keys == {question_key("what is 2+2")} and not any(question_key(p["question"]) in keys for p in probs)
 
 
 def test_seeded_sampling_reproducible(tmp_path, tiny_model):
@@ -122,37 +131,53 @@ def test_seeded_sampling_reproducible(tmp_path, tiny_model):
 
 
 # ----------------------------------------------------------------------------- prompts
-def test_prompts_match_training_and_fewshot(tiny_model):
+def test_prompts_match_training_and_fewshot(tiny_model, shared_data):
     q = "Ann has 3 apples and buys 4 more. How many apples does she have?"
-    _, hash_tpl = template_for(EvalConfig(dataset="gsm8k"), "gsm8k")
+    name, tpl = template_for(EvalConfig(dataset="gsm8k"))
     train_tpl = prompt_path("train_user.txt").read_text()
     trained = train_data.record_to_messages({"question": q, "reasoning": "3 + 4 = 7", "answer": "7"}, train_tpl)
-    assert render_user(hash_tpl, q) == trained[0]["content"].rstrip("\n")  # an adapter sees its training prompt
-    name, boxed = template_for(EvalConfig(dataset="math500"), "math")
-    assert name.endswith("eval_cot_boxed.txt") and "\\boxed{}" in render_user(boxed, q)
-    from mlx_distill.evaluate import budget_text, fewshot_examples
+    assert render_user(tpl, q, "####") == trained[0]["content"].rstrip("\n")  # an adapter sees its training prompt
+    boxed = train_data.record_to_messages({"question": q, "reasoning": "7", "answer": "7", "answer_format": "boxed"},
+                                          train_tpl)
+    assert render_user(tpl, q, "boxed") == boxed[0]["content"].rstrip("\n") and "\\boxed{}" in boxed[0]["content"]
+    from mlx_distill.evaluate import answer_format, budget_text, fewshot_examples
 
-    shots = fewshot_examples("gsm8k", 2)
-    msgs = build_messages(q, hash_tpl, shots, system="Be brief.", budget=budget_text(50))
+    assert answer_format(EvalConfig(dataset="math500"), "math") == "boxed"
+    assert answer_format(EvalConfig(dataset="gsm8k", prompt_style="cot_boxed"), "gsm8k") == "boxed"
+    # few-shot exemplars: drawn at run time from the task's train split, seeded, in the prompt's format
+    shots = fewshot_examples("gsm8k", 2, "####", seed=0, exclude=set())
+    assert shots == fewshot_examples("gsm8k", 2, "####", seed=0, exclude=set())
+    assert shots != fewshot_examples("gsm8k", 2, "####", seed=1, exclude=set())
+    assert all(s["id"].startswith("gsm8k-train-") and "<<" not in s["solution"] for s in shots)
+    msgs = build_messages(q, tpl, "####", shots, system="Be brief.", budget=budget_text(50))
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
-    assert msgs[2]["content"].endswith("#### 6") and "50 words" in msgs[-1]["content"]
+    assert msgs[2]["content"].splitlines()[-1].startswith("#### ") and "50 words" in msgs[-1]["content"]
     from transformers import AutoTokenizer
 
     text = AutoTokenizer.from_pretrained(str(tiny_model)).apply_chat_template(msgs, tokenize=False,
                                                                                add_generation_prompt=True)
     assert text.count("<|im_start|>user") == 3 and text.endswith("<|im_start|>assistant\n")
-    # few-shot exemplars never come from an evaluation set
-    from mlx_distill.problems import eval_question_index, normalize_text
+    # MATH-500 draws from MATH train (disjoint from every evaluation set), with a boxed answer
+    from mlx_distill.problems import leakage_index, normalize_text
 
-    index = eval_question_index()
-    for kind in ("gsm8k", "math"):
-        for s in fewshot_examples(kind, len(open(prompt_path(f"eval_fewshot_{kind}.jsonl")).readlines())):
-            assert normalize_text(s["question"]) not in index
+    index, loaded, missing = leakage_index()
+    assert not missing
+    mshots = fewshot_examples("math500", 3, "boxed", seed=0, exclude=set())
+    assert all(s["id"].startswith("math-train") and "\\boxed" in s["solution"] for s in mshots)
+    assert not any(normalize_text(s["question"]) in index for s in shots + mshots)
+    # an evaluated problem is never its own exemplar
+    train = load_eval_problems("gsm8k", split="train")
+    ex = {p["id"] for p in train[:-2]}
+    assert {s["id"] for s in fewshot_examples("gsm8k", 2, "####", 0, ex)} == {p["id"] for p in train[-2:]}
+    with pytest.raises(InputError, match="no train split"):
+        fewshot_examples("corpus", 1, "####", 0, set())
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible server
 class _FakeOpenAI(BaseHTTPRequestHandler):
     replies: dict = {}
+    delay = 0.0   # seconds before each chat reply
+    asked: list = []  # user turns of the chat requests served
 
     def log_message(self, *a):
         pass
@@ -171,8 +196,13 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = req["messages"][-1]["content"]
-        if "CORRECT or INCORRECT" in user:
-            content, finish = "CORRECT", "stop"
+        self.asked.append(user)
+        if self.delay:
+            import time
+
+            time.sleep(self.delay)
+        if "INCORRECT" in user:  # the judge prompt: an explicit final verdict line
+            content, finish = "The response's final answer equals the reference.\nVERDICT: CORRECT", "stop"
         else:
             content, finish = next((v for k, v in self.replies.items() if k in user), ("no idea", "stop"))
         self._send({"id": "c1", "object": "chat.completion", "created": 0, "model": "fake-model-2024",
@@ -224,7 +254,7 @@ def test_api_backend_think_truncation_judge_and_side_by_side(tmp_path, fake_serv
 def test_api_backend_failed_requests_counted(tmp_path):
     cfg = EvalConfig(backend="api", base_url="http://127.0.0.1:9/v1", model="m", dataset="gsm8k", limit=2,
                      out=str(tmp_path / "x"), plot=False)
-    from mlx_distill.evaluate import make_eval_client
+    from mlx_distill.generation import make_eval_client
 
     client = make_eval_client(cfg)
     client.max_retries = 0
@@ -249,6 +279,8 @@ def test_corpus_test_split_and_user_csv(tmp_path):
     assert len(probs) == 1 and answer_kind_for("csv", probs) == "math"
     with pytest.raises(InputError, match="needs --data"):
         load_eval_problems("jsonl")
+    with pytest.raises(InputError, match="test.jsonl: corpus split not found"):
+        load_eval_problems("corpus", str(tmp_path))
 
 
 def test_wilson_and_repetition(shared_data):
@@ -261,3 +293,146 @@ def test_wilson_and_repetition(shared_data):
     # reference solutions are not loops (derivations repeat a little)
     sols = [r["solution"] for r in _rows(shared_data / "math500" / "test.jsonl")]
     assert sum(map(has_repetition, sols)) <= 2
+
+
+# ----------------------------------------------------------------------------- resumable eval, honest outputs
+def _eval_cmd(server, out, extra=()):
+    return [sys.executable, "-m", "mlx_distill", "eval", "--backend", "api", "--base-url", server, "--model",
+            "fake-model", "--dataset", "gsm8k", "--limit", "8", "--concurrency", "1", "--no-plot", "--out", str(out),
+            *extra]
+
+
+def _comparable(path):
+    return [{k: v for k, v in r.items() if k != "latency_s"} for r in _rows(path)]
+
+
+def test_eval_killed_mid_run_resumes_to_the_same_result(tmp_path, fake_server, shared_data):
+    """SIGKILL an eval after a few records, re-run the same command: finished problems are not
+    asked again, and the result equals an uninterrupted run's."""
+    import signal
+    import time
+
+    probs = load_eval_problems("gsm8k", limit=8)
+    _FakeOpenAI.replies = {p["question"][:60]: (f"Thinking.\n#### {p['answer'] if i % 3 else 0}", "stop")
+                           for i, p in enumerate(probs)}
+    _FakeOpenAI.delay = 0.3
+    _FakeOpenAI.asked = []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        full = tmp_path / "full"
+        subprocess.run(_eval_cmd(fake_server, full), cwd=REPO, env=env, check=True, capture_output=True)
+        _FakeOpenAI.asked = []
+        part = tmp_path / "part"
+        proc = subprocess.Popen(_eval_cmd(fake_server, part), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if (part / "records.jsonl").is_file() and len((part / "records.jsonl").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        before = len(_rows(part / "records.jsonl"))
+        assert 3 <= before < 8 and not (part / "summary.json").exists()
+        asked_before = len(_FakeOpenAI.asked)
+        r = subprocess.run(_eval_cmd(fake_server, part), cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert f"{before} of 8 problems already done" in r.stderr
+        assert len(_FakeOpenAI.asked) - asked_before == 8 - before  # nothing asked twice
+        assert _comparable(part / "records.jsonl") == _comparable(full / "records.jsonl")
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (part, full))
+        assert (a["n"], a["correct"], a["wrong"]) == (b["n"], b["correct"], b["wrong"]) == (8, 5, 3)
+        # the same command on a finished folder does nothing, and says so
+        r = subprocess.run(_eval_cmd(fake_server, part), cwd=REPO, env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and "already complete" in r.stdout
+        assert len(_FakeOpenAI.asked) - asked_before == 8 - before
+    finally:
+        _FakeOpenAI.delay = 0.0
+
+
+def test_eval_out_with_other_settings_is_refused(tmp_path, fake_server, shared_data):
+    _FakeOpenAI.replies = {}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = tmp_path / "e"
+    r = subprocess.run(_eval_cmd(fake_server, out), cwd=REPO, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    wrote = r.stdout.strip().splitlines()[-1]
+    for f in ("records.jsonl", "summary.json", "report.md", "manifest.json"):  # every file written is named
+        assert str(out / f) in wrote
+    r = subprocess.run(_eval_cmd(fake_server, out, ["--max-tokens", "7"]), cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "max_tokens: 1024 -> 7" in r.stderr and "--overwrite" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(_eval_cmd(fake_server, out, ["--max-tokens", "7", "--overwrite"]), cwd=REPO, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "summary.json").read_text())["max_tokens"] == 7
+
+
+def test_eval_without_data_says_so_in_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLX_DISTILL_DATA"}
+    env.update(PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "mlx_distill", "eval", "--dataset", "gsm8k", "--out",
+                        str(tmp_path / "e")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot load gsm8k (test)")
+    assert "MLX_DISTILL_DATA" in lines[0] and "openai/gsm8k" in lines[0] and "--data" in lines[0]
+    assert not (tmp_path / "e").exists()
+
+
+def test_overlap_checked_by_hash_after_the_corpus_is_gone(tmp_path, tiny_model, shared_data):
+    """An adapter remembers its training questions: eval refuses a test problem it was trained on,
+    from another directory, after the corpus folder has been deleted, and through convert-adapter."""
+    import shutil
+
+    from mlx_distill import train
+
+    test = load_eval_problems("gsm8k", limit=3)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write(corpus / "train.jsonl", [{"id": f"t{i}", "question": f"What is {i} + {i}?", "reasoning": "", "answer": 2 * i}
+                                    for i in range(6)] + [{"id": "leak", "question": test[1]["question"],
+                                                            "reasoning": "", "answer": test[1]["answer"]}])
+    _write(corpus / "valid.jsonl", [{"id": "v", "question": "What is 9 + 1?", "reasoning": "", "answer": "10"}])
+    run = tmp_path / "run"
+    train.run(TrainConfig(model=str(tiny_model), data=str(corpus), out=str(run), iters=1, batch_size=2, val_every=1,
+                          lora_layers=-1), quiet=True)
+    prov = json.loads((run / "train_questions.json").read_text())
+    assert prov["questions"] == 8 and prov["files"][0]["path"].startswith("/")
+    shutil.rmtree(corpus)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "mlx_distill", "eval", "--model", str(tiny_model), "--adapter", str(run),
+                        "--dataset", "gsm8k", "--limit", "3", "--max-tokens", "2", "--out", str(tmp_path / "e")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "1 of 3 evaluation problems also occur in the training data" in r.stderr
+    peft = tmp_path / "peft"
+    subprocess.run([sys.executable, "-m", "mlx_distill", "convert-adapter", "--input", str(run), "--output", str(peft)],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    assert (peft / "train_questions.json").read_text() == (run / "train_questions.json").read_text()
+    # a check that cannot run is an error under --overlap refuse, a warning under warn
+    (run / "train_questions.json").unlink()
+    cfg = EvalConfig(model=str(tiny_model), adapter=str(run), dataset="gsm8k", limit=2, max_tokens=2,
+                     out=str(tmp_path / "e2"), plot=False)
+    with pytest.raises(InputError, match="cannot check train/eval overlap"):
+        evaluate(cfg, quiet=True)
+    s = evaluate(dataclasses.replace(cfg, overlap="warn"), quiet=True)
+    assert s["overlap"]["checked"] is False and s["n"] == 2
+
+
+def test_manifests_hold_no_credentials(tmp_path, fake_server, shared_data):
+    from mlx_distill.io import public_url, scrub
+
+    assert public_url("https://user:pw@api.example.com:8443/v1?key=s3cret#frag") == "https://api.example.com:8443/v1"
+    assert scrub({"a": ["http://u:p@h/x?token=1", 3], "b": "plain"}) == {"a": ["http://h/x", 3], "b": "plain"}
+    _FakeOpenAI.replies = {}
+    secret_url = fake_server.replace("http://", "http://alice:hunter2@") + "?api_key=zzz"
+    cfg = EvalConfig(backend="api", base_url=secret_url, model="fake-model", dataset="gsm8k", limit=1,
+                     out=str(tmp_path / "m"), plot=False)
+    try:
+        evaluate(cfg, quiet=True)
+    except Exception:
+        pass  # whether the client accepts such a URL is not the point: what was written is
+    for f in (tmp_path / "m").glob("*.json"):
+        text = f.read_text()
+        assert "hunter2" not in text and "zzz" not in text and "alice" not in text, f

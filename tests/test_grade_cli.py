@@ -59,12 +59,32 @@ def test_grade_counts_invalid_apart_and_altered_wrong(tmp_path, shared_data):
     ]
     s = grade_predictions(GradeConfig(dataset="gsm8k", data=str(data), predictions=str(_write(tmp_path / "p.jsonl", preds)),
                                       out=str(tmp_path / "s.json")))
-    assert (s["n"], s["correct"], s["wrong"], s["invalid"]) == (6, 1, 3, 2)
-    assert s["invalid_reasons"] == {"no answer": 1, "unparsable": 1}
+    # every problem of the dataset is in the denominator: the 1313 without a prediction are invalid
+    assert (s["n"], s["correct"], s["wrong"], s["invalid"]) == (1319, 1, 3, 2 + 1313)
+    assert s["invalid_reasons"] == {"no answer": 1, "unparsable": 1, "missing prediction": 1313}
+    assert (s["predicted"], s["missing"], s["accuracy_of_predicted"]) == (6, 1313, round(1 / 6, 4))
     assert s["truncated"] == 1 and s["failure_kinds"]["truncated at max tokens"] == 1
-    assert s["missing"] == 1319 - 6
+    assert s["failure_kinds"]["missing prediction"] == 1313
+    # --limit: the first N problems are the dataset
+    s = grade_predictions(GradeConfig(dataset="gsm8k", data=str(data), limit=6,
+                                      predictions=str(tmp_path / "p.jsonl"), out=str(tmp_path / "s6.json")))
+    assert (s["n"], s["correct"], s["wrong"], s["invalid"], s["missing"]) == (6, 1, 3, 2, 0)
     lo, hi = s["accuracy_ci95"]
     assert lo < s["accuracy"] < hi
+
+
+def test_grade_prints_both_denominators(tmp_path, shared_data):
+    data = shared_data / "gsm8k" / "test.jsonl"
+    gold = _rows(data)[0]["answer"]
+    preds = _write(tmp_path / "p.jsonl", [{"index": 0, "response": gold}])
+    r = subprocess.run([sys.executable, "-m", "mlx_distill", "grade", "--dataset", "gsm8k", "--data", str(data),
+                        "--limit", "4", "--predictions", str(preds), "--out", str(tmp_path / "s.json")],
+                       cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy 25.0%" in r.stdout and "n=4" in r.stdout
+    assert "3 of 4 problems have no prediction" in r.stdout and "accuracy 100.0%" in r.stdout
+    rec = _rows(tmp_path / "s.records.jsonl")
+    assert [x["status"] for x in rec] == ["correct", "invalid", "invalid", "invalid"] and rec[1]["missing"]
 
 
 @pytest.mark.parametrize("pred,needle", [

@@ -5,7 +5,9 @@ import json
 import pytest
 
 from mlx_distill.io import InputError
-from mlx_distill.problems import answer_kind, eval_question_index, last_boxed, load_problems, normalize_text
+from mlx_distill import tasks
+from mlx_distill.answers import boxed_content as last_boxed
+from mlx_distill.problems import answer_kind, leakage_index, load_problems, normalize_text
 
 
 @pytest.mark.parametrize("source,n,first_id,first_answer", [
@@ -70,17 +72,72 @@ def test_user_jsonl_ids_stable_and_errors(tmp_path):
     bad.write_text('{"answer": 1}\n')
     with pytest.raises(InputError, match=r"bad.jsonl:1"):
         load_problems("jsonl", str(bad))
-    with pytest.raises(InputError, match="--problems"):
+    with pytest.raises(InputError, match="needs --data PATH"):
         load_problems("csv")
     with pytest.raises(InputError, match="unknown problem source"):
         load_problems("nope")
 
 
-def test_eval_index_covers_all_eval_sets(shared_data):
-    ix = eval_question_index()
+def test_leakage_index_covers_all_eval_sets(shared_data):
+    ix, loaded, missing = leakage_index()
     assert len(ix) == 1319 + 500 + 30 + 40
+    assert loaded == ["gsm8k-test", "math500-test", "aime24-test", "amc23-test"] and missing == {}
     q = load_problems("gsm8k", split="test")[5]["question"]
     assert ix[normalize_text("  " + q.upper() + " ")] == "gsm8k-test-00005"
+
+
+def test_leakage_index_reports_exactly_what_it_loaded(tmp_path, monkeypatch, shared_data):
+    """A data folder with only GSM8K and no Hub: the other sets are named as missing, never as checked."""
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text((shared_data / "gsm8k" / "test.jsonl").read_text())
+    monkeypatch.setenv("MLX_DISTILL_DATA", str(tmp_path))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ix, loaded, missing = leakage_index()
+    assert loaded == ["gsm8k-test"] and len(ix) == 1319
+    assert set(missing) == {"math500", "aime24", "amc23"}
+    assert "math500/test.jsonl (not found)" in missing["math500"] and "HuggingFaceH4/MATH-500" in missing["math500"]
+
+
+def test_data_resolution_order(tmp_path, monkeypatch, shared_data):
+    """--data beats MLX_DISTILL_DATA, which beats the Hub; a data folder given as --data works too."""
+    import datasets
+
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"question": "Q?", "answer": "so #### 7"}) + "\n")
+    prov = {}
+    assert load_problems("gsm8k", str(mine), split="test", provenance=prov)[0]["answer"] == "7"
+    assert prov == {"kind": "file", "path": str(mine.resolve()), "split": "test"}
+    prov = {}
+    assert len(load_problems("gsm8k", str(shared_data), split="test", provenance=prov)) == 1319
+    assert prov["path"].endswith("gsm8k/test.jsonl")
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        return [{"question": "hub q", "answer": "#### 3"}]
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert load_problems("gsm8k", split="test")[0]["question"] != "hub q" and not calls  # local data first
+    monkeypatch.delenv("MLX_DISTILL_DATA")
+    prov = {}
+    assert load_problems("gsm8k", split="test", provenance=prov)[0]["question"] == "hub q"
+    assert calls == [("openai/gsm8k", "main", "test")] and prov["kind"] == "hub"
+
+
+def test_registry_is_the_one_definition():
+    """Every name the CLI offers is a registry task, and every task knows its kind, format and prompt."""
+    from mlx_distill import config
+    from mlx_distill.paths import prompt_path
+
+    assert config.EVAL_DATASETS == tasks.NAMES
+    for t in tasks.TASKS.values():
+        assert t.answer_kind in ("gsm8k", "math") and t.answer_format in ("####", "boxed")
+        assert prompt_path(t.prompt).is_file() and prompt_path(t.solver_prompt).is_file()
+        assert t.needs_data or t.local or t.hub
+    assert [t.name for t in tasks.leakage_tasks()] == ["gsm8k", "math500", "aime24", "amc23"]
+    assert tasks.get("HuggingFaceH4/MATH-500").name == "math500" and tasks.answer_kind("openai/gsm8k") == "gsm8k"
+    with pytest.raises(InputError, match="unknown dataset"):
+        tasks.get("gsm9k")
 
 
 def test_hugging_face_names_map_to_the_same_records(monkeypatch):

@@ -35,12 +35,12 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Optional
-from urllib.parse import urlsplit, urlunsplit
 
 from .. import config as C
 from ..answers import word_count
-from ..io import InputError, atomic_write_json, iter_jsonl, read_json, sha256_file, versions, write_jsonl
-from ..problems import answer_kind, eval_question_index, load_problems, normalize_text
+from ..io import InputError, atomic_write_json, iter_jsonl, public_url, read_json, scrub, sha256_file, versions, \
+    write_jsonl
+from ..problems import answer_kind, leakage_index, load_problems, normalize_text
 from . import filters
 from .agents import Rewriter, Solver, Verifier, load_prompt, text_or_file
 from .clients import ClientError, MLXClient, make_client
@@ -57,14 +57,6 @@ def out_dir(cfg: C.CorpusConfig) -> Path:
         return Path(cfg.out)
     name = cfg.name or re.sub(r"[^\w.-]+", "_", cfg.source)
     return Path("corpora") / name
-
-
-def public_url(url: str) -> str:
-    """A URL without user:password@ (never written anywhere)."""
-    if not url:
-        return url
-    p = urlsplit(url)
-    return urlunsplit(p._replace(netloc=p.hostname + (f":{p.port}" if p.port else ""))) if p.hostname else url
 
 
 def public_config(cfg: C.CorpusConfig) -> dict:
@@ -505,7 +497,24 @@ def summarize(out: Path, cfg: C.CorpusConfig, problems: list[dict]) -> dict:
     }
 
 
-def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict, extra: dict) -> dict:
+def load_leakage(cfg: C.CorpusConfig, log=None) -> tuple[dict, list, dict]:
+    """The leakage index over every evaluation set of the registry. A set that cannot be loaded
+    stops the build (before any request is paid for), or with ``--leakage warn`` is a loud warning."""
+    index, loaded, missing = leakage_index()
+    if missing:
+        why = "; ".join(f"{k}: {v}" for k, v in missing.items())
+        if cfg.leakage != "warn":
+            raise InputError(f"the leakage check cannot load {', '.join(missing)} ({why}). Make them reachable "
+                             "(--data folder via MLX_DISTILL_DATA, or the Hugging Face Hub), or pass --leakage warn "
+                             "to build without comparing against them")
+        (log or (lambda m: print(m, file=sys.stderr)))(
+            f"WARNING: leakage check WITHOUT {', '.join(missing)} (not loadable); checked only: "
+            f"{', '.join(loaded) or 'nothing'}")
+    return index, loaded, missing
+
+
+def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict, extra: dict,
+             leakage: Optional[tuple] = None) -> dict:
     traces, _ = latest(out / "traces.jsonl")
     rewrites, _ = latest(out / "rewrites.jsonl")
     kept = kept_traces(problems, traces, cfg)
@@ -514,7 +523,7 @@ def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict
     pids = sorted({r["problem_id"] for r in records})
     splits = assign_splits(pids, cfg)
     # leakage: any verified problem whose normalised text is an evaluation problem
-    index = eval_question_index()
+    index, loaded, missing = leakage if leakage is not None else load_leakage(cfg)
     qtext = {p["id"]: p["question"] for p in problems}
     leaks = [{"id": pid, "eval_id": index[n]} for pid in pids if (n := normalize_text(qtext[pid])) in index]
     leaked = {x["id"] for x in leaks}
@@ -545,10 +554,11 @@ def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict
            "mean_words": round(sum(words) / len(words), 2) if words else None,
            "splits": {**sizes, "seed": cfg.seed, "valid_fraction": cfg.valid_fraction,
                       "test_fraction": cfg.test_fraction},
-           "leakage": {"checked": ["gsm8k-test", "math500", "aime24", "amc23"], "eval_problems": len(index),
+           "leakage": {"checked": loaded, "not_checked": missing, "eval_problems": len(index),
                        "matches": leaks, "action": cfg.leakage},
            "levels": levels, "versions": versions(),
            "files": {f.name: sha256_file(f) for f in sorted(out.glob("*.jsonl"))}}
+    man = scrub(man)
     atomic_write_json(out / "manifest.json", man)
     if leaks and cfg.leakage == "error":
         raise InputError(f"{out}: {len(leaks)} verified problem(s) are evaluation problems "
@@ -591,6 +601,7 @@ def build(cfg: C.CorpusConfig) -> dict:
         raise InputError(f"rewrite level(s) {unknown} have no target in --rewrite-ratios {cfg.rewrite_ratios}")
     prompts = load_prompts(cfg, {answer_kind(p["source"]) for p in problems})
     ident = identity(cfg, prompts)
+    leakage = load_leakage(cfg)
     clients = make_clients(cfg)
     with RunLock(out):
         check_identity(out, ident)
@@ -622,7 +633,8 @@ def build(cfg: C.CorpusConfig) -> dict:
             "status": status, "problem_source": src,
             "this_run": {"seconds": round(elapsed, 3), "new_traces": store.written["traces"],
                          "new_rewrites": store.written["rewrites"], "client_stats": stats,
-                         "problems_per_s": round(tally.c["done"] / elapsed, 3) if elapsed > 0 else None}})
+                         "problems_per_s": round(tally.c["done"] / elapsed, 3) if elapsed > 0 else None}},
+                       leakage)
     print_summary(out, man)
     if status == "interrupted":
         raise KeyboardInterrupt
@@ -693,15 +705,21 @@ def config_from_args(args: argparse.Namespace) -> C.CorpusConfig:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("build", "stats"):
-        print("usage: python -m mlx_distill corpus {build,stats} [options]\n\n"
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in ("build", "stats", "synth"):
+        print("usage: python -m mlx_distill corpus {build,stats,synth} [options]\n\n"
               "  build   solve, verify, filter and rewrite problems into a corpus folder (build -h)\n"
-              "  stats   print the summary of an existing corpus folder (stats PATH)",
+              "  stats   print the summary of an existing corpus folder (stats PATH)\n"
+              "  synth   write the generated arithmetic demo corpus (synth -h)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         if argv and argv[0] not in ("-h", "--help"):
             raise SystemExit(2)
         return
     cmd, rest = argv[0], argv[1:]
+    if cmd == "synth":
+        from .synth import main as synth_main
+
+        synth_main(rest)
+        return
     if cmd == "stats":
         ap = argparse.ArgumentParser(prog="mlx_distill corpus stats", description="Summary of a corpus folder.")
         ap.add_argument("path", help="corpus folder (with manifest.json)")

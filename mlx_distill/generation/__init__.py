@@ -1,0 +1,158 @@
+"""Generation: every client that turns chat messages into text, and the eval's use of them.
+
+Clients (one interface: ``await client.complete(messages, temperature=, max_tokens=, seed=)``
+returning a ``Completion``; ``describe()`` for manifests; ``aclose()``):
+
+- ``api``: any OpenAI-compatible server (DeepSeek, vLLM, ``mlx_lm server``), with
+  concurrency, rate limits and retries (``corpus.clients.OpenAIClient``);
+- ``mlx``: a local MLX model (+ adapter) with continuous batching (``corpus.clients.MLXClient``);
+- ``torch``: transformers (+ PEFT) (``backends.torch.TorchClient``).
+
+``make_eval_client`` picks one from an ``EvalConfig``; ``generate`` runs a list of requests
+with a progress display and hands each finished completion to a callback as it lands, so
+the caller can write it to disk at once (resumable evaluation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import EvalConfig
+from ..io import InputError
+
+
+def problem_seed(seed: int, pid: str) -> int:
+    """A per-problem sampling seed: independent of batch size and order."""
+    return int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:8], 16)
+
+
+def mlx_client(model: str, adapter: str = "", batch_size: int = 8):
+    from ..corpus.clients import make_client
+    from ..models import resolve_model
+
+    if adapter and not (Path(adapter) / "adapters.safetensors").is_file():
+        raise InputError(f"{adapter}: no adapters.safetensors (is it a finished `mlx_distill train` run folder?)")
+    return make_client("mlx", model=resolve_model(model), adapter_path=adapter or None, batch_size=batch_size)
+
+
+def make_eval_client(cfg: EvalConfig):
+    from ..corpus.clients import make_client
+
+    if cfg.backend == "mlx":
+        return mlx_client(cfg.model, cfg.adapter, cfg.batch_size)
+    if cfg.backend == "torch":  # transformers (+ peft); an mlx-lm or PEFT adapter folder
+        from ..backends.torch import TorchClient
+
+        if cfg.adapter and not any((Path(cfg.adapter) / f).is_file()
+                                   for f in ("adapters.safetensors", "adapter_model.safetensors")):
+            raise InputError(f"{cfg.adapter}: no adapters.safetensors (mlx-lm) or adapter_model.safetensors (PEFT)")
+        return TorchClient(cfg.model, adapter_path=cfg.adapter or None, batch_size=cfg.batch_size)
+    if cfg.adapter:
+        raise InputError("--adapter applies to --backend mlx or torch; a server applies its own adapters")
+    return make_client("api", base_url=cfg.base_url, model=cfg.model or None, api_key_env=cfg.api_key_env,
+                       concurrency=cfg.concurrency)
+
+
+def _progress(total: int, label: str, quiet: bool):
+    """(advance(), close()) for a rich progress bar on a terminal, periodic lines otherwise."""
+    if quiet:
+        return (lambda: None), (lambda: None)
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+        prog.start()
+        task = prog.add_task(label, total=total)
+        return (lambda: prog.advance(task)), prog.stop
+    state = {"n": 0, "t": time.time()}
+
+    def advance():
+        state["n"] += 1
+        if state["n"] == total or time.time() - state["t"] > 10:
+            state["t"] = time.time()
+            print(f"{label}: {state['n']}/{total}", file=sys.stderr, flush=True)
+
+    return advance, (lambda: None)
+
+
+async def _gather(coros: list, label: str, quiet: bool, on_done: Optional[Callable] = None) -> list:
+    """Await every coroutine (a failure becomes its exception, not fatal to the run); call
+    ``on_done(i, result)`` as each one finishes, in completion order."""
+    advance, close = _progress(len(coros), label, quiet)
+
+    async def one(i, c):
+        try:
+            res = await c
+        except Exception as e:  # a failed request is recorded, not fatal to the run
+            res = e
+        if on_done is not None:
+            on_done(i, res)
+        advance()
+        return res
+
+    try:
+        return await asyncio.gather(*(one(i, c) for i, c in enumerate(coros)))
+    finally:
+        close()
+
+
+def generate(client, messages: list[list[dict]], seeds: list, cfg: EvalConfig, quiet: bool = False,
+             on_done: Optional[Callable] = None) -> tuple[list, float]:
+    """Completions (or the exception of a failed request) in order, and the wall seconds.
+    `on_done(i, result)` is called as each request finishes (in the event loop's thread)."""
+    kw = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
+    if cfg.temperature > 0 and cfg.top_p < 1:
+        kw["top_p"] = cfg.top_p
+
+    async def run():
+        return await _gather([client.complete(m, seed=s, **kw) for m, s in zip(messages, seeds)],
+                             "generating", quiet, on_done)
+
+    t0 = time.perf_counter()
+    out = asyncio.run(run())
+    return out, time.perf_counter() - t0
+
+
+def full_response(c) -> str:
+    """The generated text as graded: a separate reasoning field goes back inside <think>."""
+    if c.reasoning:
+        if c.finish_reason == "length" and not c.text:
+            return f"<think>\n{c.reasoning}"  # cut off inside its thinking: no final answer
+        return f"<think>\n{c.reasoning}\n</think>\n\n{c.text}"
+    return c.text
+
+
+
+def parameter_counts(client) -> Optional[dict]:
+    if hasattr(client, "parameter_counts"):  # TorchClient
+        return client.parameter_counts()
+    model = getattr(client, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    from mlx.utils import tree_flatten
+
+    total = adapter = 0
+    for name, v in tree_flatten(model.parameters()):
+        total += v.size
+        if "lora" in name:
+            adapter += v.size
+    return {"total": int(total), "adapter": int(adapter)}
+
+
+
+def make_judge_client(cfg: EvalConfig):
+    from ..corpus.clients import make_client
+
+    if cfg.judge == "api":
+        return make_client("api", base_url=cfg.judge_base_url, model=cfg.judge_model or None,
+                           api_key_env=cfg.judge_api_key_env, concurrency=cfg.concurrency)
+    if not cfg.judge_model:
+        raise InputError("--judge mlx needs --judge-model (an MLX model folder or Hugging Face id)")
+    return mlx_client(cfg.judge_model, "", cfg.batch_size)
+
+
