@@ -87,6 +87,9 @@ class TrainConfig:
     split_seed: int = opt(0, "Seed of the hash hold-out (--val-fraction) when --data is one JSONL file or a folder with "
                           "only train.jsonl; kept apart from --seed, so runs with different training seeds validate "
                           "on the same examples.")
+    split_seed: int = opt(0, "Seed of the hash hold-out (--val-fraction) when --data is one JSONL file or a folder with "
+                          "only train.jsonl; kept apart from --seed, so runs with different training seeds validate "
+                          "on the same examples.")
     resume: bool = opt(False, "Continue from the run folder's last checkpoint (optimizer, schedule, RNG, data "
                        "position). Every option that shapes the curve must be unchanged (see train.RESUME_MAY_CHANGE "
                        "for the few that may change); the data files must have the same hashes.")
@@ -97,6 +100,11 @@ class TrainConfig:
                            "after them. --extend sets it to the run's original --iters.")
     system_prompt: str = opt("", "System message for corpus records (empty = none).")
     prompt_template: str = opt("prompts/train_user.txt", "User-turn template for corpus records ({question}).")
+    think_in_content: bool = opt(False, "Render only the prompt with the chat template (its generation prompt) and "
+                                 "append the completion verbatim, <think>reasoning</think> included, closed by the "
+                                 "template's end-of-turn text. Needed when the template drops the reasoning from "
+                                 "assistant turns (DeepSeek-R1-Distill keeps only the text after </think>); without it "
+                                 "such a run stops. Use the same value in `logits`.")
     think_in_content: bool = opt(False, "Render only the prompt with the chat template (its generation prompt) and "
                                  "append the completion verbatim, <think>reasoning</think> included, closed by the "
                                  "template's end-of-turn text. Needed when the template drops the reasoning from "
@@ -137,6 +145,8 @@ class LogitsConfig:
     system_prompt: str = opt(TrainConfig.system_prompt, "System message for corpus records (as in train).")
     prompt_template: str = opt(TrainConfig.prompt_template, "User-turn template for corpus records (as in train).")
     mask_prompt: bool = opt(TrainConfig.mask_prompt, "Score completion tokens only (as in train).")
+    think_in_content: bool = opt(TrainConfig.think_in_content, "Append the completion verbatim after the generation "
+                                 "prompt (as in train; see train --think-in-content).")
     think_in_content: bool = opt(TrainConfig.think_in_content, "Append the completion verbatim after the generation "
                                  "prompt (as in train; see train --think-in-content).")
     long_examples: str = opt(TrainConfig.long_examples, "Examples longer than --max-seq-length: skip or fail.",

@@ -9,6 +9,10 @@ Accepted records (one JSON object per line):
   The assistant turn is ``[<think>thinking</think>] reasoning + final-answer marker``;
   an empty ``reasoning`` trains answer-only.
 
+Every example's rendered completion is checked to hold the record's reasoning and the text
+after it (`check_completion`): a chat template that drops the ``<think>`` part (DeepSeek-R1-
+Distill) stops the run with the fix, ``--think-in-content`` (`tokenize_messages`).
+
 Loss positions: the model at position t predicts token t+1, so target index t is in the
 loss iff ``prompt_len - 1 <= t < length - 1`` (see `loss_mask`). Examples longer than
 ``max_seq_length`` are never cut (a cut could remove the final answer): they are skipped
@@ -109,8 +113,41 @@ def _apply(tokenizer, messages, add_generation_prompt=False) -> list[int]:
     return list(toks)
 
 
-def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
-    """Token ids of the whole conversation and the length of the masked prompt."""
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+_SENTINEL = "MLXDISTILLENDOFTURNPROBE"
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def end_of_turn(tokenizer, messages: list[dict]) -> str:
+    """The text the chat template writes after an assistant turn's content (ChatML:
+    ``<|im_end|>\\n``; DeepSeek-R1: ``<｜end▁of▁sentence｜>``), found by rendering a probe."""
+    text = tokenizer.apply_chat_template(messages[:-1] + [{"role": "assistant", "content": _SENTINEL}],
+                                         tokenize=False)
+    if _SENTINEL not in text:
+        raise ValueError("the chat template drops the assistant's content entirely; --think-in-content cannot "
+                         "find its end-of-turn text: give the model a plain chat template")
+    return text[text.rindex(_SENTINEL) + len(_SENTINEL):]
+
+
+def tokenize_messages(tokenizer, messages: list[dict], think_in_content: bool = False) -> tuple[list[int], int]:
+    """Token ids of the whole conversation and the length of the masked prompt.
+
+    By default the chat template renders the whole conversation. With ``think_in_content``
+    only the prompt goes through it (its generation prompt, as at inference): the completion
+    follows verbatim, ``<think>…</think>`` included, closed by the template's own end-of-turn
+    text (`end_of_turn`). This is for templates that rewrite assistant turns (DeepSeek-R1-Distill
+    keeps only the text after ``</think>``); a ``<think>`` the generation prompt already opens
+    is not repeated."""
+    if think_in_content:
+        prompt = _apply(tokenizer, messages[:-1], add_generation_prompt=True)
+        head = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+        content = messages[-1]["content"]
+        if head.rstrip().endswith(_THINK_OPEN) and content.lstrip().startswith(_THINK_OPEN):
+            content = content.lstrip()[len(_THINK_OPEN):].lstrip("\n")
+        return prompt + _encode(tokenizer, content + end_of_turn(tokenizer, messages)), len(prompt)
     full = _apply(tokenizer, messages)
     prompt = _apply(tokenizer, messages[:-1], add_generation_prompt=True)
     if full[: len(prompt)] != prompt:
@@ -123,11 +160,39 @@ def tokenize_messages(tokenizer, messages: list[dict]) -> tuple[list[int], int]:
     return full, len(prompt)
 
 
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def check_completion(tokenizer, messages: list[dict], tokens: list[int], prompt_len: int) -> None:
+    """The rendered completion must hold the record's whole assistant text: its reasoning
+    inside ``<think>…</think>`` and the rest. Compared after decoding, whitespace ignored, each
+    part round-tripped through the tokenizer (so unknown characters do not count as lost).
+    Raises ValueError naming the template and the fix when the chat template dropped a part."""
+    content = messages[-1]["content"]
+    head, sep, tail = content.rpartition(_THINK_CLOSE)
+    parts = [("reasoning inside <think>…</think>", head.replace(_THINK_OPEN, "")), ("text after </think>", tail)] \
+        if sep else [("completion", content)]
+    done = _squash(tokenizer.decode(list(tokens[prompt_len:])))
+    for what, text in parts:
+        want = _squash(tokenizer.decode(_encode(tokenizer, text))) if text.strip() else ""
+        if want and want not in done:
+            name = getattr(tokenizer, "name_or_path", "") or "the model"  # mlx-lm's wrapper passes it through
+            raise ValueError(
+                f"the chat template of {name} (tokenizer_config.json `chat_template`) drops the {what} from the "
+                f"assistant turn ({_squash(text)[:40]!r}... is not in the rendered completion), so the student would "
+                "never be trained on it; DeepSeek-R1-Distill templates, for one, keep only the text after </think>. "
+                "Pass --think-in-content (the completion follows the template's generation prompt verbatim), or give "
+                "the model a plain chat template (one that keeps assistant content as it is)")
+
+
 # ----------------------------------------------------------------------------- files -> examples
 def split_files(data: str | Path, split: str, val_fraction: float, seed: int) -> tuple[Path, callable]:
     """Which file holds `split`, and a filter on record ids. A corpus folder with its own
     train.jsonl/valid.jsonl is used as split; a folder with only train.jsonl, or a single
-    JSONL file, is split by a stable hash of each id (see `_in_valid`)."""
+    JSONL file, is split by a stable hash of each id (see `_in_valid`). `seed` is the split
+    seed (`TrainConfig.split_seed`), never the training seed: a multi-seed study keeps one
+    validation split."""
     p = Path(data)
     if p.is_dir():
         f = p / f"{split}.jsonl"
@@ -147,7 +212,8 @@ def split_files(data: str | Path, split: str, val_fraction: float, seed: int) ->
 
 
 def _in_valid(example_id: str, val_fraction: float, seed: int) -> bool:
-    """Stable, order-independent hold-out by hashing the id with the seed."""
+    """Stable, order-independent hold-out by hashing the id with the split seed (0 gives the
+    splits of earlier versions, which hashed with the training seed, default 0)."""
     h = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < val_fraction
 
@@ -162,8 +228,8 @@ def has_split(data: str | Path, split: str) -> bool:
 
 def load_examples(cfg, tokenizer, split: str = "train", report: LoadReport | None = None) -> list[Example]:
     """Read, render and tokenise one split. `cfg` needs: data, max_seq_length, long_examples,
-    val_fraction, seed, system_prompt, prompt_template, mask_prompt."""
-    path, keep = split_files(cfg.data, split, cfg.val_fraction, cfg.seed)
+    val_fraction, split_seed, system_prompt, prompt_template, mask_prompt (think_in_content optional)."""
+    path, keep = split_files(cfg.data, split, cfg.val_fraction, cfg.split_seed)
     template = prompt_path(cfg.prompt_template).read_text() if cfg.prompt_template else "{question}"
     rep = report or LoadReport(path="")
     rep.path = str(path)
@@ -178,7 +244,9 @@ def load_examples(cfg, tokenizer, split: str = "train", report: LoadReport | Non
         seen.add(rid)
         try:
             messages = record_to_messages(rec, template, cfg.system_prompt)
-            tokens, plen = tokenize_messages(tokenizer, messages)
+            think_in_content = getattr(cfg, "think_in_content", False)
+            tokens, plen = tokenize_messages(tokenizer, messages, think_in_content)
+            check_completion(tokenizer, messages, tokens, plen)
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{path}:{line}: {e}") from None
         if not cfg.mask_prompt:

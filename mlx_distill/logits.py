@@ -153,7 +153,7 @@ def _data_config(cfg: LogitsConfig) -> TrainConfig:
     """The rendering/tokenisation options of `train`, taken from the logits config."""
     return TrainConfig(data=cfg.data, max_seq_length=cfg.max_seq_length, long_examples=cfg.long_examples,
                        system_prompt=cfg.system_prompt, prompt_template=cfg.prompt_template,
-                       mask_prompt=cfg.mask_prompt)
+                       mask_prompt=cfg.mask_prompt, think_in_content=cfg.think_in_content)
 
 
 def load_all_examples(cfg: LogitsConfig, tokenizer) -> list[data.Example]:
