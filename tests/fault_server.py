@@ -7,7 +7,7 @@ It answers ``POST /v1/chat/completions`` (and ``GET /v1/models``) from a *script
      "default": {"content": "#### 0"},  # reply when no item matches
      "items": {"[P3]": {                # an item matches when its key occurs in the user message
          "solve":   {"content": "... #### 7", "reasoning_content": "...", "finish_reason": "stop"},
-         "judge":   {"content": "CORRECT"},
+         "judge":   {"content": "VERDICT: CORRECT"},
          "rewrite": {"content": "... #### 7"},
          "faults":  ["429", "500", "empty", "slow", "drop"]}}}   # one per attempt, then normal replies
 

@@ -180,3 +180,178 @@ def test_check_arithmetic_on_gsm8k_gold(shared_data):
     checked, wrong = sum(r["checked"] for r in res), sum(r["wrong"] for r in res)
     assert checked > 7000
     assert wrong <= 2  # the reference solutions hold one real slip: "$32 - $20 = $300"
+
+
+# ----------------------------------------------------------------------------- one home: helpers
+def test_split_think_one_order():
+    split = answers.split_think
+    assert split("<think>plan</think>\n#### 4") == ("plan", "#### 4")
+    assert split("plan</think>#### 4") == ("plan", "#### 4")           # the opening tag was in the prompt
+    assert split("<think>still planning") == ("still planning", None)  # cut off: no final answer
+    assert split("#### 4") == (None, "#### 4")
+    assert split(None) == (None, "")
+    assert answers.final_text("<think>a</think>b<think>c</think> d") == "d"
+
+
+def test_boxes_and_gold_helpers():
+    assert answers.boxed_content(r"first \boxed{7} then \fbox{\frac{2}{9}}.") == r"\frac{2}{9}"
+    assert answers.boxed_content(r"we get $\boxed 12$.") == "12"
+    assert answers.boxed_content(r"ends \boxed 5.") == "5"
+    assert answers.boxed_content(r"\boxed{\boxed{3}+1}") == r"\boxed{3}+1"   # nested: the outer one
+    assert answers.boxed_content(r"\boxed{open") is None and answers.boxed_content("none") is None
+    assert answers.last_boxed(r"ab \boxed{x}") == (3, "x")
+    assert answers.all_boxed(r"\boxed{1}, \boxed{(2,3)} and \boxed{4}") == ["1", "(2,3)", "4"]
+    assert answers.gsm8k_gold("So 3 + 4 = 7.\n#### 2,350") == "2350"
+    assert answers.gsm8k_gold(" 41 ") == "41" and answers.gsm8k_gold(12.0) == "12"
+    with pytest.raises(ValueError):
+        answers.gsm8k_gold("no marker here", strict=True)
+
+
+def test_kinds_are_only_the_two_grading_paths():
+    assert answers.normalise_kind("gsm8k") == "gsm8k" and answers.normalise_kind("math") == "math"
+    for name in ("math500", "aime24", "numeric"):
+        with pytest.raises(ValueError):
+            answers.normalise_kind(name)
+
+
+# ----------------------------------------------------------------------------- signs and separators
+@pytest.mark.parametrize("response,gold,expected", [
+    ("#### -$12", "-12", "correct"),          # sign before the currency sign
+    ("#### $-12", "-12", "correct"),          # sign after it
+    ("#### - $12", "-12", "correct"),
+    ("#### -$12", "12", "wrong"),
+    ("#### \u22128", "8", "wrong"),             # Unicode minus is a minus
+    ("#### \u22128", "-8", "correct"),
+    ("#### \u20138", "-8", "correct"),          # en dash as a sign
+    ("#### \u20148", "8", "wrong"),             # em dash as a sign
+    ("The loss is $\u22128.", "-8", "correct"),
+    ("#### 3 \u2013 5", "-2", "invalid"),        # a spaced dash between numbers is not arithmetic we guess at
+    ("#### 2 500 000", "2500000", "correct"),   # spaces as thousands separators
+    ("#### 4\u2009096", "4096", "correct"),       # thin space
+    ("#### 4\u202f096 km", "4096", "correct"),    # narrow no-break space, a unit after it
+    ("The total is $\\boxed{4\\,096}$.", "4096", "correct"),
+    ("\\boxed{7{,}300}", "7300", "correct"),
+    ("#### 12 34", "1234", "invalid"),           # not a group of three: two numbers
+    ("#### 1,2", "12", "invalid"),
+])
+def test_signs_and_thousands(response, gold, expected):
+    assert grade(response, gold, "gsm8k").status == expected
+
+
+# ----------------------------------------------------------------------------- where the final answer is
+def test_minerva_final_answer_sentence():
+    r = "The mean is 3.25 cm.\nFinal Answer: The final answer is 3.25. I hope it is correct."
+    for kind in ("gsm8k", "math"):
+        v = grade(r, "3.25", kind)
+        assert v.correct and v.extracted == "3.25", v
+    assert extract_answer("Final Answer: The final answer is $\\dfrac{5}{6}$. I hope it is correct.",
+                          "math") == "\\dfrac{5}{6}"
+    assert extract_answer("**Final Answer:** 40 apples", "gsm8k") == "40"
+
+
+def test_final_answer_marker_beats_an_earlier_box():
+    r = ("The interest is $0.04 \\cdot 3000 = \\boxed{120}$. Adding it, she has $3,000 + $120 = $3,120.\n"
+         "Final Answer: The final answer is $3,120$. I hope it is correct.")
+    assert grade(r, "3120", "gsm8k").correct
+    assert grade(r, "3120", "math").correct
+    assert not grade(r, "120", "gsm8k").correct
+    # a final-answer sentence holding a box is read through that box
+    assert extract_answer("So the final answer is $\\boxed{42}$, as checked.", "math") == "42"
+    # and a box written after the final-answer sentence is the last word
+    assert grade("Final answer: 8.\nOn second thought, \\boxed{9}", "9", "gsm8k").correct
+    # "the answer is" only counts without a stronger marker
+    assert extract_answer("\\boxed{6} ... the answer is surely right", "math") == "6"
+
+
+@pytest.mark.parametrize("response,gold,expected", [
+    ("The roots are \\boxed{-4} and \\boxed{3}.", "3, -4", "correct"),
+    ("The roots are \\boxed{-4} and \\boxed{3}.", "-4,3", "correct"),
+    ("The roots are $\\boxed{-4}$ \\quad \\text{and} \\quad $\\boxed{3}$.", "\\{3,-4\\}", "correct"),
+    ("The roots are \\boxed{-4} and \\boxed{3}.", "3", "correct"),       # a one-part gold: the last box
+    ("The roots are \\boxed{-4} and \\boxed{3}.", "-4", "wrong"),
+    ("The roots are \\boxed{-4} and \\boxed{5}.", "3, -4", "wrong"),
+    ("Only \\boxed{3}.", "3, -4", "wrong"),
+    ("Pairs: \\boxed{(5, 1)}, \\boxed{(1, 5)}", "(1,5),(5,1)", "correct"),
+    ("First \\boxed{10}.\n\nLater we find the roots \\boxed{-4} and \\boxed{3}.", "3, -4", "correct"),
+])
+def test_several_boxes_for_a_several_part_gold(response, gold, expected):
+    assert grade(response, gold, "math").status == expected
+
+
+# ----------------------------------------------------------------------------- LaTeX numbers in GSM8K grading
+@pytest.mark.parametrize("response,gold,expected", [
+    ("#### $10^4$", "10000", "correct"),
+    ("#### $10^4$", "4", "wrong"),                 # never its last digit
+    ("So we need $10^{4}$ tiles.", "10000", "correct"),
+    ("\\boxed{2^{5}}", "32", "correct"),
+    ("\\boxed{2^5}", "5", "wrong"),
+    ("\\boxed{\\sqrt{49}}", "7", "correct"),
+    ("\\boxed{\\sqrt[3]{27}}", "3", "correct"),
+    ("\\boxed{\\dfrac{5}{8}}", "0.625", "correct"),
+    ("\\boxed{\\tfrac58}", "0.625", "correct"),
+    ("\\boxed{-\\frac{9}{4}}", "-2.25", "correct"),
+    ("\\boxed{2\\frac{1}{4}}", "2.25", "correct"),  # a mixed number
+    ("\\boxed{3 \\times 1.5}", "4.5", "correct"),
+    ("\\boxed{1.2 \\cdot 10^3}", "1200", "correct"),
+    ("\\boxed{\\sqrt{3}}", "3", "invalid"),         # not exact: unparsable, not "3"
+    ("\\boxed{5\\pi}", "5", "invalid"),
+    ("The area is $\\frac{7}{2}$.", "3.5", "correct"),
+    ("The area is $\\frac{7}{2}$.", "2", "wrong"),
+    ("\\boxed{9^{99999}}", "9", "invalid"),       # too large to be anyone's answer: no hang
+])
+def test_latex_numbers_in_gsm8k(response, gold, expected):
+    assert grade(response, gold, "gsm8k").status == expected
+
+
+def test_extraction_yields_the_final_number_or_expression():
+    assert extract_answer("#### 12 * 3 = 36 marbles", "gsm8k") == "36"
+    assert grade("#### 12 * 3 = 36 marbles", "36", "gsm8k").extracted == "36"
+    assert extract_answer("The answer is: x = 9.", "gsm8k") == "9"
+    assert extract_answer("#### $x \\approx 4.5$ hours", "gsm8k") == "4.5"
+    assert extract_answer("\\boxed{y = 4}", "math") == "4"
+    assert extract_answer("\\boxed{y = 2x + 1}", "math") == "y = 2x + 1"  # an equation stays an equation
+    assert to_number("16 * 2 = 32 bolts") == 32 and to_number("-$7") == -7 and to_number("1 000 000") == 10 ** 6
+    assert to_number("\\frac{3}{4}") == to_number("3/4") and to_number("10^3") == 1000
+    assert to_number("\\sqrt{2}") is None and to_number("18 dollars and 5 cents") is None
+
+
+# ----------------------------------------------------------------------------- repetition
+def test_repetition_one_detector():
+    from mlx_distill.config import CorpusConfig
+    from mlx_distill.corpus import filters
+
+    assert filters.repetition is answers.repetition
+    loop = "then we add the two numbers again and get the same total as before " * 5
+    assert answers.repetition(loop) is not None
+    assert answers.repetition(loop, n=CorpusConfig.repeat_ngram, count=6) is None
+    assert answers.repetition("Step: carry the one.\n" * 4) == "Step: carry the one."   # a repeated line
+    assert answers.repetition("Step: carry the one.\n" * 3) is None
+    assert answers.repetition("3 + 4 = 7 apples.\n#### 7") is None
+    assert answers.repetition("ok\n" * 40) is None   # short lines are not loops
+
+
+# ----------------------------------------------------------------------------- judge verdicts
+@pytest.mark.parametrize("text,expected", [
+    ("The final answers agree.\nVERDICT: CORRECT", True),
+    ("They differ (12 vs 21).\n\nVERDICT: INCORRECT\n", False),
+    ("**Verdict: Correct**", True),
+    ("**VERDICT:** incorrect.", False),
+    ("`verdict: correct`", True),
+    ("<think>it is INCORRECT? no</think>\nVERDICT: CORRECT", True),
+    ("The answer is not correct.", None),            # no verdict line
+    ("CORRECT", None),
+    ("VERDICT: CORRECT\nOn reflection, it is wrong.", None),   # the verdict must be the last line
+    ("VERDICT: NOT CORRECT", None),
+    ("<think>VERDICT: CORRECT", None),                # cut off while thinking
+    ("", None),
+])
+def test_parse_verdict(text, expected):
+    assert answers.parse_verdict(text) is expected
+
+
+def test_grading_stays_fast(shared_data):
+    """1319 GSM8K gold solutions and 500 MATH-500 ones: graded in well under a few seconds."""
+    rows = _jsonl(shared_data / "gsm8k" / "test.jsonl")
+    t = time.perf_counter()
+    assert all(grade(r["answer"], r["answer"], "gsm8k").correct for r in rows)
+    assert time.perf_counter() - t < 5

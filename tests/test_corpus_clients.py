@@ -7,7 +7,7 @@ import pytest
 
 from fault_server import FaultServer
 from mlx_distill.corpus.clients import (ClientError, MLXClient, OpenAIClient, RateLimiter, backoff_delay,
-                                        complete_all, make_client, split_think)
+                                        complete_all, make_client, think_fields)
 from mlx_distill.io import InputError
 
 MSG = [{"role": "user", "content": "[A] What is 3+4?"}]
@@ -22,11 +22,12 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_split_think():
-    assert split_think("<think>r1</think>answer") == ("r1", "answer")
-    assert split_think("r1</think>answer") == ("r1", "answer")       # opening tag was in the prompt
-    assert split_think("<think>cut off") == ("cut off", "")          # truncated inside the reasoning
-    assert split_think("plain") == (None, "plain")
+def test_think_fields():
+    """The record fields (answers.split_think, with "" as the text of a truncated reasoning)."""
+    assert think_fields("<think>r1</think>answer") == ("r1", "answer")
+    assert think_fields("r1</think>answer") == ("r1", "answer")       # opening tag was in the prompt
+    assert think_fields("<think>cut off") == ("cut off", "")          # truncated inside the reasoning
+    assert think_fields("plain") == (None, "plain")
 
 
 @pytest.mark.parametrize("faults", [["429", "500", "503"], ["empty", "empty_body", "empty_content"], ["drop"], ["slow"]])

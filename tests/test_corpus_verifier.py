@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from fault_server import FaultServer
-from mlx_distill.corpus.agents import Verifier, load_prompt, parse_judgement, parse_score
+from mlx_distill.corpus.agents import Verifier, load_prompt, parse_score
 from mlx_distill.corpus.clients import OpenAIClient
 from mlx_distill.problems import load_problems
 
@@ -44,8 +44,9 @@ def test_math500_reference_solutions_and_altered(shared_data):
 
 
 def test_judge_only_for_unreadable_answers_and_critic():
-    script = {"items": {"[J]": {"judge": {"content": "The final answer matches. CORRECT"}},
-                        "[K]": {"judge": {"content": "INCORRECT"}}},
+    script = {"items": {"[J]": {"judge": {"content": "The final answer matches.\n**VERDICT: CORRECT**"}},
+                        "[K]": {"judge": {"content": "VERDICT: INCORRECT"}},
+                        "[U]": {"judge": {"content": "The answer is not correct."}}},
               "default": {"content": "Reasoning is clear.\nSCORE: 4"}}
     with FaultServer(script) as srv:
         async def go():
@@ -59,21 +60,19 @@ def test_judge_only_for_unreadable_answers_and_critic():
             c = await v.verify(pj, "#### 21", "gsm8k")                        # readable: never the judge
             d = await v.verify(pj, "#### twenty", "gsm8k", allow_judge=False)
             e = await v.critic(pj, "#### 20")
+            u = await v.verify({"id": "u", "question": "[U] q", "answer": "20"}, "#### twenty", "gsm8k")
             await judge.aclose()
-            return a, b, c, d, e
-        a, b, c, d, e = asyncio.run(go())
-        assert srv.counts["ok"] == 3  # two judge calls and one critic call
+            return a, b, c, d, e, u
+        a, b, c, d, e, u = asyncio.run(go())
+        assert srv.counts["ok"] == 4  # three judge calls and one critic call
     assert (a["status"], a["decided_by"], a["method"]) == ("correct", "judge:fault-model-v1", "llm-judge")
     assert (b["status"], b["decided_by"]) == ("wrong", "judge:fault-model-v1")
     assert (c["status"], c["decided_by"]) == ("wrong", "programmatic") and "judge" not in c
     assert (d["status"], d["decided_by"]) == ("invalid", "programmatic")
     assert e["score"] == 4 and e["completion_tokens"] > 0
-
-
-@pytest.mark.parametrize("text,expected", [("CORRECT", True), ("INCORRECT", False), ("**Incorrect**", False),
-                                           ("I first thought INCORRECT but it is CORRECT", True), ("unsure", None)])
-def test_parse_judgement(text, expected):
-    assert parse_judgement(text) is expected
+    # no explicit verdict line: judge unparsable, the trace stays unverified (never "correct")
+    assert (u["status"], u["decided_by"], u["reason"]) == ("invalid", "programmatic", "judge unparsable")
+    assert u["judge"]["verdict"] is None
 
 
 def test_parse_score():

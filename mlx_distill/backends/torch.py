@@ -507,7 +507,7 @@ class TorchClient:
     async def complete(self, messages, *, temperature: float = 0.0, max_tokens: int = 1024,
                        seed: Optional[int] = None, top_p: Optional[float] = None, stop: Optional[list] = None,
                        logprobs: bool = False, top_logprobs: Optional[int] = None, **extra):
-        from ..corpus.clients import Completion, split_think
+        from ..corpus.clients import Completion, think_fields
 
         if stop:
             raise ValueError("TorchClient: stop strings are not supported; the model stops at its EOS tokens")
@@ -525,7 +525,7 @@ class TorchClient:
         await asyncio.to_thread(self._drain)
         tokens, finish = await fut
         text = self.tokenizer.decode(tokens)
-        reasoning, answer = split_think(text)
+        reasoning, answer = think_fields(text)
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(prompt)
         self.stats["completion_tokens"] += len(tokens)

@@ -3,9 +3,10 @@
 * ``Solver``: the teacher writes a step-by-step solution (prompts/solver_<kind>.txt).
 * ``Verifier``: the programmatic check first (``answers.grade``: numbers for GSM8K,
   math-verify with the gold answer first for LaTeX); only when it cannot parse the final
-  answer, an optional LLM judge (prompts/judge_correct.txt) says CORRECT / INCORRECT. Every
-  verdict says who decided. Optionally the judge also rates the reasoning 1-5
-  (prompts/judge_critic.txt).
+  answer, an optional LLM judge (prompts/judge_correct.txt) ends with ``VERDICT: CORRECT`` /
+  ``VERDICT: INCORRECT`` (``answers.parse_verdict``; any other reply is "judge unparsable" and
+  leaves the trace unverified). Every verdict says who decided. Optionally the judge also
+  rates the reasoning 1-5 (prompts/judge_critic.txt).
 * ``Rewriter``: shortens a verified solution to a length level (prompts/rewrite_<level>.txt);
   the builder re-verifies every rewrite.
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..answers import grade, word_count
+from ..answers import grade, parse_verdict, word_count
 from ..io import InputError
 from ..paths import prompt_path
 from .clients import ClientError, Completion
@@ -103,12 +104,6 @@ class Solver:
 
 
 # ----------------------------------------------------------------------------- verifier
-def parse_judgement(text: str) -> Optional[bool]:
-    """CORRECT -> True, INCORRECT -> False, anything else -> None (the last verdict word wins)."""
-    words = re.findall(r"\b(INCORRECT|CORRECT)\b", (text or "").upper())
-    return None if not words else words[-1] == "CORRECT"
-
-
 def parse_score(text: str) -> Optional[int]:
     m = re.findall(r"SCORE\s*[:=]?\s*\**\s*([1-5])\b", (text or "").upper())
     if m:
@@ -144,9 +139,11 @@ class Verifier:
             except ClientError as e:
                 out["judge"] = {"role": "judge", "error": str(e)[:300]}
                 return out
-            ok = parse_judgement(c.text)
-            out["judge"] = {"raw": c.text[-200:], **usage_of(c, "judge")}
-            if ok is not None:
+            ok = parse_verdict(c.text)
+            out["judge"] = {"raw": c.text[-200:], "verdict": ok, **usage_of(c, "judge")}
+            if ok is None:  # no explicit final verdict line: the trace stays unverified, counted apart
+                out["reason"] = "judge unparsable"
+            else:
                 out.update(status="correct" if ok else "wrong", decided_by=f"judge:{c.model}", method="llm-judge")
         return out
 

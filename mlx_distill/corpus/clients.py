@@ -48,6 +48,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
+from ..answers import split_think
+
 log = logging.getLogger(__name__)
 
 Messages = Union[str, list[dict]]
@@ -92,18 +94,14 @@ class _Retryable(Exception):
         self.kind, self.retry_after = kind, retry_after
 
 
-def split_think(content: Optional[str]) -> tuple[Optional[str], str]:
-    """``"<think>r</think>a"`` -> ``("r", "a")``. A closing tag alone (the opening one was in the
-    prompt) counts too; an unclosed ``<think>`` (truncated) makes everything reasoning."""
-    content = content or ""
-    if "</think>" in content:
-        head, _, tail = content.rpartition("</think>")
-        head = head.split("<think>", 1)[-1] if "<think>" in head else head
-        return head.strip(), tail.strip()
-    if "<think>" in content:
-        before, _, after = content.partition("<think>")
-        return after.strip(), before.strip()
-    return None, content.strip()
+def think_fields(content: Optional[str]) -> tuple[Optional[str], str]:
+    """(reasoning, text) record fields of a completion, split by ``answers.split_think``. A
+    ``<think>`` never closed (truncated) makes everything reasoning; ``text`` is then what came
+    before the tag (usually "")."""
+    reasoning, text = split_think(content)
+    if text is None:
+        text = (content or "").partition("<think>")[0].strip()
+    return reasoning, text
 
 
 # ----------------------------------------------------------------------------- rate limiting
@@ -301,9 +299,9 @@ class OpenAIClient:
         if not content and not reasoning and ch.finish_reason not in ("stop", "length"):
             raise _Retryable("empty", f"200 response with empty content (finish_reason={ch.finish_reason!r})")
         if reasoning is None:
-            reasoning, text = split_think(content)
+            reasoning, text = think_fields(content)
         else:
-            text = split_think(content)[1] if "</think>" in (content or "") else (content or "").strip()
+            text = think_fields(content)[1] if "</think>" in (content or "") else (content or "").strip()
             reasoning = reasoning.strip()
         usage = resp.usage.model_dump() if getattr(resp, "usage", None) else None
         lp = None
@@ -511,7 +509,7 @@ class MLXClient:
 
     def _completion(self, r: _Request, finish_reason: str) -> Completion:
         content = self.tokenizer.decode(r.tokens)
-        reasoning, text = split_think(content)
+        reasoning, text = think_fields(content)
         self.stats["requests"] += 1
         self.stats["prompt_tokens"] += len(r.prompt)
         self.stats["completion_tokens"] += len(r.tokens)

@@ -1,5 +1,7 @@
 """Trace filters: pure checks on one solution, each with a name counted in the manifest.
 
+The loop detector is ``answers.repetition`` (the one eval's failure kinds use too), re-exported here.
+
 A trace is kept only if no filter fires. The names (and the order in which the first
 firing one becomes the trace's ``reason``) are:
 
@@ -8,7 +10,7 @@ truncated     the server stopped it at the token cap (finish reason ``length``)
 no_marker     no final-answer marker (``#### x`` or ``\\boxed{x}``) in the answer text
 unparsable    a marker, but its answer cannot be read (and no judge decided it)
 wrong_answer  the final answer differs from the gold one (programmatic check or judge)
-repetition    a loop: some n-gram of ``repeat_ngram`` words occurs ``repeat_count``+ times
+repetition    a loop: some n-gram of ``repeat_ngram`` words (or a line) occurs ``repeat_count``+ times
 banned        a banned phrase (refusals, "as an AI language model", ...)
 too_long      more than ``max_words`` words / ``max_solution_tokens`` tokens
 critic_low    the critic rated the reasoning below ``min_critic``
@@ -18,10 +20,10 @@ critic_low    the critic rated the reasoning below ``min_critic``
 from __future__ import annotations
 
 import re
-from collections import Counter
 from typing import Optional
 
-from ..answers import last_boxed, last_hashes, word_count
+from ..answers import last_boxed, last_hashes, repetition, word_count
+from ..config import CorpusConfig
 
 ORDER = ["truncated", "no_marker", "unparsable", "wrong_answer", "repetition", "banned", "too_long", "critic_low"]
 
@@ -31,16 +33,6 @@ def final_marker(text: str) -> Optional[str]:
     marks = [(m[0], name) for name, m in (("boxed", last_boxed(text or "")), ("####", last_hashes(text or "")))
              if m is not None and m[1]]
     return max(marks)[1] if marks else None
-
-
-def repetition(text: str, n: int = 12, count: int = 4) -> Optional[str]:
-    """The most repeated word n-gram if it occurs at least `count` times (a generation loop), else None."""
-    words = (text or "").split()
-    if n <= 0 or count <= 1 or len(words) < n * count:
-        return None
-    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-    gram, k = grams.most_common(1)[0]
-    return " ".join(gram) if k >= count else None
 
 
 def banned(text: str, phrases) -> Optional[str]:
@@ -53,7 +45,8 @@ def normalise_ws(text: str) -> str:
 
 
 def check(text: str, finish_reason: str, completion_tokens: int, *, thinking: Optional[str] = None,
-          max_words: int = 0, max_tokens: int = 0, repeat_ngram: int = 12, repeat_count: int = 4,
+          max_words: int = 0, max_tokens: int = 0, repeat_ngram: int = CorpusConfig.repeat_ngram,
+          repeat_count: int = CorpusConfig.repeat_count,
           banned_phrases=()) -> list[str]:
     """Filters that fire on a solution before its answer is checked (the verifier adds
     unparsable / wrong_answer / critic_low). `thinking`: the separate reasoning when it is
