@@ -19,16 +19,16 @@ every position in the loss. The first --warmup steps (allocation, kernels, compi
 not timed; then --steps steps are, with a device synchronisation at both ends.
 
 Printed and written (JSON) per backend: tokens/s, step time, peak memory, and the model FLOP
-utilisation MFU = model FLOP/s / the GPU's dense bf16 peak (table below, or --peak-tflops):
-
-    model FLOPs per token = c * N_matmul + 12 * n_layers * seq_len * d_attn        (PaLM appendix B)
-
-with N_matmul the parameters of every matmul (attention and MLP projections and the tied
-LM head; not the embedding lookup) and c = 6 for full fine-tuning (forward 2N, input
-gradients 2N, weight gradients 2N) or c = 4 + 6 * N_lora / N_matmul for LoRA (frozen weights
-get no weight gradients). The attention term counts the full (non-causal) score matrix, as
-PaLM does. Both backends start from the same random weights (torch's, copied), so their
-first losses agree to bf16 rounding; ratios are measured in one process, one after the other.
+utilisation MFU = model FLOP/s / the GPU's dense bf16 peak (table below, or --peak-tflops).
+Model FLOPs come from `mlx_distill.flops.step_flops`, the one formula every benchmark uses
+(its docstring derives it): the forward pass over every position, the backward pass only
+through the blocks from the lowest trained one up (activation gradients) plus weight
+gradients of the trained weights; here every position is in the loss, so the LM head sees
+all of them. With LoRA on all 24 blocks that is ~ 4N + 6 N_lora per token, with full
+fine-tuning ~ 6N (N: matmul weights incl. the tied head), plus attention's 12 * L * T * d_q
+over the full score matrix (PaLM appendix B). Both backends start from the same random
+weights (torch's, copied), so their first losses agree to bf16 rounding; ratios are measured
+in one process, one after the other.
 """
 
 import argparse
@@ -66,19 +66,15 @@ def peak_tflops(name: str) -> float | None:
     return None
 
 
-def matmul_params(c: dict) -> int:
-    h, L, v, f = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"]
-    head = h // c["num_attention_heads"]
-    kv = c["num_key_value_heads"] * head
-    per_layer = h * h + 2 * h * kv + h * h + 3 * h * f  # q, k, v, o, gate, up, down
-    return L * per_layer + h * v  # + the (tied) LM head
+def flops_per_token(c: dict, args, n_lora: int) -> float:
+    """`mlx_distill.flops.step_flops` of one (batch x seq_len) step, per token."""
+    from mlx_distill.flops import Shape, adapted_blocks, step_flops
 
-
-def flops_per_token(c: dict, seq_len: int, n_lora: int, full: bool) -> float:
-    n = matmul_params(c)
-    dense = 6 * n if full else 4 * n + 6 * n_lora
-    attn = 12 * c["num_hidden_layers"] * seq_len * c["hidden_size"]
-    return dense + attn
+    shape = Shape.from_config(c)
+    full = args.fine_tune_type == "full"
+    f = step_flops(shape, args.batch_size, args.seq_len, backprop_blocks=adapted_blocks(shape, args.lora_layers),
+                   lora=0 if full else n_lora, full=full)
+    return f["total"] / (args.batch_size * args.seq_len)
 
 
 def train_cfg(args):
@@ -237,7 +233,7 @@ def main(argv=None) -> None:
           f"{f', bf16 peak {peak:g} TFLOP/s' if peak else ', bf16 peak unknown (pass --peak-tflops)'}")
     for r in results:
         n_lora = r["parameters"]["trainable"] if args.fine_tune_type == "lora" else 0
-        fpt = flops_per_token(c, args.seq_len, n_lora, args.fine_tune_type == "full")
+        fpt = flops_per_token(c, args, n_lora)
         r["tokens_per_sec"] = tokens / r["seconds"]
         r["step_seconds"] = r["seconds"] / args.steps
         r["model_tflops_per_token"] = fpt / 1e12
