@@ -87,20 +87,64 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-") or "level"
 
 
-def train_level(cfg: StudyConfig, level: Level, seed: int, out: Path, quiet: bool) -> str:
-    """Train (or reuse, or resume) the adapter of one corpus level and seed; return its folder."""
+# TrainConfig fields that say where/how a run is written, not what it trains
+_NOT_SETTINGS = ("out", "resume", "extend")
+
+
+def settings_diff(run: Path, tcfg: TrainConfig) -> list[str]:
+    """How the run in `run` differs from the training settings `tcfg`: every TrainConfig field of
+    its config.yaml (a field the file predates counts as its default) and the sha256 of the
+    data files its manifest.json recorded. Empty when the run is what `tcfg` would train."""
+    from .io import read_json, sha256_file
+
+    saved = config.load_yaml(run / "config.yaml")
+    defaults = config.to_dict(TrainConfig())
+    diff = [f"{k}: {saved.get(k, defaults[k])!r} -> {v!r}" for k, v in config.to_dict(tcfg).items()
+            if k not in _NOT_SETTINGS and saved.get(k, defaults[k]) != v]
+    man = read_json(run / "manifest.json") if (run / "manifest.json").is_file() else {}
+    for split, f in (man.get("data_files") or {}).items():
+        p = Path(f.get("path") or "")
+        if f.get("sha256") and (not p.is_file() or sha256_file(p) != f["sha256"]):
+            diff.append(f"{split} data {p}: changed since it was trained (sha256)")
+    return diff
+
+
+def _finished(run: Path) -> bool:
+    from .io import read_json
+
+    if not ((run / "adapters.safetensors").is_file() and (run / "manifest.json").is_file()):
+        return False
+    man = read_json(run / "manifest.json")
+    return man.get("status", "finished") == "finished" and "result" in man  # written at start, "running" until done
+
+
+def train_level(cfg: StudyConfig, level: Level, seed: int, out: Path, quiet: bool) -> tuple[str, bool]:
+    """Train (or reuse, or resume) the adapter of one corpus level and seed; return its folder and
+    whether it was trained (or finished) now.
+
+    A folder that already holds a run is reused (or resumed) only when its config.yaml equals the
+    study's training settings and its data files are unchanged; otherwise the study refuses,
+    naming the differences: it never reports a run that other settings produced, and never deletes
+    a trained adapter on its own."""
     from . import train
 
     run = out / "adapters" / f"{_slug(level.name)}-seed{seed}"
-    if (run / "adapters.safetensors").is_file() and (run / "manifest.json").is_file():
-        return str(run)  # finished earlier: a re-run of the study reuses it
     overrides = {"data": level.data, "out": str(run), "seed": seed}
-    resume = (run / "checkpoints" / "last").is_dir()
-    tcfg = config.build(TrainConfig, cfg.train, {**overrides, "resume": resume}, source="study.train")
+    tcfg = config.build(TrainConfig, cfg.train, {**overrides, "resume": False}, source="study.train")
+    if (run / "config.yaml").is_file():
+        diff = settings_diff(run, tcfg)
+        if diff:
+            raise InputError(f"study: {run} holds an adapter trained with other settings than the study's `train` "
+                             f"({'; '.join(diff)}); delete {run} and its evaluation "
+                             f"{out / 'runs' / run.name} to train it again, or give the study another `out`")
+        if _finished(run):
+            return str(run), False  # finished earlier with these settings: a re-run of the study reuses it
+    resume = (run / "checkpoints" / "last").is_dir() or (run / "checkpoints" / "last.old").is_dir()
+    tcfg = dataclasses.replace(tcfg, resume=resume)
     if not quiet:
         print(f"training {level.name} (seed {seed}) on {level.data} -> {run}", file=sys.stderr)
     train.run(tcfg, quiet=True)
-    return str(run)
+    return str(run), True
 
 
 def _mean_std(xs: list) -> tuple[Optional[float], Optional[float]]:
@@ -152,8 +196,12 @@ def run_study(cfg: StudyConfig, quiet: bool = False) -> dict:
                     changes["word_budget"] = lv.value
                 elif cfg.kind == "max_tokens":
                     changes["max_tokens"] = lv.value
+                elif lv.adapter:
+                    changes["adapter"] = lv.adapter
                 else:
-                    changes["adapter"] = lv.adapter or train_level(cfg, lv, seed, out, quiet)
+                    changes["adapter"], trained = train_level(cfg, lv, seed, out, quiet)
+                    if trained:  # an evaluation left in runs/ belongs to an adapter that no longer exists
+                        changes["overwrite"] = True
                 ecfg = dataclasses.replace(base, **changes)
                 s = evaluate(ecfg, client=shared, quiet=True)
                 row = {"level": lv.name, "value": lv.value, "seed": seed, "n": s["n"], "accuracy": s["accuracy"],

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -77,6 +78,27 @@ def test_study_max_tokens_and_adapter_levels(tmp_path, tiny_model, shared_data):
     run_study(cfg, quiet=True)
     assert (tmp_path / "adapters" / "adapters" / "R1-seed0" / "adapters.safetensors").stat().st_mtime_ns == stamp
     assert (tmp_path / "adapters" / "accuracy_vs_words.png").is_file()
+    # (d) a level folder trained with other settings, or on data changed since, is never reused
+    import dataclasses
+
+    changed = dataclasses.replace(cfg, train={**cfg.train, "iters": 3})
+    with pytest.raises(InputError, match=r"R1-seed0 holds an adapter trained with other settings .*iters: 2 -> 3"):
+        run_study(changed, quiet=True)
+    r2 = tmp_path / "R2" / "train.jsonl"
+    saved = r2.read_text()
+    r2.write_text(saved.replace("gsm8k-train-00000", "gsm8k-train-00009"))
+    with pytest.raises(InputError, match=r"R2-seed0 .*train data .*changed since it was trained"):
+        run_study(cfg, quiet=True)
+    r2.write_text(saved)
+    # (e) a deleted adapter is trained again, and its old evaluation is redone for the new adapter
+    evals = {n: tmp_path / "adapters" / "runs" / f"{n}-seed0" / "summary.json" for n in ("R1", "R2")}
+    before = {n: f.stat().st_mtime_ns for n, f in evals.items()}
+    shutil.rmtree(tmp_path / "adapters" / "adapters" / "R1-seed0")
+    run_study(cfg, quiet=True)
+    assert (tmp_path / "adapters" / "adapters" / "R1-seed0" / "adapters.safetensors").stat().st_mtime_ns != stamp
+    assert evals["R1"].stat().st_mtime_ns != before["R1"]
+    assert json.loads(evals["R1"].read_text())["generated_this_run"] == 2
+    assert evals["R2"].stat().st_mtime_ns == before["R2"]  # unchanged level: its evaluation is kept as it was
 
 
 def test_study_refuses_overlapping_adapter(tmp_path, tiny_model, shared_data):
