@@ -30,9 +30,15 @@ Where the final answer is (``_locate``), on the text after ``</think>``:
    final answer is 7.78. I hope it is correct." reads 7.78). So an intermediate box loses to a
    later "the final answer is $10,455$", and a final-answer sentence that itself holds a box is
    read through that box (the box comes after the marker).
-2. Without any of them, "the answer is X" / "Answer: X".
-3. For ``gsm8k`` only, the last number of the text (lm-eval's flexible extract); a number that
-   is part of a LaTeX expression (``$10^3$``, ``\\frac{3}{4}``) brings the whole expression.
+2. Without any of them, "the answer is X" / "Answer: X" (unless X is a whole sentence).
+3. Otherwise, for ``gsm8k``, the last number of the text (lm-eval's flexible extract); a number
+   that is part of a LaTeX expression (``$10^3$``, ``\\frac{3}{4}``) brings the whole expression.
+   For ``math``, the last math span (``$…$``, ``\\(…\\)``, ``\\[…\\]``) or number, whichever
+   comes later (Math-Verify reads unmarked prose the same way).
+
+A marker's answer is the rest of its sentence, math spans kept whole; a sentence that names
+its answer ("The largest $n$ is 34.") gives what follows its last "is"/"are"/"equals", or the
+one number / math span in it.
 
 When the gold has several parts (``-2, 1``; ``(1,2),(2,1)``; ``k = 45, n = 2``) and the answer
 is a run of adjacent boxes (``\\boxed{-2} and \\boxed{1}``), the run is graded as one answer
@@ -192,10 +198,12 @@ def gsm8k_gold(answer: str | int | float, strict: bool = False) -> str:
 # "Final Answer:", "**Final Answer:**", "The final answer is", "My final answer to this is:".
 _FINAL_RE = re.compile(r"\bfinal\s+answer\b[^\n.:,$]{0,40}?(?:\bis\b|:)(?:\s*\*+)?\s*:?", re.I)
 # The weaker "the answer is X" / "Answer: X", used only when no other marker is present.
-_SAID_RE = re.compile(r"\banswer(?:\s+is\b|\s*:)\s*:?", re.I)
+_SAID_RE = re.compile(r"\banswer(?:\s+is\b|\s*:|(?=\s*(?:\$|\\\[|\\\()))\s*:?", re.I)
 # Math spans and sentence ends: a period is a sentence end only outside a span.
 _SPAN_RE = re.compile(r"\$\$.+?\$\$|\$[^$\n]+?\$|\\\(.+?\\\)|\\\[.+?\\\]|(\.(?=\s|$)|\n)", re.S)
 _HOPE_RE = re.compile(r"\bI hope it is correct", re.I)
+_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$([^$\n]+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+_PROSE_RE = re.compile(r"(?:(?<![\\A-Za-z])[A-Za-z]{2,}\b.*){3}", re.S)  # three words: a sentence, not an answer
 
 
 def _unwrap(ans: str) -> str:
@@ -228,7 +236,17 @@ def _answer_after(text: str, end: int) -> str:
         if m.group(1) is not None:
             rest = rest[:m.start()]
             break
-    return _unwrap(rest)
+    ans = _unwrap(rest)
+    if _PROSE_RE.search(ans):
+        # "The largest $n$ is 34" -> "34"; "Jane started 3 hours ago" -> "3"
+        verbs = list(re.finditer(r"\s(?:is|are|was|equals)\s", ans))
+        tail = _unwrap(ans[verbs[-1].end():]) if verbs else ""
+        if tail and re.search(r"[\d\\]", tail):
+            return tail
+        inner = _last_math(ans)
+        if inner is not None:
+            return inner[1]
+    return ans
 
 
 def _box_run(text: str, boxes: list[tuple[int, int, str]]) -> list[str]:
@@ -286,11 +304,27 @@ def _locate(text: str, kind: str, parts: int = 1) -> str | None:
     said = list(_SAID_RE.finditer(text))
     if said:
         ans = _answer_after(text, said[-1].end())
-        if ans and (kind != "gsm8k" or re.search(r"\d", ans)):
+        if ans and not _PROSE_RE.search(ans) and (kind != "gsm8k" or re.search(r"\d", ans)):
             return ans
     if kind == "gsm8k":
         return last_number(text)
-    return None
+    m = _last_math(text)  # unmarked prose: its last math span or number
+    return None if m is None else m[1]
+
+
+def _last_math(text: str) -> tuple[int, str] | None:
+    """(position, content) of whichever comes last: a math span (``$…$``, ``\\(…\\)``, ``\\[…\\]``)
+    or a number outside spans."""
+    t = _signs_and_spaces(text)
+    best = None
+    for m in _MATH_SPAN_RE.finditer(t):
+        inner = next(g for g in m.groups() if g is not None).strip()
+        if inner:
+            best = (m.start(), inner)
+    num = _last_number_at(_MATH_SPAN_RE.sub(lambda m: " " * len(m.group()), t))
+    if num is not None and (best is None or num[0] > best[0]):
+        best = num
+    return best
 
 
 def extract_answer(text: str, kind: str, parts: int = 1) -> str | None:
@@ -538,7 +572,11 @@ _NUM_RE = re.compile(r"(?<![\w.])(" + _NUM + r")")
 def last_number(text: str) -> str | None:
     """The last number in `text` (lm-eval's "flexible-extract"): '$1,234.50.' -> '1,234.50'.
     A number inside a LaTeX expression brings the expression (``$10^3$`` -> ``10^3``, never '3')."""
-    t = _signs_and_spaces(text or "")
+    m = _last_number_at(_signs_and_spaces(text or ""))
+    return None if m is None else m[1]
+
+
+def _last_number_at(t: str) -> tuple[int, str] | None:
     hits = list(_NUM_RE.finditer(t))
     if not hits:
         return None
@@ -550,8 +588,8 @@ def last_number(text: str) -> str | None:
         b += 1
     word = t[a:b].strip(".,;:!?)(")
     if re.search(r"[\\^{}_]", word):
-        return word
-    return m.group(1)
+        return a, word
+    return m.start(1), m.group(1)
 
 
 # ----------------------------------------------------------------------------- repetition
@@ -689,7 +727,7 @@ def _math_gold(gold) -> str:
     if isinstance(gold, float) and gold.is_integer():
         return str(int(gold))
     g = str(gold).strip()
-    boxed = boxed_content(g)
+    boxed = boxed_content(g)  # a gold in several boxes: the last one, as the reference grader reads it
     return g if boxed is None else boxed
 
 

@@ -263,6 +263,20 @@ def test_final_answer_marker_beats_an_earlier_box():
     assert extract_answer("\\boxed{6} ... the answer is surely right", "math") == "6"
 
 
+def test_answer_sentences_and_unmarked_prose():
+    # a final-answer sentence that names its answer
+    assert grade("Final Answer: The smallest $k$ is 17. I hope it is correct.", "17", "math").correct
+    assert grade("Final Answer: Tom walked 6 miles in total.", "6", "gsm8k").correct
+    assert extract_answer("Final Answer: the two areas are $\\frac{9}{2}$.", "math") == "\\frac{9}{2}"
+    # math without any marker: the last math span or number, whichever comes later
+    assert grade("Adding them, the roots sum to $-\\frac{3}{2}$.", "-\\frac{3}{2}", "math").correct
+    assert grade("We find $x = 2$ first, so there are 11 ways.", "11", "math").correct
+    assert extract_answer("Answer \\( 3^4 \\)", "math") == "3^4"
+    # "the answer ..." introducing a whole sentence is not an answer
+    assert extract_answer("The answer $y$ must be even, and $y = 8$.", "math") == "8"
+    assert grade("No numbers, no formulas here.", "4", "math").status == "invalid"
+
+
 @pytest.mark.parametrize("response,gold,expected", [
     ("The roots are \\boxed{-4} and \\boxed{3}.", "3, -4", "correct"),
     ("The roots are \\boxed{-4} and \\boxed{3}.", "-4,3", "correct"),
