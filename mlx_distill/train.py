@@ -479,6 +479,10 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 if len(row) > 1:
                     metrics.write(row)
                     ui.line(fmt_row(row))
+                    if "val_loss" in row:  # RUN/training.png, rewritten atomically; never raises (mlx_distill.plots)
+                        from .plots import refresh as refresh_plot
+
+                        refresh_plot(out, st.best_iter)
                 ui.advance(f"loss {row.get('train_loss', float('nan')):.3f}" if "train_loss" in row else "")
                 if step % cfg.save_every == 0:
                     checkpoint()
