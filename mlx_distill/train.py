@@ -269,8 +269,8 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     _check_options(cfg)
     _check_run_folder(cfg, out)
     backend = get_backend(cfg)
-    if getattr(backend, "rank", 0):  # torchrun: rank 0 writes the run folder, the others a copy of their own
-        out, quiet = out / "ranks" / str(backend.rank), True
+    if not backend.dist.is_main:  # torchrun: rank 0 writes the run folder, the others a copy of their own
+        out, quiet = backend.dist.run_folder(out), True
     t0 = time.perf_counter()
     model, tokenizer = backend.load()
     reports = {s: data.LoadReport(path="") for s in ("train", "valid")}
@@ -469,10 +469,11 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                         row["kd_alpha"] = kd_alpha_at(cfg, step)
                         if not row.get("kd_coverage") and not kd_warned:
                             kd_warned = True
-                            print(f"warning: iter {step}: no training position of the last {cfg.report_every} "
-                                  f"step(s) had teacher logits (kd_coverage 0): the KD term is inert; the run "
-                                  f"stops if a whole --val-every interval ({cfg.val_every} steps) stays so",
-                                  file=sys.stderr, flush=True)
+                            backend.dist.main_only(
+                                print, f"warning: iter {step}: no training position of the last {cfg.report_every} "
+                                f"step(s) had teacher logits (kd_coverage 0): the KD term is inert; the run stops "
+                                f"if a whole --val-every interval ({cfg.val_every} steps) stays so",
+                                file=sys.stderr, flush=True)
                     st.win_loss, st.win_tokens, st.win_time, st.win_parts = 0.0, 0, 0.0, {}
                 if step % cfg.val_every == 0 or step == cfg.iters:
                     on_validation(row)

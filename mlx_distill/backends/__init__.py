@@ -1,9 +1,7 @@
 """Backends: MLX (Apple Silicon, Linux CPU) and PyTorch (CUDA, CPU), one small interface.
 
-`train.py` drives either through: load, prepare, adapter_config, parameter_counts, forward,
-init_optimizer, build_step(objective), train_step, eval_step, train_mode, learning_rate,
-peak_memory_gb, save_adapter, save_checkpoint, load_checkpoint. Nothing in the MLX path
-imports torch.
+`train.py` drives either through the contract `base.Backend` (a Protocol naming every method
+and attribute the loop uses). Nothing in the MLX path imports torch.
 """
 
 import importlib.util

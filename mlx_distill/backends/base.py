@@ -1,9 +1,102 @@
-"""What both backends share: the mlx-lm adapter description. (Model names are resolved by
-`mlx_distill.models.resolve_model`, the one resolver every command uses.)"""
+"""The backend contract (`Backend`) and what both backends share: the mlx-lm adapter
+description. (Model names are resolved by `mlx_distill.models.resolve_model`, the one resolver
+every command uses.)"""
+
+from pathlib import Path
+from typing import Any, Optional, Protocol, runtime_checkable
+
+from ..distributed import SINGLE, Group
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Everything the training loop (`mlx_distill.train.run`, and `mlx_distill.selection` for
+    ``--select-by accuracy``) uses of a backend; `MLXBackend` and `TorchBackend` implement all
+    of it (tests/test_backend_contract.py checks both, and that the loop uses nothing else).
+
+    Arrays cross the contract as NumPy: a batch is ``data.batch_arrays`` (+ the KD source's
+    ``kd_ids``/``kd_logits``, ``kd_alpha``, ``kd_scale``); the backend converts them
+    (`to_arrays`). An *objective* is ``objective(model, arrays) -> (loss_sum, ntokens, parts)``
+    in the backend's array type (`train.sft_objective`, `train.kd_objective`), built on the
+    backend's `forward`; steps return plain floats: ``{"loss_sum", "ntokens", **parts}``,
+    summed over ranks."""
+
+    name: str  # "mlx" | "torch"
+    model_path: str  # the resolved model folder (set by `load`)
+    tokenizer: Any  # the model's tokenizer (set by `load`); `selection` decodes with it
+    dist: Group  # ranks: world, rank, all-reduce, the folder this rank writes (`mlx_distill.distributed`)
+
+    # model
+    def load(self) -> tuple[Any, Any]:
+        """Load the base model and tokenizer -> (model, tokenizer)."""
+
+    def prepare(self) -> Any:
+        """Freeze the base, add LoRA/DoRA layers (or unfreeze blocks for full fine-tuning)."""
+
+    def parameter_counts(self) -> dict:
+        """{"total": int, "trainable": int}."""
+
+    def adapter_config(self) -> dict:
+        """mlx-lm's adapter_config.json for this run."""
+
+    def forward(self, model, inputs, keep: Optional[int] = None) -> Any:
+        """Logits of the last `keep` positions (all when None)."""
+
+    def to_arrays(self, arrays: dict) -> dict:
+        """NumPy batch -> the backend's arrays (under torchrun: this rank's rows)."""
+
+    # optimisation
+    def init_optimizer(self) -> None:
+        """Fresh optimizer state (the schedule starts at step 0)."""
+
+    def build_step(self, objective) -> None:
+        """Prepare the training step (compile) for `objective`."""
+
+    def train_step(self, arrays: dict, update: bool, micro: int = 0) -> dict:
+        """One micro-batch: accumulate gradients; on `update`, divide by the step's token count once,
+        clip, apply. `micro` (micro-batches consumed) seeds dropout, so a resumed run matches."""
+
+    def eval_step(self, objective, arrays: dict) -> dict:
+        """`objective` on one batch without gradients."""
+
+    def train_mode(self, on: bool) -> None:
+        """Dropout on (training) or off (validation, generation)."""
+
+    def learning_rate(self) -> float:
+        """The rate of the last update."""
+
+    def peak_memory_gb(self) -> float:
+        """Peak device (MLX, CUDA) or process (torch on CPU) memory so far, in GB."""
+
+    def generate(self, prompts: list, max_tokens: int, batch_size: int = 32) -> list:
+        """Greedy continuations (token ids, EOS excluded) of token-id `prompts` by the model being
+        trained, with its current adapter (no second copy of the weights)."""
+
+    # persistence
+    def save_adapter(self, folder: Path, name: str = "adapters.safetensors") -> None:
+        """The trainable weights in mlx-lm's format, written atomically."""
+
+    def save_checkpoint(self, folder: Path, state: dict) -> None:
+        """Adapter + optimizer + the loop's `state`, swapped into `folder` whole (`io.atomic_dir`)."""
+
+    def load_checkpoint(self, folder: Path) -> dict:
+        """Restore adapter and optimizer from `folder` (or ``folder.old``); return the loop state."""
+
+
+def backend_members() -> tuple[str, ...]:
+    """The names `Backend` declares (attributes and methods)."""
+    names = set(Backend.__annotations__)
+    names.update(k for k, v in vars(Backend).items() if callable(v) and not k.startswith("_"))
+    return tuple(sorted(names))
 
 
 class BackendBase:
-    """Subclasses set `cfg`, `model_path` and `num_layers` (LoRA blocks) while loading/preparing."""
+    """Subclasses set `cfg`, `model_path`, `tokenizer` and `num_layers` (LoRA blocks) while
+    loading/preparing; a backend trains in one process (`SINGLE`) unless it sets `dist`."""
+
+    model_path: str = ""
+    tokenizer: Any = None
+    dist: Group = SINGLE
 
     def lora_parameters(self) -> dict:
         p = {"rank": self.cfg.lora_rank, "scale": self.cfg.lora_scale, "dropout": self.cfg.lora_dropout}

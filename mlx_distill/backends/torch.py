@@ -31,7 +31,8 @@ takes the rows ``rank::world`` of each micro-batch; at the update the summed gra
 token counts are all-reduced, so the step is the single-process step on the whole batch
 (not DDP's average of per-rank means). Loss sums are all-reduced too, so every rank logs the
 same numbers. Only rank 0 writes the run folder; other ranks keep theirs under
-``<out>/ranks/<rank>/`` (a 2-line hook in `train.run`)::
+``<out>/ranks/<rank>/``. World, rank, the row split, the all-reduce and the folder of each rank
+come from `mlx_distill.distributed` (`torch_group`)::
 
     torchrun --nproc-per-node 4 -m mlx_distill train --backend torch --model PATH --data DIR --out runs/x
 
@@ -117,20 +118,18 @@ class TorchBackend(BackendBase):
     def __init__(self, cfg, device: Optional[str] = None, dtype: Optional[str] = None):
         import torch
 
+        from .. import distributed
+
         self.cfg, self.torch = cfg, torch
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
+        _, _, local = distributed.env_ranks()
         if device is None:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if dtype is None:
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         self.dtype = getattr(torch, dtype)
-        if self.world > 1 and not torch.distributed.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.dist = distributed.torch_group(self.device)  # under torchrun: joins the process group
+        self.world, self.rank = self.dist.world, self.dist.rank
         self.model = None
         self.params: list = []  # (mlx name, parameter, transpose) of the trainable parameters
         self.opt_step = 0
@@ -232,8 +231,7 @@ class TorchBackend(BackendBase):
         out = {}
         for k, v in arrays.items():
             if isinstance(v, np.ndarray):
-                if self.world > 1 and v.ndim >= 1:  # batch-major arrays; scalars (kd_alpha) stay whole
-                    v = v[self.rank:: self.world]
+                v = self.dist.shard(v)  # batch-major arrays; scalars (kd_alpha) stay whole
                 t = torch.from_numpy(np.array(v, copy=True, order="C"))
                 t = t.long() if np.issubdtype(v.dtype, np.integer) else t.float()
                 v = t.to(self.device)
@@ -255,9 +253,7 @@ class TorchBackend(BackendBase):
             p.grad = None
 
     def _all_reduce(self, t):
-        if self.world > 1:
-            self.torch.distributed.all_reduce(t)
-        return t
+        return self.dist.all_reduce(t)
 
     def train_step(self, arrays: dict, update: bool, micro: int = 0) -> dict:
         torch = self.torch
@@ -270,8 +266,9 @@ class TorchBackend(BackendBase):
         else:
             s, n, parts = self._objective(self.model, b)
             s.backward()
+        # reduced on the device (NCCL takes no CPU tensors), then read
         vals = self._all_reduce(torch.stack([s.detach().float(), n.detach().float(),
-                                             *[v.detach().float() for v in parts.values()]]).cpu()).tolist()
+                                             *[v.detach().float() for v in parts.values()]])).cpu().tolist()
         self._acc_n += vals[1]
         if update:
             self._update(self._acc_n)
@@ -296,7 +293,7 @@ class TorchBackend(BackendBase):
             for dt in {p.grad.dtype for p in params}:
                 group = [p for p in params if p.grad.dtype == dt]
                 flat = torch.cat([p.grad.reshape(-1) for p in group])
-                torch.distributed.all_reduce(flat)
+                self.dist.all_reduce(flat)
                 for p, g in zip(group, flat.split([p.numel() for p in group])):
                     p.grad.copy_(g.view_as(p.grad))
         with torch.no_grad():
@@ -317,8 +314,8 @@ class TorchBackend(BackendBase):
         b = self.to_arrays(arrays)
         with torch.no_grad():
             s, n, parts = objective(self.model, b) if b["inputs"].shape[0] else self._empty_result("kd_ids" in arrays)
-            vals = self._all_reduce(torch.stack([s.float(), n.float(), *[v.float() for v in parts.values()]]).cpu())
-        vals = vals.tolist()
+            vals = self._all_reduce(torch.stack([s.float(), n.float(), *[v.float() for v in parts.values()]]))
+        vals = vals.cpu().tolist()
         return {"loss_sum": vals[0], "ntokens": vals[1], **dict(zip(parts, vals[2:]))}
 
     def train_mode(self, on: bool) -> None:
