@@ -13,6 +13,7 @@ COMMANDS = {
     "study": ("mlx_distill.study", "main", "response-length studies (`study length -c study.yaml`)"),
     "parity": ("mlx_distill.parity", "main", "compare MLX and PyTorch on the same weights and batch"),
     "plot": ("mlx_distill.plots", "main", "training curves of run folders (RUN/training.png, or several runs overlaid)"),
+    "export": ("mlx_distill.export", "main", "fuse a run's adapter into its base model (mlx-lm folder, optional GGUF)"),
     "convert-adapter": ("mlx_distill.adapters", "main", "convert adapters between mlx-lm and PEFT folders"),
     "model": ("mlx_distill.embedded", "main", "prepare the embedded SmolLM2-135M-Instruct model (`model prepare`)"),
 }

@@ -327,6 +327,24 @@ class SynthConfig:
                           "always rewritten).")
 
 
+# ----------------------------------------------------------------------------- export (issue 14)
+@dataclass
+class ExportConfig:
+    """`export`: a run's adapter fused into its base model (mlx_distill/export.py)."""
+    run: str = opt("", "Training run folder (adapters.safetensors + adapter_config.json + config.yaml); also the "
+                   "first positional argument.")
+    out: str = opt("", "Folder for the fused model (an mlx-lm / Hugging Face model folder + manifest.json); required.")
+    model: str = opt("", "Base model (default: `model` in the run's config.yaml, resolved like train --model).")
+    gguf: bool = opt(False, "Also write <out>/model.gguf with mlx-lm's GGUF export (llama, mistral and mixtral "
+                     "architectures only; other architectures are refused before any work).")
+    dequantize: bool = opt(False, "Write float weights when the base model is quantized (QLoRA); needed for --gguf "
+                           "on a quantized base.")
+    upload_repo: str = opt("", "Hugging Face repo (owner/name) to upload the fused folder to with mlx-lm's "
+                           "upload_to_hub (needs network and a token from `huggingface-cli login`; not covered "
+                           "by the tests).")
+    overwrite: bool = opt(False, "Replace --out when it already holds files.")
+
+
 # ----------------------------------------------------------------------------- helpers
 def _type_of(cls, f):
     hints = typing.get_type_hints(cls)
