@@ -341,10 +341,6 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     else:
         config.dump_yaml(cfg, out / "config.yaml")
         atomic_write_json(out / "adapter_config.json", backend.adapter_config())
-        # what eval's overlap check compares against, from any directory, even after the corpus is gone
-        from .overlap import record_training_questions
-
-        record_training_questions(out, [r.path for r in reports.values()])
     # written at the start (a run that dies still says what it trained on); rewritten with the result
     write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="running")
     backend.build_step(train_objective)
@@ -487,7 +483,8 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 ui.advance(f"loss {row.get('train_loss', float('nan')):.3f}" if "train_loss" in row else "")
                 if step % cfg.save_every == 0:
                     checkpoint()
-            if interrupt["signal"] is not None:  # at an optimizer-step boundary: nothing in flight
+            if interrupt["signal"] is not None and not st.stopped and st.step < cfg.iters:
+                # at an optimizer-step boundary: nothing in flight (a run that just ended ends normally)
                 checkpoint()
                 write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
                                status="interrupted", result={"last_iter": st.step, "best_iter": st.best_iter})
