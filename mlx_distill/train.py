@@ -341,6 +341,10 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     else:
         config.dump_yaml(cfg, out / "config.yaml")
         atomic_write_json(out / "adapter_config.json", backend.adapter_config())
+        # what eval's overlap check compares against, from any directory, even after the corpus is gone
+        from .overlap import record_training_questions
+
+        record_training_questions(out, [r.path for r in reports.values()])
     # written at the start (a run that dies still says what it trained on); rewritten with the result
     write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="running")
     backend.build_step(train_objective)
