@@ -126,22 +126,16 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
     as (start, end, content) in text order; a box nested in another is part of its content."""
     out: list[tuple[int, int, str]] = []
     done = 0
+    closing = None
     for m in _BOX_RE.finditer(text or ""):
         if m.start() < done:
             continue
         j = m.end()
         if text.startswith("{", j):
-            depth, k = 0, j
-            while k < len(text):
-                c = text[k]
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                k += 1
-            if depth:
+            if closing is None:
+                closing = _closing_braces(text)
+            k = closing.get(j)
+            if k is None:
                 continue  # never closed: not an answer
             out.append((m.start(), k + 1, text[j + 1:k].strip()))
             done = k + 1
@@ -150,6 +144,17 @@ def _boxes(text: str) -> list[tuple[int, int, str]]:
             if tok:
                 out.append((m.start(), j + tok.end(), tok.group().rstrip(".")))
                 done = j + tok.end()
+    return out
+
+
+def _closing_braces(text: str) -> dict[int, int]:
+    """{position of '{': position of its matching '}'}, in one pass (linear even for many unclosed boxes)."""
+    out, stack = {}, []
+    for i, c in enumerate(text):
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            out[stack.pop()] = i
     return out
 
 
@@ -200,10 +205,19 @@ _FINAL_RE = re.compile(r"\bfinal\s+answer\b[^\n.:,$]{0,40}?(?:\bis\b|:)(?:\s*\*+
 # The weaker "the answer is X" / "Answer: X", used only when no other marker is present.
 _SAID_RE = re.compile(r"\banswer(?:\s+is\b|\s*:|(?=\s*(?:\$|\\\[|\\\()))\s*:?", re.I)
 # Math spans and sentence ends: a period is a sentence end only outside a span.
-_SPAN_RE = re.compile(r"\$\$.+?\$\$|\$[^$\n]+?\$|\\\(.+?\\\)|\\\[.+?\\\]|(\.(?=\s|$)|\n)", re.S)
+_SPAN_RE = re.compile(r"\$\$[^$]+?\$\$|\$[^$\n]+?\$|\\\(.{1,1000}?\\\)|\\\[.{1,1000}?\\\]|(\.(?=\s|$)|\n)", re.S)
 _HOPE_RE = re.compile(r"\bI hope it is correct", re.I)
-_MATH_SPAN_RE = re.compile(r"\$\$(.+?)\$\$|\$([^$\n]+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
-_PROSE_RE = re.compile(r"(?:(?<![\\A-Za-z])[A-Za-z]{2,}\b.*){3}", re.S)  # three words: a sentence, not an answer
+_MATH_SPAN_RE = re.compile(r"\$\$([^$]+?)\$\$|\$([^$\n]+?)\$|\\\((.{1,1000}?)\\\)|\\\[(.{1,1000}?)\\\]", re.S)
+_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\b")  # a word, not a \command
+
+
+def _is_prose(s: str) -> bool:
+    """Three words or more: a sentence, not an answer."""
+    return len(_WORD_RE.findall(s)) >= 3
+
+
+def _mathy(s: str) -> bool:
+    return bool(re.search(r"[\d\\]", s))
 
 
 def _unwrap(ans: str) -> str:
@@ -237,15 +251,20 @@ def _answer_after(text: str, end: int) -> str:
             rest = rest[:m.start()]
             break
     ans = _unwrap(rest)
-    if _PROSE_RE.search(ans):
-        # "The largest $n$ is 34" -> "34"; "Jane started 3 hours ago" -> "3"
+    if _is_prose(ans):
+        # "The largest $n$ is 34" -> "34", "34 is the largest" -> "34"; "Jane started 3 hours ago" -> "3"
         verbs = list(re.finditer(r"\s(?:is|are|was|equals)\s", ans))
-        tail = _unwrap(ans[verbs[-1].end():]) if verbs else ""
-        if tail and re.search(r"[\d\\]", tail):
-            return tail
-        inner = _last_math(ans)
-        if inner is not None:
-            return inner[1]
+        if verbs:
+            head, tail = _unwrap(ans[:verbs[-1].start()]), _unwrap(ans[verbs[-1].end():])
+            if _mathy(tail) and not _mathy(head):
+                return tail
+            if _mathy(head) and not _mathy(tail) and not _is_prose(head):
+                return head
+        t = _signs_and_spaces(ans)
+        found = [m.group() for m in _MATH_SPAN_RE.finditer(t)]
+        found += _NUM_RE.findall(_MATH_SPAN_RE.sub(" ", t))
+        if len(found) == 1:
+            return _unwrap(found[0])
     return ans
 
 
@@ -304,7 +323,7 @@ def _locate(text: str, kind: str, parts: int = 1) -> str | None:
     said = list(_SAID_RE.finditer(text))
     if said:
         ans = _answer_after(text, said[-1].end())
-        if ans and not _PROSE_RE.search(ans) and (kind != "gsm8k" or re.search(r"\d", ans)):
+        if ans and not _is_prose(ans) and (kind != "gsm8k" or re.search(r"\d", ans)):
             return ans
     if kind == "gsm8k":
         return last_number(text)
@@ -705,10 +724,17 @@ def _quiet_math_verify() -> None:
 _quiet_math_verify()
 
 
+# Longer than this is not an answer but a runaway sentence: math-verify is not asked (its regexes,
+# in C and holding the GIL, can outlast any timeout on such text).
+MAX_ANSWER_CHARS = 1000
+
+
 def _math_equal(pred: str, gold: str, timeout: float | None) -> tuple[str, str, str]:
     """(status, method, reason) for a MATH-style answer pair."""
     if normalise_math_string(pred) == normalise_math_string(gold):
         return "correct", "string", ""
+    if len(pred) > MAX_ANSWER_CHARS:
+        return "invalid", "string", "unparsable"
     try:
         g = _call_with_timeout(_mv_parse, timeout, gold)
         p = _call_with_timeout(_mv_parse, timeout, pred)

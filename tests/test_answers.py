@@ -369,3 +369,13 @@ def test_grading_stays_fast(shared_data):
     t = time.perf_counter()
     assert all(grade(r["answer"], r["answer"], "gsm8k").correct for r in rows)
     assert time.perf_counter() - t < 5
+
+
+def test_runaway_texts_grade_quickly():
+    """Unclosed boxes and runaway 'answers' (a loop after a marker) cost linear time, not minutes."""
+    t = time.perf_counter()
+    assert grade("\\boxed{" * 3000 + "5", "5", "gsm8k").status == "invalid"
+    v = grade("Final Answer: " + "\\[ y " * 4000, "5", "math")
+    assert v.status == "invalid" and v.reason == "unparsable"
+    assert grade("\\boxed{2} and " * 2000, "2, 3", "math").status == "invalid"
+    assert time.perf_counter() - t < 5
