@@ -6,7 +6,7 @@ import time
 import pytest
 
 from fault_server import FaultServer
-from mlx_distill.corpus.clients import (ClientError, MLXClient, OpenAIClient, RateLimiter, backoff_delay,
+from mlx_distill.generation.clients import (ClientError, MLXClient, OpenAIClient, RateLimiter, backoff_delay,
                                         complete_all, make_client, think_fields)
 from mlx_distill.io import InputError
 

@@ -10,8 +10,8 @@ pytest.importorskip("peft")
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_distill.backends.torch import TorchClient  # noqa: E402
-from mlx_distill.corpus.clients import MLXClient, complete_all  # noqa: E402
+from mlx_distill.generation.torch import TorchClient  # noqa: E402
+from mlx_distill.generation.clients import MLXClient, complete_all  # noqa: E402
 
 PROMPTS = [[{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in ((3, 4), (12, 30), (7, 7))] + \
           ["Ann has 5 apples"]  # a raw prompt: no chat template

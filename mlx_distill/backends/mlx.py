@@ -195,7 +195,7 @@ class MLXBackend(BackendBase):
 
     def generate(self, prompts: list, max_tokens: int, batch_size: int = 32) -> list:
         """Greedy continuations (token ids, EOS excluded) of `prompts` by the live model and its
-        current adapter, batched by mlx-lm's BatchGenerator (as `corpus.clients.MLXClient`), in
+        current adapter, batched by mlx-lm's BatchGenerator (as `generation.clients.MLXClient`), in
         this thread. The caller puts the model in eval mode (no dropout)."""
         from mlx_lm.generate import BatchGenerator
 
@@ -237,8 +237,8 @@ class MLXBackend(BackendBase):
         from ..io import atomic_dir
 
         with atomic_dir(folder) as tmp:
-            self.mx.save_safetensors(str(tmp / "adapters.safetensors"), self.adapter_weights())
-            self.mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            save_arrays_atomic(tmp / "adapters.safetensors", self.adapter_weights())
+            save_arrays_atomic(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, folder: Path) -> dict:

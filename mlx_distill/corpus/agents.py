@@ -27,7 +27,7 @@ from typing import Optional
 from ..answers import grade, parse_verdict, word_count
 from ..io import InputError
 from ..paths import prompt_path
-from .clients import ClientError, Completion
+from ..generation.clients import ClientError, Completion
 
 ANSWER_INSTRUCTIONS = {"####": "a last line '#### <answer>'.", "boxed": "the final answer within \\boxed{}."}
 

@@ -43,7 +43,7 @@ from ..io import InputError, atomic_write_json, iter_jsonl, public_url, read_jso
 from ..problems import answer_kind, leakage_index, load_problems, normalize_text
 from . import filters
 from .agents import Rewriter, Solver, Verifier, load_prompt, text_or_file
-from .clients import ClientError, MLXClient, make_client
+from ..generation.clients import ClientError, MLXClient, make_client
 from .store import CorpusStore, RunLock, latest, rewrite_key, trace_key
 
 # settings that change what is asked of the teacher: a folder built with other values is refused
@@ -568,11 +568,17 @@ def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict
 
 # ----------------------------------------------------------------------------- main
 def _progress(enabled: bool, console=None):
-    """done/total, verified / rejected / failed and spend so far (only on a terminal)."""
+    """done/total, verified / rejected / failed and spend so far: a live bar on a terminal, a plain
+    line at least every ~10 s otherwise (`mlx_distill.progress.PlainProgress`), so a log shows it too."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = console or Console(stderr=True)
+    if enabled and not console.is_terminal:
+        from ..progress import PlainProgress
+
+        return PlainProgress("corpus build", unit="attempts", stream=console.file,
+                             fields_format=lambda f: {k: f"${v:.4f}" if k == "spend" else v for k, v in f.items()})
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("[green]verified {task.fields[verified]}[/] [yellow]rejected {task.fields[rejected]}[/] "
                                "[red]failed {task.fields[failed]}[/] ${task.fields[spend]:.4f}"),
@@ -641,6 +647,10 @@ def build(cfg: C.CorpusConfig) -> dict:
     return man
 
 
+def _or_dash(v) -> str:
+    return "—" if v is None else str(v)
+
+
 def print_summary(out: Path, man: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -657,11 +667,11 @@ def print_summary(out: Path, man: dict, console=None) -> None:
         t.add_row("failed by", ", ".join(f"{k} {v}" for k, v in man["failed_by"].items()))
     t.add_row("verdicts by", ", ".join(f"{k} {v}" for k, v in (man.get("verdicts_by") or {}).items()) or "-")
     t.add_row("models (server-reported)", ", ".join(f"{k} {v}" for k, v in (man.get("models_reported") or {}).items()) or "-")
-    t.add_row("verified records", f"{man.get('verified_records')} (keep={man.get('keep')}, mean words {man.get('mean_words')})")
+    t.add_row("verified records", f"{man.get('verified_records')} (keep={man.get('keep')}, mean words {_or_dash(man.get('mean_words'))})")
     s = man.get("splits", {})
     t.add_row("splits", f"train {s.get('train')}, valid {s.get('valid')}, test {s.get('test')} (seed {s.get('seed')})")
     for lvl, d in (man.get("levels") or {}).items():
-        t.add_row(f"level {lvl}", f"{d['records']} records, mean words {d['mean_words']} -> {d['dir']}")
+        t.add_row(f"level {lvl}", f"{d['records']} records, mean words {_or_dash(d['mean_words'])} -> {d['dir']}")
     tok = man.get("tokens", {})
     t.add_row("tokens", ", ".join(f"{k}: {v['prompt_tokens']} in / {v['completion_tokens']} out" for k, v in tok.items()) or "-")
     t.add_row("cost estimate", f"${man.get('cost_usd', 0):.4f}")

@@ -4,9 +4,12 @@ Clients (one interface: ``await client.complete(messages, temperature=, max_toke
 returning a ``Completion``; ``describe()`` for manifests; ``aclose()``):
 
 - ``api``: any OpenAI-compatible server (DeepSeek, vLLM, ``mlx_lm server``), with
-  concurrency, rate limits and retries (``corpus.clients.OpenAIClient``);
-- ``mlx``: a local MLX model (+ adapter) with continuous batching (``corpus.clients.MLXClient``);
-- ``torch``: transformers (+ PEFT) (``backends.torch.TorchClient``).
+  concurrency, rate limits and retries (``clients.OpenAIClient``);
+- ``mlx``: a local MLX model (+ adapter) with continuous batching (``clients.MLXClient``);
+- ``torch``: transformers (+ PEFT) (``torch.TorchClient``).
+
+The corpus builder's solver, verifier and rewriter agents, the evaluator and the length
+study all take their clients from here.
 
 ``make_eval_client`` picks one from an ``EvalConfig``; ``generate`` runs a list of requests
 with a progress display and hands each finished completion to a callback as it lands, so
@@ -32,7 +35,7 @@ def problem_seed(seed: int, pid: str) -> int:
 
 
 def mlx_client(model: str, adapter: str = "", batch_size: int = 8):
-    from ..corpus.clients import make_client
+    from .clients import make_client
     from ..models import resolve_model
 
     if adapter and not (Path(adapter) / "adapters.safetensors").is_file():
@@ -41,12 +44,12 @@ def mlx_client(model: str, adapter: str = "", batch_size: int = 8):
 
 
 def make_eval_client(cfg: EvalConfig):
-    from ..corpus.clients import make_client
+    from .clients import make_client
 
     if cfg.backend == "mlx":
         return mlx_client(cfg.model, cfg.adapter, cfg.batch_size)
     if cfg.backend == "torch":  # transformers (+ peft); an mlx-lm or PEFT adapter folder
-        from ..backends.torch import TorchClient
+        from .torch import TorchClient
 
         if cfg.adapter and not any((Path(cfg.adapter) / f).is_file()
                                    for f in ("adapters.safetensors", "adapter_model.safetensors")):
@@ -146,7 +149,7 @@ def parameter_counts(client) -> Optional[dict]:
 
 
 def make_judge_client(cfg: EvalConfig):
-    from ..corpus.clients import make_client
+    from .clients import make_client
 
     if cfg.judge == "api":
         return make_client("api", base_url=cfg.judge_base_url, model=cfg.judge_model or None,
