@@ -119,7 +119,10 @@ class TrainConfig:
     kd_kind: str = opt("forward", "Divergence.", choices=["forward", "reverse", "jsd"])
     kd_tail: bool = opt(False, "Add a 'rest of vocabulary' bucket instead of renormalising over the K ids.")
     kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher logits cover less than this share of the "
-                                 "student's completion positions (see `mlx_distill.logits.TopMStore.check`).")
+                                 "student's completion positions (the error says why and how to fix it; see "
+                                 "`mlx_distill.logits.TopMStore.check`). The KD loss is averaged over the covered "
+                                 "positions only (kd_coverage in metrics.jsonl), and a run whose batches carry no "
+                                 "teacher target for a whole --val-every interval stops whatever this threshold.")
     kd_teacher: str = opt("", "Online KD: a teacher model held in memory that scores each batch as it is trained "
                           "(same tokenizer as the student; instead of --kd).")
 
