@@ -141,7 +141,7 @@ def from_hub(repo_id: str, flag: str = "--model", revision: str | None = None) -
 def resolve_model(name, flag: str = "--model", cache: str | Path | None = None) -> str:
     """`name` -> the absolute path of a local model folder holding config.json (order: module docstring).
 
-    `flag` is the option the name came from, used in error messages (``--model``, ``--teacher-model``);
+    `flag` is the option the name came from, used in error messages (``--model``, ``--teacher``, ``--kd-teacher``);
     `cache` is the mlx_distill cache for the embedded model (default `paths.cache_dir()`).
     Raises `io.InputError` (one line: what was tried, what to pass). Idempotent: resolving the
     returned folder returns it again, so loaders may resolve whatever they are handed."""
