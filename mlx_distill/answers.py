@@ -274,7 +274,7 @@ def _box_run(text: str, boxes: list[tuple[int, int, str]]) -> list[str]:
     run = [boxes[-1]]
     for b in reversed(boxes[:-1]):
         gap = text[b[1]:run[0][0]]
-        if len(gap) > 60 or "\n\n" in gap:
+        if len(gap) > 60 or "\n\n" in gap or re.search(r"[.!?]\W*\s[A-Z]", gap):  # not across sentences
             break
         run.insert(0, b)
     return [b[2] for b in run]
@@ -316,7 +316,8 @@ def _locate(text: str, kind: str, parts: int = 1) -> str | None:
     finals = list(_FINAL_RE.finditer(text))
     if finals:
         ans = _answer_after(text, finals[-1].end())
-        if ans:
+        # after a box or '####', words alone ("... the final answer is a common one") are prose, not an answer
+        if ans and (not cands or re.search(r"[\d\\$]", ans)):
             cands.append((finals[-1].start(), ans))
     if cands:
         return max(cands, key=lambda c: c[0])[1]

@@ -259,6 +259,8 @@ def test_final_answer_marker_beats_an_earlier_box():
     assert extract_answer("So the final answer is $\\boxed{42}$, as checked.", "math") == "42"
     # and a box written after the final-answer sentence is the last word
     assert grade("Final answer: 8.\nOn second thought, \\boxed{9}", "9", "gsm8k").correct
+    # words alone after a box are prose, not a final answer
+    assert grade("So $\\boxed{12}$.\nTip: checking the final answer is a good habit.", "12", "gsm8k").correct
     # "the answer is" only counts without a stronger marker
     assert extract_answer("\\boxed{6} ... the answer is surely right", "math") == "6"
 
@@ -287,6 +289,9 @@ def test_answer_sentences_and_unmarked_prose():
     ("Only \\boxed{3}.", "3, -4", "wrong"),
     ("Pairs: \\boxed{(5, 1)}, \\boxed{(1, 5)}", "(1,5),(5,1)", "correct"),
     ("First \\boxed{10}.\n\nLater we find the roots \\boxed{-4} and \\boxed{3}.", "3, -4", "correct"),
+    # boxes in different sentences are different answers
+    ("One angle is $\\boxed{90^\\circ}$. The other two match, so they are $\\boxed{45^\\circ, 45^\\circ}$.",
+     "45^\\circ, 45^\\circ", "correct"),
 ])
 def test_several_boxes_for_a_several_part_gold(response, gold, expected):
     assert grade(response, gold, "math").status == expected
