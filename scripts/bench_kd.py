@@ -140,8 +140,7 @@ def main():
     def kd_arrays():
         a = {**data.batch_arrays(b), **store.batch_arrays(b, cfg.kd_top_k)}
         a["kd_alpha"] = np.array(cfg.kd_alpha, dtype=np.float32)
-        if hasattr(train, "kd_step_scale"):  # KD normalised by its own positions (issue 10)
-            a["kd_scale"] = np.array(train.kd_step_scale([a])[0], dtype=np.float32)
+        a["kd_scale"] = np.array(train.kd_step_scale([a])[0], dtype=np.float32)  # N / N_KD of the step
         return data.trim_prompt(a, b)
 
     steps = {}
