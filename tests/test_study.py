@@ -113,7 +113,7 @@ def test_study_refuses_overlapping_adapter(tmp_path, tiny_model, shared_data):
                               "train": {"model": str(tiny_model), "iters": 1, "batch_size": 2, "val_every": 1,
                                         "lora_layers": 1},
                               "eval": {"dataset": "gsm8k", "limit": 2, "max_tokens": 2}})
-    with pytest.raises(InputError, match="also occur in the training corpus"):
+    with pytest.raises(InputError, match="also occur in the training data"):
         run_study(cfg, quiet=True)
 
 
