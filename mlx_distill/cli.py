@@ -11,6 +11,8 @@ COMMANDS = {
     "eval": ("mlx_distill.evaluate", "main", "generate answers for a benchmark and grade them"),
     "grade": ("mlx_distill.evaluate", "grade_main", "re-grade saved predictions without a model"),
     "study": ("mlx_distill.study", "main", "response-length studies (`study length -c study.yaml`)"),
+    "pipeline": ("mlx_distill.pipeline", "main", "run a recipe's stages in order, skipping those whose output "
+                 "matches (recipes/*.yaml)"),
     "parity": ("mlx_distill.parity", "main", "compare MLX and PyTorch on the same weights and batch"),
     "plot": ("mlx_distill.plots", "main", "training curves of run folders (RUN/training.png, or several runs overlaid)"),
     "export": ("mlx_distill.export", "main", "fuse a run's adapter into its base model (mlx-lm folder, optional GGUF)"),

@@ -330,6 +330,18 @@ class SynthConfig:
                           "always rewritten).")
 
 
+@dataclass
+class VariantConfig:
+    """`pipeline variant`: a training variant of a corpus folder (mlx_distill/pipeline.py; owner: pipeline)."""
+    data: str = opt("", "Corpus folder to derive from (train.jsonl, valid.jsonl, test.jsonl).")
+    out: str = opt("", "Folder to write (train/valid/test.jsonl + manifest.json).")
+    mode: str = opt("answer-only", "answer-only: every train/valid record without its reasoning (and thinking); "
+                    "cot: the records unchanged; mixed: a seeded share of them answer-only.",
+                    choices=["answer-only", "cot", "mixed"])
+    answer_only_fraction: float = opt(0.5, "With --mode mixed: share of train/valid records made answer-only.")
+    seed: int = opt(0, "With --mode mixed: seed of the (id-hashed) choice of records.")
+
+
 # ----------------------------------------------------------------------------- export (issue 14)
 @dataclass
 class ExportConfig:
