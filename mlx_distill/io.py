@@ -35,6 +35,8 @@ def atomic_path(path: str | Path):
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are ordinary files
     try:
         yield Path(tmp)
+        # again: a writer may have replaced the file (safetensors' save_file writes a new 0600 one)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -283,6 +283,10 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
     t_model = 0.0
     say(f"teacher {teacher.path} ({teacher.backend}) | {len(examples)} examples, {n_stored} already "
         f"stored, {len(todo)} to score | M={cfg.top_m} -> {out}")
+    from .progress import Heartbeat
+
+    # a plain line at least every ~10 s (from a thread: one teacher forward may take longer)
+    beat = Heartbeat("logits", total=len(todo), unit="examples", enabled=not quiet).__enter__()
     try:
         for idx in data.bucket(todo, cfg.batch_size):
             b = data.collate(todo, idx, pad)
@@ -296,9 +300,11 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
                 buf.append((e, ids[r, lo:hi], lps[r, lo:hi]))
                 n_pos += hi - lo
                 n_fwd += len(e.tokens) - 1
+            beat.update(advance=len(idx), positions=n_pos, shards=len(shards))
             if len(buf) >= cfg.shard_size:
                 flush()
     finally:
+        beat.__exit__()
         flush()
     if not shards:
         save_manifest()

@@ -110,6 +110,8 @@ def plot_lengths(records: list[dict], path: Path) -> bool:
     groups = [(s, w) for s, w in groups if w]
     if groups:
         ax.hist([w for _, w in groups], bins=20, label=[f"{s} ({len(w)})" for s, w in groups], stacked=True)
+    ax.set_xlim(left=0)  # words and counts are never negative
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("response words")
     ax.set_ylabel("problems")
     ax.legend()

@@ -243,30 +243,43 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _pm(mean, std, pct=False) -> str:
+    """"mean ± std"; the mean alone when there is no spread to show (std None: a single seed)."""
     if mean is None:
-        return "-"
-    if pct:
-        return f"{mean:.1%} ± {std:.1%}"
-    return f"{mean:.1f} ± {std:.1f}"
+        return "—"
+    fmt = "{:.1%}" if pct else "{:.1f}"
+    return fmt.format(mean) if std is None else f"{fmt.format(mean)} ± {fmt.format(std)}"
+
+
+def _one_value_if_one_seed(a: dict) -> dict:
+    """A level measured with one seed has no standard deviation: its stds become None (shown as the mean only)."""
+    return {k: (None if k.endswith("_std") else v) for k, v in a.items()} if a.get("seeds", 0) <= 1 else a
 
 
 def _value_label(kind: str) -> str:
     return {"prompt": "word budget", "max_tokens": "max tokens", "adapter": "corpus / adapter"}[kind]
 
 
-def print_table(agg: list[dict], kind: str) -> None:
+def print_table(agg: list[dict], kind: str, console=None) -> None:
+    """The study table within 80 columns: headers whole, the "± std" under its mean (only with several
+    seeds), long level values (adapter paths) folded."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"Response-length study ({kind}), mean ± std over seeds")
+    several = any(a.get("seeds", 0) > 1 for a in agg)
+    t = Table(title=f"Response-length study ({kind})" + (", mean ± std over seeds" if several else ", one seed"),
+              box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("level", _value_label(kind), "accuracy", "words", "tokens", "truncated", "invalid", "n × seeds"):
-        t.add_column(col, justify="left" if col in ("level", _value_label(kind)) else "right")
-    for a in agg:
-        t.add_row(a["level"], str(a["value"]), _pm(a["accuracy_mean"], a["accuracy_std"], True),
-                  _pm(a["words_mean_mean"], a["words_mean_std"]), _pm(a["tokens_mean_mean"], a["tokens_mean_std"]),
-                  _pm(a["truncation_rate_mean"], a["truncation_rate_std"], True),
-                  _pm(a["invalid_rate_mean"], a["invalid_rate_std"], True), f"{a['n']} × {a['seeds']}")
-    Console().print(t)
+        left = col in ("level", _value_label(kind))
+        t.add_column(col, justify="left" if left else "right", overflow="fold", no_wrap=col != _value_label(kind),
+                     min_width=max(len(w) for w in col.split()))  # headers wrap at spaces, never inside a word
+    for a in map(_one_value_if_one_seed, agg):
+        cells = [_pm(a["accuracy_mean"], a["accuracy_std"], True), _pm(a["words_mean_mean"], a["words_mean_std"]),
+                 _pm(a["tokens_mean_mean"], a["tokens_mean_std"]),
+                 _pm(a["truncation_rate_mean"], a["truncation_rate_std"], True),
+                 _pm(a["invalid_rate_mean"], a["invalid_rate_std"], True)]
+        t.add_row(a["level"], str(a["value"]), *(c.replace(" ± ", "\n± ") for c in cells), f"{a['n']} × {a['seeds']}")
+    (console or Console()).print(t)
 
 
 def plot(agg: list[dict], path: Path, kind: str) -> bool:
@@ -286,6 +299,8 @@ def plot(agg: list[dict], path: Path, kind: str) -> bool:
     for a in pts:
         ax.annotate(a["level"], (a["words_mean_mean"], 100 * a["accuracy_mean"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=8)
+    ax.set_xlim(left=0)  # words and accuracy are never negative (an error bar must not pull the axis below 0)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("mean response words")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"Accuracy vs response length ({_value_label(kind)})")
@@ -305,7 +320,7 @@ def report(cfg: StudyConfig, base: EvalConfig, agg: list[dict], plotted: bool) -
         L += ["> Greedy decoding: the seeds do not change the runs, so the std is 0 by construction.", ""]
     L += [f"| level | {_value_label(cfg.kind)} | accuracy | mean words | mean tokens | truncated | invalid | n × seeds |",
           "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for a in agg:
+    for a in map(_one_value_if_one_seed, agg):
         L.append(f"| {a['level']} | {a['value']} | {_pm(a['accuracy_mean'], a['accuracy_std'], True)} | "
                  f"{_pm(a['words_mean_mean'], a['words_mean_std'])} | {_pm(a['tokens_mean_mean'], a['tokens_mean_std'])} | "
                  f"{_pm(a['truncation_rate_mean'], a['truncation_rate_std'], True)} | "
