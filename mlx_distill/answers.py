@@ -66,6 +66,13 @@ from .config import CorpusConfig
 
 KINDS = ("gsm8k", "math")
 
+# The answer-format instruction every prompt asks with ({format_instruction} in prompts/*.txt):
+# training (data.record_to_messages), evaluation (evaluate.render_user) and the corpus solver.
+FORMAT_INSTRUCTIONS = {
+    "####": "Solve the problem step by step. Write the final answer on the last line as '#### <answer>'.",
+    "boxed": "Solve the problem step by step. Put the final answer within \\boxed{}.",
+}
+
 
 def normalise_kind(kind: str) -> str:
     """``kind`` itself when it is one of ``KINDS``. Benchmark names (math500, aime24, ...) are mapped

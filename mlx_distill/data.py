@@ -26,14 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .answers import FORMAT_INSTRUCTIONS
 from .io import InputError, iter_jsonl
 from .paths import prompt_path
 
 MARKERS = {"####": "\n#### {answer}", "boxed": "\n\nThe final answer is $\\boxed{{{answer}}}$."}
-FORMAT_INSTRUCTIONS = {
-    "####": "Solve the problem step by step. Write the final answer on the last line as '#### <answer>'.",
-    "boxed": "Solve the problem step by step. Put the final answer within \\boxed{}.",
-}
 
 
 @dataclass

@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Optional
 
 from . import answers, config, tasks
+from .answers import FORMAT_INSTRUCTIONS
 from .config import EvalConfig, GradeConfig
-from .data import FORMAT_INSTRUCTIONS
 from .generation import full_response, generate, make_eval_client, make_judge_client, parameter_counts, \
     problem_seed, _gather
 from .io import InputError, JsonlAppender, atomic_write_json, iter_jsonl, public_url, read_json, read_jsonl, \

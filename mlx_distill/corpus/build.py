@@ -464,6 +464,8 @@ def summarize(out: Path, cfg: C.CorpusConfig, problems: list[dict]) -> dict:
         fired_counts.update(fired)
         if r.get("verdict"):
             decided["judge" if r["verdict"]["decided_by"].startswith("judge") else "programmatic"] += 1
+            if r["verdict"].get("reason") == "judge unparsable":  # no explicit verdict line: counted apart
+                decided["judge unparsable"] += 1
         if r.get("provenance"):
             models[r["provenance"].get("model")] += 1
             finish[r["provenance"].get("finish_reason")] += 1

@@ -47,7 +47,6 @@ class Task:
     # user-turn template in prompts/ ({question}, {format_instruction}); the default is the one
     # `train` renders corpus records with, so a model is evaluated with the prompt it learnt
     prompt: str = "train_user.txt"
-    solver_prompt: str = "solver_gsm8k.txt"  # the corpus builder's solver template
     fewshot: Optional[tuple] = None    # (task, split) few-shot exemplars are drawn from; None: not offered
     metric: str = "accuracy"     # exact-match accuracy of the graded final answer (Wilson CI, stderr)
     leakage: bool = False        # training corpora are checked against its eval split
@@ -73,24 +72,19 @@ _DEFS = [
          answer_format="boxed", local={"train": "math/train.jsonl"},
          hub=(Hub("EleutherAI/hendrycks_math", None, {"train": "train", "test": "test"}, MATH_SUBJECTS),
               Hub("hendrycks/competition_math", None, {"train": "train", "test": "test"})),
-         default_split="train", solver_prompt="solver_math.txt", fewshot=("math", "train")),
+         default_split="train", fewshot=("math", "train")),
     Task("math500", "MATH-500 (the held-out 500 of 'Let's Verify Step by Step')", reader="math", answer_kind="math",
          answer_format="boxed", local={"test": "math500/test.jsonl"},
-         hub=(Hub("HuggingFaceH4/MATH-500", None, {"test": "test"}),),
-         solver_prompt="solver_math.txt", fewshot=("math", "train"), leakage=True),
+         hub=(Hub("HuggingFaceH4/MATH-500", None, {"test": "test"}),), fewshot=("math", "train"), leakage=True),
     Task("aime24", "AIME 2024", reader="competition", answer_kind="math", answer_format="boxed",
          local={"test": "aime24/test.jsonl"},
-         hub=(Hub("HuggingFaceH4/aime_2024", None, {"test": "train"}), Hub("math-ai/aime24", None, {"test": "test"})),
-         solver_prompt="solver_math.txt", fewshot=("math", "train"), leakage=True),
+         hub=(Hub("HuggingFaceH4/aime_2024", None, {"test": "train"}), Hub("math-ai/aime24", None, {"test": "test"})), fewshot=("math", "train"), leakage=True),
     Task("amc23", "AMC 2023", reader="competition", answer_kind="math", answer_format="boxed",
          local={"test": "amc23/test.jsonl"},
-         hub=(Hub("math-ai/amc23", None, {"test": "test"}), Hub("AI-MO/aimo-validation-amc", None, {"test": "train"})),
-         solver_prompt="solver_math.txt", fewshot=("math", "train"), leakage=True),
+         hub=(Hub("math-ai/amc23", None, {"test": "test"}), Hub("AI-MO/aimo-validation-amc", None, {"test": "train"})), fewshot=("math", "train"), leakage=True),
     # user sets: problem/question + answer (or a solution with \boxed{}); kind from --answer-kind (default math)
-    Task("jsonl", "a JSONL file of problems (--data)", reader="user", answer_kind="math", answer_format="boxed",
-         solver_prompt="solver_math.txt", needs_data=True),
-    Task("csv", "a CSV file of problems (--data)", reader="user", answer_kind="math", answer_format="boxed",
-         solver_prompt="solver_math.txt", needs_data=True),
+    Task("jsonl", "a JSONL file of problems (--data)", reader="user", answer_kind="math", answer_format="boxed", needs_data=True),
+    Task("csv", "a CSV file of problems (--data)", reader="user", answer_kind="math", answer_format="boxed", needs_data=True),
     # a corpus folder's held-out test.jsonl; answer kind from the records' answer_format
     Task("corpus", "a corpus's held-out test split (--data CORPUS)", reader="corpus", answer_kind="gsm8k",
          answer_format="####", needs_data=True),
