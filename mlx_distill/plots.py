@@ -83,6 +83,14 @@ def series(rows: list, key: str) -> tuple[list, list]:
     return xs, ys
 
 
+def _shown(run: RunCurves, panel: str, key: str) -> bool:
+    """Whether `run` draws `key` in `panel`: an SFT run logs sft_loss too (= its train loss), so the
+    KD panel shows only runs that have a KD part."""
+    if panel == "kd" and not series(run.rows, "kd_loss")[0]:
+        return False
+    return bool(series(run.rows, key)[0])
+
+
 def _value_at(rows: list, key: str, it: int):
     for r in rows:
         if r.get("iter") == it and isinstance(r.get(key), (int, float)):
@@ -95,7 +103,7 @@ def figure(runs: list[RunCurves], title: str = ""):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
-    panels = [p for p, keys in PANELS.items() if any(series(r.rows, k)[0] for r in runs for k, *_ in keys)]
+    panels = [p for p, keys in PANELS.items() if any(_shown(r, p, k) for r in runs for k, *_ in keys)]
     if not panels:
         raise InputError(f"{', '.join(r.name for r in runs)}: metrics.jsonl has no loss or accuracy rows yet")
     single = len(runs) == 1
@@ -111,12 +119,12 @@ def figure(runs: list[RunCurves], title: str = ""):
             color = COLORS[i % len(COLORS)]
             for key, label, style, marker in PANELS[panel]:
                 xs, ys = series(run.rows, key)
-                if not xs:
+                if not xs or not _shown(run, panel, key):
                     continue
                 c = SINGLE[key] if single else color
                 ax.plot(xs, ys, linestyle=style, marker=marker, markersize=3.5, color=c, linewidth=1.6,
                         label=label if single else None)
-            if run.best_iter is not None and any(series(run.rows, k)[0] for k, *_ in PANELS[panel]):
+            if run.best_iter is not None and any(_shown(run, panel, k) for k, *_ in PANELS[panel]):
                 ax.axvline(run.best_iter, color="0.35" if single else color, linestyle=":", linewidth=1.3)
                 key = "val_accuracy" if panel == "accuracy" else "val_loss" if panel == "loss" else None
                 y = _value_at(run.rows, key, run.best_iter) if key else None
@@ -127,7 +135,7 @@ def figure(runs: list[RunCurves], title: str = ""):
             handles = ax.get_legend_handles_labels()[0]
         else:  # the line styles say which metric; the figure legend says which run
             handles = [Line2D([], [], color="0.25", linestyle=style, marker=marker, markersize=3.5, label=label)
-                       for key, label, style, marker in PANELS[panel] if any(series(r.rows, key)[0] for r in runs)]
+                       for key, label, style, marker in PANELS[panel] if any(_shown(r, panel, key) for r in runs)]
         run = runs[0]
         if any(r.best_iter is not None for r in runs):
             what = f"kept adapter (iter {run.best_iter}, by validation {run.criterion})" if single else \
@@ -148,7 +156,8 @@ def figure(runs: list[RunCurves], title: str = ""):
             ax.set_ylim(0, 1.02)
         else:
             ax.set_ylim(bottom=0)  # losses are never negative: an axis below 0 only wastes room
-            top = max((y for r in runs for k, *_ in PANELS[panel] for y in series(r.rows, k)[1]), default=1.0)
+            top = max((y for r in runs for k, *_ in PANELS[panel] if _shown(r, panel, k) for y in series(r.rows, k)[1]),
+                      default=1.0)
             ax.set_ylim(0, top * 1.08 if top > 0 else 1.0)
     axes[-1].set_xlabel("iteration (optimizer steps)")
     axes[-1].set_xlim(left=0, right=max(max_iter, 1) * 1.02)

@@ -25,7 +25,7 @@ def _run_folder(folder: Path, kd=False, acc=False, best=None, iters=20) -> Path:
     for it in range(0, iters + 1, 2):
         r = {"iter": it, "val_loss": 3.0 - 0.05 * it}
         if it:
-            r.update(train_loss=2.9 - 0.06 * it)
+            r.update(train_loss=2.9 - 0.06 * it, sft_loss=2.9 - 0.06 * it)  # train logs sft_loss for SFT too
             if kd:
                 r.update(sft_loss=2.0 - 0.05 * it, kd_loss=0.4 - 0.01 * it)
         if acc:
@@ -72,6 +72,12 @@ def test_sft_run_has_one_panel_and_plot_skips_missing_keys(tmp_path):
     assert len(fig.axes) == 1
     labels = _legend_texts(fig.axes[0])
     assert "train loss" in labels and "validation loss" in labels and not any("KD" in t for t in labels)
+    # overlaid with a KD run: the KD panel holds only the KD run's lines
+    kd = plots.read_run(_run_folder(tmp_path / "kd", kd=True, best=4))
+    fig = plots.figure([plots.read_run(tmp_path / "sft"), kd])
+    kd_ax = next(a for a in fig.axes if a.get_title(loc="left") == plots.TITLE["kd"])
+    assert len([ln for ln in kd_ax.get_lines() if len(ln.get_xdata()) > 2]) == 2
+    assert kd_ax.get_ylim()[1] < 2.5  # scaled to the KD run's parts, not to the SFT run's loss
 
 
 def test_overlay_cli_legend_by_run_folder(tmp_path):
