@@ -6,9 +6,11 @@ import sys
 # command -> (module, function, one-line help)
 COMMANDS = {
     "train": ("mlx_distill.train", "main", "LoRA/DoRA/full SFT (+ top-K logit KD) with validation early stopping"),
-    "corpus": ("mlx_distill.corpus.build", "main", "build / inspect a verified chain-of-thought corpus (`corpus build`, `corpus stats`)"),
+    "corpus": ("mlx_distill.corpus.build", "main", "build / inspect a verified chain-of-thought corpus (`corpus build`, `corpus stats`); "
+               "the generated demo corpus (`corpus synth`)"),
     "logits": ("mlx_distill.logits", "main", "re-score verified traces with a local teacher and store its top-M logits"),
     "eval": ("mlx_distill.evaluate", "main", "generate answers for a benchmark and grade them"),
+    "compare": ("mlx_distill.compare", "main", "two evals of the same problems side by side (accuracy, paired test, responses)"),
     "grade": ("mlx_distill.evaluate", "grade_main", "re-grade saved predictions without a model"),
     "study": ("mlx_distill.study", "main", "response-length studies (`study length -c study.yaml`)"),
     "pipeline": ("mlx_distill.pipeline", "main", "run a recipe's stages in order, skipping those whose output "
