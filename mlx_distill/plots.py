@@ -3,7 +3,8 @@
     python -m mlx_distill plot runs/sft                      # -> runs/sft/training.png
     python -m mlx_distill plot runs/sft runs/kd --out sft_vs_kd.png
 
-``train`` rewrites ``<run>/training.png`` atomically at each validation (`refresh`): the train
+``train`` rewrites ``<run>/training.png`` atomically at each validation (`refresh`; a toy run that
+validates several times a second skips some redraws, see `BUDGET`, and is drawn at its end): the train
 and validation loss, the two parts of a KD objective (``sft_loss``, ``kd_loss``) in a panel of
 their own, and the validation accuracy (``--select-by accuracy``) in a third, all read from
 ``metrics.jsonl``. The kept iteration (the adapter in ``adapters.safetensors``) is marked in
@@ -16,6 +17,7 @@ says so once and training goes on; the ``plot`` command stops with that message.
 import argparse
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +184,17 @@ def _once(key: str, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def refresh(folder: str | Path, best_iter: int | None = None) -> Path | None:
-    """Rewrite ``<folder>/training.png`` from its metrics.jsonl (called by train at each validation).
+# share of a run's wall time that redrawing training.png may take: a real run validates every
+# several seconds and is redrawn at every validation; a toy run validating several times a second
+# (the tests) skips redraws that would come within 1 / BUDGET render times of the last one, and
+# the run's final call (final=True) always draws.
+BUDGET = 0.1
+_last: dict = {}  # run folder -> (when its last render finished, seconds it took)
+
+
+def refresh(folder: str | Path, best_iter: int | None = None, final: bool = False) -> Path | None:
+    """Rewrite ``<folder>/training.png`` from its metrics.jsonl (train calls it at each validation
+    and once at the end with final=True).
 
     Never raises: a plot must not end a training run. Without matplotlib it says so once."""
     try:
@@ -192,8 +203,14 @@ def refresh(folder: str | Path, best_iter: int | None = None) -> Path | None:
         _once("matplotlib", "note: matplotlib is not installed (pip install 'mlx_distill[plots]'): "
                             f"no {PNG} for this run")
         return None
+    key = str(Path(folder).resolve())
+    if not final and key in _last and time.perf_counter() - _last[key][0] < _last[key][1] / BUDGET:
+        return None
     try:
-        return write([read_run(folder, best_iter)], Path(folder) / PNG)
+        tic = time.perf_counter()
+        path = write([read_run(folder, best_iter)], Path(folder) / PNG)
+        _last[key] = (time.perf_counter(), time.perf_counter() - tic)
+        return path
     except Exception as e:  # noqa: BLE001 - any plotting failure is reported, never fatal
         _once(f"fail:{folder}", f"warning: could not write {Path(folder) / PNG} ({type(e).__name__}: {e}); "
                                 "training goes on")

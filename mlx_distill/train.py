@@ -512,6 +512,9 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 **({"tie_break": "val_loss", "best_val_loss": st.best_val} if accuracy else {})}
     write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="finished",
                    selection=selected, result=summary)
+    from .plots import refresh as refresh_plot
+
+    refresh_plot(out, st.best_iter, final=True)  # the finished run's training.png, whatever was skipped
     if not quiet:
         best = f"val accuracy {st.best_acc:.4f}, val loss {st.best_val:.4f}" if accuracy else f"val loss {st.best_val:.4f}"
         print(f"{st.stopped}. Best adapter (iter {st.best_iter}, {best}) -> {out / 'adapters.safetensors'}")

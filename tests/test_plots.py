@@ -103,6 +103,19 @@ def test_overlay_cli_legend_by_run_folder(tmp_path):
     assert r.returncode == 2 and "no metrics.jsonl" in r.stderr and r.stderr.count("\n") == 1
 
 
+def test_refresh_skips_redraws_only_within_its_time_budget(tmp_path, monkeypatch):
+    run = _run_folder(tmp_path / "run")
+    drawn = []
+    monkeypatch.setattr(plots, "write", lambda runs, path, title="": drawn.append(path) or path)
+    monkeypatch.setattr(plots, "_last", {})
+    assert plots.refresh(run) is not None
+    plots._last[str(run.resolve())] = (plots.time.perf_counter(), 5.0)  # a render that took 5 s just ended
+    assert plots.refresh(run) is None and len(drawn) == 1  # within 1 / BUDGET renders: skipped
+    assert plots.refresh(run, final=True) is not None and len(drawn) == 2  # the end of a run always draws
+    plots._last[str(run.resolve())] = (plots.time.perf_counter() - 60, 5.0)  # a minute ago
+    assert plots.refresh(run) is not None and len(drawn) == 3
+
+
 def test_refresh_never_raises(tmp_path, monkeypatch, capsys):
     run = _run_folder(tmp_path / "run")
     plots._said.clear()
@@ -137,9 +150,9 @@ def test_train_rewrites_training_png_at_each_validation(tiny_model, corpus, tmp_
     calls = []
     real = plots.refresh
 
-    def spy(folder, best_iter=None):
-        calls.append(best_iter)
-        return real(folder, best_iter)
+    def spy(folder, best_iter=None, final=False):
+        calls.append((best_iter, final))
+        return real(folder, best_iter, final)
 
     monkeypatch.setattr(plots, "refresh", spy)
     out = tmp_path / "run"
@@ -148,7 +161,7 @@ def test_train_rewrites_training_png_at_each_validation(tiny_model, corpus, tmp_
                                   learning_rate=3e-3, warmup=0))
     res = run(cfg, quiet=True)
     vals = [r for r in read_jsonl(out / "metrics.jsonl") if "val_loss" in r and r["iter"] > 0]
-    assert len(calls) == len(vals) == 2 and calls[-1] == res["best_iter"]
+    assert len(vals) == 2 and calls == [(c[0], False) for c in calls[:2]] + [(res["best_iter"], True)]
     png = out / "training.png"
     assert png.is_file() and png.stat().st_size > 10_000
     assert not [p for p in out.iterdir() if p.name.startswith(".training.png")]  # atomic: no temp left
