@@ -235,6 +235,14 @@ class StudyConfig:
     train: dict = opt({}, "TrainConfig options for kind adapter (YAML mapping: model, iters, ...).")
     out: str = opt("runs/study", "Output folder: results.json/csv, accuracy_vs_words.png, report.md, runs/.")
     plot: bool = opt(True, "Write the PNG plot (needs matplotlib).")
+    # how to run the grid (not what it measures; never part of a cell's settings)
+    plan: bool = opt(False, "Write the grid's cells (level x seed) to <out>/plan.json, plan.txt and cells.sh, each "
+                     "with its folder, per-cell train/eval YAMLs and commands; run nothing.")
+    cell: int = opt(-1, "Run only cell I of the plan (train if needed, then eval) and write its result.json; "
+                    "any scheduler can run the cells. Without --plan/--cell/--run-all, a study with a plan "
+                    "assembles the finished cells.")
+    run_all: bool = opt(False, "Plan, run every unfinished cell here one after another, then assemble (what a "
+                        "study without a plan does).")
 
 
 # ----------------------------------------------------------------------------- corpus (issue 3; owner: corpus builder)
