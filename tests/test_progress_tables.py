@@ -214,3 +214,11 @@ def test_safetensors_files_get_the_usual_permissions(tmp_path):
         pass
     for name in written:
         assert _mode(tmp_path / f"{name}.safetensors") == usual, name
+
+
+def test_eval_prints_progress_when_piped(tiny_model, tmp_path, shared_data):
+    r = _piped(["eval", "--model", tiny_model, "--dataset", "gsm8k", "--limit", 3, "--max-tokens", 40,
+                "--batch-size", 1, "--out", tmp_path / "e", "--no-plot"])
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "/3 (" in ln and " | elapsed " in ln]
+    assert lines and lines[-1].split(": ", 1)[1].startswith("3/3 (100.0%)"), r.stderr

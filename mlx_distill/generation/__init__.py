@@ -72,15 +72,17 @@ def _progress(total: int, label: str, quiet: bool):
         prog.start()
         task = prog.add_task(label, total=total)
         return (lambda: prog.advance(task)), prog.stop
-    state = {"n": 0, "t": time.time()}
+    from ..progress import Heartbeat
 
-    def advance():
-        state["n"] += 1
-        if state["n"] == total or time.time() - state["t"] > 10:
-            state["t"] = time.time()
-            print(f"{label}: {state['n']}/{total}", file=sys.stderr, flush=True)
+    # a line at least every ~10 s (from a thread: a batch of long generations finishes nothing for
+    # minutes), and the final count
+    beat = Heartbeat(label, total=total).__enter__()
 
-    return advance, (lambda: None)
+    def close():
+        beat.__exit__()
+        print(beat.line(), file=sys.stderr, flush=True)
+
+    return (lambda: beat.update(advance=1)), close
 
 
 async def _gather(coros: list, label: str, quiet: bool, on_done: Optional[Callable] = None) -> list:
