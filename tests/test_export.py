@@ -92,6 +92,27 @@ def test_export_round_trip_gives_the_adapters_logits(kind, tiny_model, corpus, q
     assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
+def test_dequantize_a_qlora_run(tiny_llama, corpus, tmp_path):
+    """A LoRA on a 4-bit base, exported with --dequantize: float weights, the quantized model + adapter's
+    logits; --gguf on the quantized base without --dequantize is refused."""
+    from mlx_lm import convert, load
+
+    from mlx_distill.export import export
+
+    q4 = tmp_path / "q4"
+    convert(str(tiny_llama), mlx_path=str(q4), quantize=True, q_bits=4, q_group_size=32)
+    run = _train(q4, corpus, tmp_path / "run")
+    with pytest.raises(InputError, match="add --dequantize"):
+        export(build(ExportConfig, dict(run=str(run), out=str(tmp_path / "x"), gguf=True)), quiet=True)
+    out = tmp_path / "exported"
+    man = export(build(ExportConfig, dict(run=str(run), out=str(out), dequantize=True, gguf=True)), quiet=True)
+    assert man["dequantized"] and not man["quantized"] and (out / "model.gguf").is_file()
+    assert "quantization" not in json.loads((out / "config.json").read_text())
+    ref = _logits(load(str(q4), adapter_path=str(run))[0])
+    got = _logits(load(str(out))[0])
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_gguf_on_llama(llama_run, tmp_path):
     import mlx.core as mx
 
