@@ -23,9 +23,10 @@ class ConfigError(ValueError):
     pass
 
 
-def opt(default, help: str, flag: Optional[str] = None, choices=None, **kw):
-    """A dataclass field with its help text (and an optional flag alias / choices)."""
-    meta = {"help": help, "flag": flag, "choices": choices}
+def opt(default, help: str, flag: Optional[str] = None, choices=None, nargs=None, **kw):
+    """A dataclass field with its help text (and an optional flag alias / choices). ``nargs="+"`` on a
+    str field: the flag takes several values; one value stays a string, several become a list."""
+    meta = {"help": help, "flag": flag, "choices": choices, "nargs": nargs}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -87,9 +88,6 @@ class TrainConfig:
     split_seed: int = opt(0, "Seed of the hash hold-out (--val-fraction) when --data is one JSONL file or a folder with "
                           "only train.jsonl; kept apart from --seed, so runs with different training seeds validate "
                           "on the same examples.")
-    split_seed: int = opt(0, "Seed of the hash hold-out (--val-fraction) when --data is one JSONL file or a folder with "
-                          "only train.jsonl; kept apart from --seed, so runs with different training seeds validate "
-                          "on the same examples.")
     resume: bool = opt(False, "Continue from the run folder's last checkpoint (optimizer, schedule, RNG, data "
                        "position). Every option that shapes the curve must be unchanged (see train.RESUME_MAY_CHANGE "
                        "for the few that may change); the data files must have the same hashes.")
@@ -100,11 +98,6 @@ class TrainConfig:
                            "after them. --extend sets it to the run's original --iters.")
     system_prompt: str = opt("", "System message for corpus records (empty = none).")
     prompt_template: str = opt("prompts/train_user.txt", "User-turn template for corpus records ({question}).")
-    think_in_content: bool = opt(False, "Render only the prompt with the chat template (its generation prompt) and "
-                                 "append the completion verbatim, <think>reasoning</think> included, closed by the "
-                                 "template's end-of-turn text. Needed when the template drops the reasoning from "
-                                 "assistant turns (DeepSeek-R1-Distill keeps only the text after </think>); without it "
-                                 "such a run stops. Use the same value in `logits`.")
     think_in_content: bool = opt(False, "Render only the prompt with the chat template (its generation prompt) and "
                                  "append the completion verbatim, <think>reasoning</think> included, closed by the "
                                  "template's end-of-turn text. Needed when the template drops the reasoning from "
@@ -150,8 +143,6 @@ class LogitsConfig:
     mask_prompt: bool = opt(TrainConfig.mask_prompt, "Score completion tokens only (as in train).")
     think_in_content: bool = opt(TrainConfig.think_in_content, "Append the completion verbatim after the generation "
                                  "prompt (as in train; see train --think-in-content).")
-    think_in_content: bool = opt(TrainConfig.think_in_content, "Append the completion verbatim after the generation "
-                                 "prompt (as in train; see train --think-in-content).")
     long_examples: str = opt(TrainConfig.long_examples, "Examples longer than --max-seq-length: skip or fail.",
                              choices=["skip", "error"])
 
@@ -167,7 +158,10 @@ class EvalConfig:
                        "--backend torch also takes a PEFT folder.")
     backend: str = opt("mlx", "Generation backend: local MLX, transformers (torch), or any OpenAI-compatible server.",
                        choices=["mlx", "torch", "api"])
-    base_url: str = opt("", "OpenAI-compatible endpoint for --backend api, e.g. http://127.0.0.1:8080/v1.")
+    base_url: str = opt("", "OpenAI-compatible endpoint for --backend api, e.g. http://127.0.0.1:8080/v1. Several "
+                        "(--base-url URL1 URL2 ..., or a YAML list) are one pool of servers of the same model: "
+                        "requests go to the least busy, --concurrency applies to each, a server that stops "
+                        "answering is set aside and retried later.", nargs="+")
     api_key_env: str = opt("OPENAI_API_KEY", "Environment variable holding the API key (never written anywhere).")
     concurrency: int = opt(16, "Requests in flight (--backend api).")
     batch_size: int = opt(8, "Sequences decoded together (--backend mlx / torch).")
@@ -259,7 +253,12 @@ class CorpusConfig:
     teacher: str = opt("api", "Solver backend: an OpenAI-compatible server, or a local MLX model.", choices=["api", "mlx"])
     preset: str = opt("", "Fill --base-url/--model/--api-key-env for a known server (explicit flags win).",
                       choices=["", "deepseek", "mlx-lm", "vllm"])
-    base_url: str = opt("", "OpenAI-compatible endpoint, e.g. https://api.deepseek.com or http://127.0.0.1:8080/v1.")
+    base_url: str = opt("", "OpenAI-compatible endpoint, e.g. https://api.deepseek.com or http://127.0.0.1:8080/v1. "
+                        "Several (--base-url URL1 URL2 ..., or a YAML list) are one pool of servers of the same "
+                        "model: requests go to the least busy; --concurrency, --rpm and --tpm apply to each server; "
+                        "a server that refuses connections or keeps timing out is set aside, its requests moved to "
+                        "the others, and retried after a back-off. Every server is probed before any work.",
+                        nargs="+")
     model: str = opt("", "Model the server should use (api), or a local MLX folder / Hugging Face id (mlx).")
     adapter: str = opt("", "Adapter folder for a local MLX teacher.")
     api_key_env: str = opt("DEEPSEEK_API_KEY", "Environment variable holding the API key (the key itself is never "
@@ -394,6 +393,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
                                   help=f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%"))
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
+        if f.metadata.get("nargs"):
+            kw["nargs"] = f.metadata["nargs"]
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif t is list:
@@ -446,6 +447,10 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
     for f in dataclasses.fields(cls):  # coerce YAML scalars ("1e-4" -> float)
         t = _type_of(cls, f)
         v = getattr(cfg, f.name)
+        if f.metadata.get("nargs") and isinstance(v, (list, tuple)):  # one value stays a plain string
+            v = [str(x) for x in v if x not in (None, "")]
+            v = v[0] if len(v) == 1 else (v or t())
+            setattr(cfg, f.name, v)
         if t in (int, float) and isinstance(v, (str, int, float)) and not isinstance(v, bool):
             try:
                 setattr(cfg, f.name, t(v))

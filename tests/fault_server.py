@@ -11,13 +11,21 @@ It answers ``POST /v1/chat/completions`` (and ``GET /v1/models``) from a *script
          "rewrite": {"content": "... #### 7"},
          "faults":  ["429", "500", "empty", "slow", "drop"]}}}   # one per attempt, then normal replies
 
+``"models"`` sets what ``GET /v1/models`` answers: ``"list"`` (default, the model id above),
+``"empty_body"`` (200 with no body, as ``mlx_lm server`` without ``--model`` can), ``"empty_list"``
+or ``"404"``. ``max_active`` is the most requests it ever had in flight at once.
+
 The request kind is recognised from the prompt text: "CORRECT or INCORRECT" -> judge,
 "SCORE: <1-5>" -> critic, "Rewrite" -> rewrite, else solve. ``faults`` are consumed per (item, kind) in order:
-``429`` (with Retry-After: 0), ``401`` (echoing the key, as real servers do), ``500``, ``503``, ``empty`` (200 with no choices),
+``429`` (with Retry-After: 0), ``401`` (echoing the key, as real servers do), ``400``, ``404``, ``500``, ``503``, ``empty`` (200 with no choices),
 ``empty_body`` (200 with an empty body), ``empty_content`` (200, content "" and no finish
 reason), ``slow`` (sleeps ``slow_s`` then answers, for the client timeout), ``drop`` (closes
 the connection without answering). A reply with ``"echo_think": true`` puts the reasoning inline as ``<think>...</think>`` in the content,
 the way some servers do. Every request is logged in ``server.log`` (kind, key, fault).
+
+``kill()`` stops it the way a crash does: the listening socket is closed (new connections are
+refused) and every open connection is reset, requests in flight included (what a pool must
+survive). ``stop()`` is the polite shutdown.
 
 Run standalone (the benchmark does): ``python tests/fault_server.py --port 8123 --delay 0.5``.
 """
@@ -39,6 +47,9 @@ class FaultServer:
         self.attempts: dict = defaultdict(int)
         self.log: list[dict] = []
         self.counts = Counter()
+        self.conns: set = set()  # open client connections (kill() resets them)
+        self.dead = False
+        self.active = self.max_active = 0
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,16 +59,45 @@ class FaultServer:
             def log_message(self, *a):  # quiet
                 pass
 
+            def setup(self):
+                super().setup()
+                with owner.lock:
+                    owner.conns.add(self.connection)
+
+            def finish(self):
+                with owner.lock:
+                    owner.conns.discard(self.connection)
+                try:
+                    super().finish()
+                except OSError:
+                    pass
+
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": owner.script.get("model", "fault-model-v1"),
-                                                              "object": "model"}]})
+                mode = owner.script.get("models", "list")
+                if mode == "empty_body":
+                    return self._send(200, None, raw=b"")
+                if mode == "404":
+                    return self._send(404, None, raw=b"Not Found")
+                data = [] if mode == "empty_list" else [{"id": owner.script.get("model", "fault-model-v1"),
+                                                         "object": "model"}]
+                self._send(200, {"object": "list", "data": data})
 
             def do_POST(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(n) or b"{}")
-                owner.handle(self, body)
+                with owner.lock:
+                    owner.active += 1
+                    owner.max_active = max(owner.max_active, owner.active)
+                try:
+                    owner.handle(self, body)
+                finally:
+                    with owner.lock:
+                        owner.active -= 1
 
             def _send(self, code, obj, headers=None, raw: bytes | None = None):
+                if owner.dead:  # killed while this request slept: no answer, ever
+                    self.close_connection = True
+                    return
                 data = raw if raw is not None else json.dumps(obj).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
@@ -113,6 +153,8 @@ class FaultServer:
         if fault == "401":  # like real servers, echo the key it was given
             key = (h.headers.get("Authorization") or "").replace("Bearer ", "")
             return h._send(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "auth"}})
+        if fault in ("400", "404"):  # a client error (unknown model ...): not worth a retry
+            return h._send(int(fault), {"error": {"message": f"HTTP {fault}: model not found", "type": "invalid"}})
         if fault in ("500", "503"):
             return h._send(int(fault), {"error": {"message": "server error"}})
         if fault == "empty":
@@ -155,11 +197,28 @@ class FaultServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
+    def kill(self) -> None:
+        """Die like a crashed process: refuse new connections, reset the open ones (in-flight requests
+        never get an answer)."""
+        import socket
+
+        self.dead = True
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        with self.lock:
+            conns = list(self.conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc):
-        self.stop()
+        if not self.dead:
+            self.stop()
 
 
 def main() -> None:

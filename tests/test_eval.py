@@ -254,10 +254,10 @@ def test_api_backend_think_truncation_judge_and_side_by_side(tmp_path, fake_serv
 def test_api_backend_failed_requests_counted(tmp_path):
     cfg = EvalConfig(backend="api", base_url="http://127.0.0.1:9/v1", model="m", dataset="gsm8k", limit=2,
                      out=str(tmp_path / "x"), plot=False)
-    from mlx_distill.generation import make_eval_client
+    from mlx_distill.generation.clients import make_client
 
-    client = make_eval_client(cfg)
-    client.max_retries = 0
+    # (make_eval_client would refuse this server before any work: nothing listens there)
+    client = make_client("api", base_url=cfg.base_url, model="m", api_key_env=cfg.api_key_env, max_retries=0)
     s = evaluate(cfg, client=client, quiet=True)
     assert s["invalid"] == 2 and s["invalid_reasons"] == {"generation failed": 2}
 

@@ -9,6 +9,14 @@
     python -m mlx_distill corpus build --teacher mlx --model mlx-community/Qwen2.5-7B-Instruct-4bit --source gsm8k
     # killed, or Ctrl-C? the same command (or --resume --out DIR) continues; nothing is asked twice
     python -m mlx_distill corpus stats corpora/gsm8k-r1
+    # a pool of servers of one model (least-outstanding spread; a server that dies is set aside)
+    python -m mlx_distill corpus build --base-url http://mac1:8080/v1 http://mac2:8080/v1 --model default_model \
+        --concurrency 4 --source gsm8k --out corpora/gsm8k-pool
+
+Every server is probed before any work: one that cannot be reached is an error (a pool starts
+when at least one answers). A build where attempts failed for good (after their retries) ends
+with status "incomplete", a summary of the failures by kind and exit code 3 (EXIT_INCOMPLETE);
+re-running the same command retries them.
 
 Data flow (one job per problem x sample, `--concurrency` of them in flight)::
 
@@ -43,10 +51,13 @@ from ..io import InputError, atomic_write_json, iter_jsonl, public_url, read_jso
 from ..problems import answer_kind, leakage_index, load_problems, normalize_text
 from . import filters
 from .agents import Rewriter, Solver, Verifier, load_prompt, text_or_file
-from ..generation.clients import ClientError, MLXClient, make_client
+from ..generation.clients import PRESETS, ClientError, MLXClient, base_urls, is_local, make_client
 from .store import CorpusStore, RunLock, latest, rewrite_key, trace_key
 
+EXIT_INCOMPLETE = 3  # exit code of a build that ended with attempts failed for good (status "incomplete")
+
 # settings that change what is asked of the teacher: a folder built with other values is refused
+# (unless it holds no finished attempt: see check_identity)
 IDENTITY = ("source", "problems", "split", "teacher", "model", "adapter", "temperature", "max_tokens", "seed",
             "system_prompt", "judge_model", "critic", "rewrite_model")
 
@@ -61,7 +72,8 @@ def out_dir(cfg: C.CorpusConfig) -> Path:
 
 def public_config(cfg: C.CorpusConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    d["base_url"], d["judge_base_url"] = public_url(cfg.base_url), public_url(cfg.judge_base_url)
+    d["base_url"] = public_url(cfg.base_url) if isinstance(cfg.base_url, str) else [public_url(u) for u in cfg.base_url]
+    d["judge_base_url"] = public_url(cfg.judge_base_url)
     return d
 
 
@@ -96,10 +108,20 @@ def identity(cfg: C.CorpusConfig, prompts: dict) -> dict:
     return ident
 
 
-def check_identity(out: Path, ident: dict) -> None:
+def finished_attempts(out: Path) -> int:
+    """Attempts (solver or rewrite) in the folder's logs whose last line is final (not failed)."""
+    return sum(r.get("status") != "failed" for log in ("traces.jsonl", "rewrites.jsonl")
+               for r in latest(out / log)[0].values())
+
+
+def check_identity(out: Path, ident: dict) -> list[str]:
+    """Refuse a folder built with other settings. A folder whose every attempt failed (a wrong --model, a
+    server that was down) holds nothing made with the old settings: there the change is allowed (with or
+    without --resume), and the names of the changed settings are returned (their failed attempts are
+    then asked again with the new ones)."""
     man_path = out / "manifest.json"
     if not man_path.is_file():
-        return
+        return []
     old = read_json(man_path).get("identity") or {}
     diff = {k: (old.get(k), v) for k, v in ident.items() if k in old and old.get(k) != v and k != "rewrite"}
     for lvl, v in ident["rewrite"].items():
@@ -108,8 +130,15 @@ def check_identity(out: Path, ident: dict) -> None:
             diff[f"rewrite level {lvl}"] = (was, v)
     if diff:
         lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise InputError(f"{out}: this corpus was built with other settings ({lines}). "
-                         "Use another --out, or the same settings to continue it.")
+        n = finished_attempts(out)
+        if n:
+            raise InputError(f"{out}: this corpus was built with other settings ({lines}) and holds {n} finished "
+                             "attempt(s) made with them. Use another --out, or the same settings to continue it "
+                             "(settings may change only while a folder holds no finished attempt).")
+        print(f"note: {out}: settings changed ({lines}); the folder holds only failed attempts, which are asked "
+              "again with the new settings", file=sys.stderr)
+        return list(diff)
+    return []
 
 
 # ----------------------------------------------------------------------------- classification
@@ -156,15 +185,39 @@ class Tally:
                 self.completion_tokens += u.get("completion_tokens", 0)
 
     @property
-    def cost(self) -> float:
+    def cost(self) -> Optional[float]:
         return cost_usd(self.cfg, self.prompt_tokens, self.completion_tokens)
 
 
-def cost_usd(cfg: C.CorpusConfig, prompt_tokens: int, completion_tokens: int) -> float:
-    """The configured API prices x tokens; a local MLX teacher costs nothing here."""
+def teacher_urls(cfg: C.CorpusConfig) -> list[str]:
+    """The teacher's base URL(s), a preset's when none is given."""
+    return base_urls(cfg.base_url) or base_urls(PRESETS.get(cfg.preset or "", {}).get("base_url"))
+
+
+def prices_known(cfg: C.CorpusConfig) -> bool:
+    """Whether --price-input/--price-output price this teacher. Prices set to anything but their defaults
+    (DeepSeek's list prices) always apply; the defaults only to a DeepSeek model on a server that is not
+    on this machine. A local server (loopback), or a model whose price is not known, has an unknown cost."""
+    f = {x.name: x.default for x in dataclasses.fields(C.CorpusConfig)}
+    if (cfg.price_input, cfg.price_output) != (f["price_input"], f["price_output"]):
+        return True
+    model = cfg.model or PRESETS.get(cfg.preset or "", {}).get("model") or ""
+    urls = teacher_urls(cfg)
+    return bool(urls) and model.lower().startswith("deepseek") and not any(is_local(u) for u in urls)
+
+
+def cost_usd(cfg: C.CorpusConfig, prompt_tokens: int, completion_tokens: int) -> Optional[float]:
+    """The API prices x tokens; None when the price is unknown (`prices_known`); a local MLX teacher
+    costs nothing here."""
     if cfg.teacher == "mlx":
         return 0.0
+    if not prices_known(cfg):
+        return None
     return (prompt_tokens * cfg.price_input + completion_tokens * cfg.price_output) / 1e6
+
+
+def format_cost(usd: Optional[float]) -> str:
+    return "—" if usd is None else f"${usd:.4f}"
 
 
 def record_usages(rec: dict) -> list[dict]:
@@ -200,8 +253,10 @@ def make_clients(cfg: C.CorpusConfig) -> dict:
             return teacher
         if isinstance(teacher, MLXClient):
             return MLXClient(model, batch_size=cfg.concurrency)
+        if hasattr(teacher, "with_model") and not base_url and (not key_env or key_env == teacher.api_key_env):
+            return teacher.with_model(model)  # a pool: the same servers, their rate limits shared
         same_host = not base_url or base_url.rstrip("/") == teacher.base_url
-        return make_client("api", base_url=base_url or teacher.base_url, model=model,
+        return make_client("api", base_url=base_url or teacher.base_url, model=model,  # (a pool: its first server)
                            api_key_env=key_env or teacher.api_key_env, concurrency=cfg.concurrency,
                            rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
                            timeout=cfg.timeout, backoff_base=cfg.backoff,
@@ -210,6 +265,32 @@ def make_clients(cfg: C.CorpusConfig) -> dict:
     judge = second(cfg.judge_model, cfg.judge_base_url, cfg.judge_api_key_env) if cfg.judge_model else None
     rewriter = second(cfg.rewrite_model) if cfg.rewrite_levels else None
     return {"teacher": teacher, "judge": judge, "rewriter": rewriter}
+
+
+def check_clients(clients: dict) -> None:
+    """Before any work: every server the run will talk to answers (a pool: at least one of its servers),
+    and a model name left to the server can be looked up; otherwise an InputError saying what to do."""
+    seen = set()
+    for role, c in clients.items():
+        if c is None or id(c) in seen or not hasattr(c, "check"):
+            continue
+        seen.add(id(c))
+        c.check()
+
+
+def client_stats(clients: dict) -> dict:
+    """This run's counts: per client role, and per server (summed over the roles that used it)."""
+    teacher, judge = clients["teacher"], clients["judge"]
+    out = {"teacher": dict(teacher.stats), **({"judge": dict(judge.stats)} if judge not in (None, teacher) else {})}
+    servers: dict = {}
+    for c in {id(c): c for c in clients.values() if c is not None}.values():
+        for url, counts in (c.server_stats() if hasattr(c, "server_stats") else {}).items():
+            row = servers.setdefault(url, {})
+            for k, v in counts.items():
+                row[k] = row.get(k, 0) + v
+    if servers:
+        out["servers"] = servers
+    return out
 
 
 async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore, prompts: dict,
@@ -225,6 +306,8 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
                         cfg.rewrite_max_tokens, cfg.rewrite_ratios, cfg.max_tokens, cfg.temperature,
                         cfg.seed) if cfg.rewrite_levels else None
     teacher_desc = teacher.describe()
+    teacher_url = teacher_desc.get("base_url", "")
+    teacher_url = teacher_url if isinstance(teacher_url, str) else ""  # a pool: each record names its server
 
     queue: asyncio.Queue = asyncio.Queue()
     left: dict[str, int] = {}
@@ -258,7 +341,8 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
     for pid, n in left.items():
         if n == 0:
             total += schedule_rewrites(pid)
-    task = progress.add_task("corpus", total=total, verified=0, rejected=0, failed=0, spend=0.0) if progress else None
+    task = (progress.add_task("corpus", total=total, verified=0, rejected=0, failed=0, spend=format_cost(tally.cost))
+            if progress else None)
 
     def tick(rec: dict, status: str) -> None:
         tally.c[status] += 1
@@ -266,7 +350,7 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
         tally.add_usage(*record_usages(rec))
         if progress:
             progress.update(task, advance=1, verified=tally.c["verified"], rejected=tally.c["rejected"],
-                            failed=tally.c["failed"], spend=tally.cost)
+                            failed=tally.c["failed"], spend=format_cost(tally.cost))
 
     async def verify_and_filter(p: dict, text: str, thinking: Optional[str], finish: str, ntok: int,
                                 is_rewrite: bool) -> tuple[dict, Optional[dict]]:
@@ -298,7 +382,7 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
                "answer_format": filters.final_marker(c.text), "extracted": verdict.get("extracted"),
                "gold": p["answer"], "words": word_count(c.text), "verdict": verdict, "critic": critic,
                "provenance": {"role": "solver", "model": c.model, "requested_model": teacher_desc.get("model"),
-                              "teacher": teacher_desc.get("kind"), "base_url": public_url(teacher_desc.get("base_url", "")),
+                              "teacher": teacher_desc.get("kind"), "base_url": public_url(c.server or teacher_url),
                               "finish_reason": c.finish_reason, "prompt_tokens": c.prompt_tokens,
                               "completion_tokens": c.completion_tokens, "latency_s": round(c.latency_s, 4),
                               "attempts": c.attempts, "seed": seed, "temperature": cfg.temperature,
@@ -354,7 +438,8 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
         loop.add_signal_handler(signal.SIGTERM, me.cancel)  # SIGTERM: stop like Ctrl-C
     except (NotImplementedError, RuntimeError):
         pass
-    workers = [asyncio.create_task(worker()) for _ in range(max(1, cfg.concurrency))]
+    # one worker per request the teacher can have in flight (a pool: --concurrency per server)
+    workers = [asyncio.create_task(worker()) for _ in range(max(1, getattr(teacher, "capacity", cfg.concurrency)))]
     try:
         joined = asyncio.create_task(queue.join())
         # a worker that dies on a bug must not leave join() waiting forever
@@ -375,7 +460,7 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
             loop.remove_signal_handler(signal.SIGTERM)
         except (NotImplementedError, RuntimeError):
             pass
-    return {"teacher": dict(teacher.stats), **({"judge": dict(judge.stats)} if judge not in (None, teacher) else {})}
+    return client_stats(clients)
 
 
 # ----------------------------------------------------------------------------- finalize
@@ -495,7 +580,7 @@ def summarize(out: Path, cfg: C.CorpusConfig, problems: list[dict]) -> dict:
         "verdicts_by": dict(decided), "models_reported": dict(models), "finish_reasons": dict(finish),
         "rewrites": {"log_lines": rewrite_lines, **Counter(status_of(r, cfg)[0] for r in rewrites.values())},
         "tokens": tokens, "prices_usd_per_million": {"input": cfg.price_input, "output": cfg.price_output},
-        "cost_usd": round(cost_usd(cfg, p_in, p_out), 6),
+        "cost_usd": None if (usd := cost_usd(cfg, p_in, p_out)) is None else round(usd, 6),
     }
 
 
@@ -549,6 +634,15 @@ def finalize(out: Path, cfg: C.CorpusConfig, problems: list[dict], prompts: dict
             "mean_words": levels[lvl]["mean_words"], "config": public_config(cfg)})
     words = [r["words"] for r in records]
     summary = summarize(out, cfg, problems)
+    # attempts that failed for good (their retries spent): the build is incomplete, and says why
+    pids = {p["id"] for p in problems}
+    by_kind = Counter((r.get("reason") or "failed").removeprefix("request failed: ")
+                      for d in (traces, rewrites) for r in d.values() if r["id"] in pids and r["status"] == "failed")
+    extra = dict(extra)
+    if extra.get("status") == "complete" and by_kind:
+        extra["status"] = "incomplete"
+    extra["failures"] = {"attempts": summary["attempts"].get("failed", 0),
+                         "rewrites": summary["rewrites"].get("failed", 0), "by_kind": dict(by_kind.most_common())}
     man = {"stage": "corpus", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra,
            "config": public_config(cfg), "identity": identity(cfg, prompts),
            "prompts": {k: p.describe() for k, p in prompts.items()},
@@ -579,11 +673,10 @@ def _progress(enabled: bool, console=None):
     if enabled and not console.is_terminal:
         from ..progress import PlainProgress
 
-        return PlainProgress("corpus build", unit="attempts", stream=console.file,
-                             fields_format=lambda f: {k: f"${v:.4f}" if k == "spend" else v for k, v in f.items()})
+        return PlainProgress("corpus build", unit="attempts", stream=console.file)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("[green]verified {task.fields[verified]}[/] [yellow]rejected {task.fields[rejected]}[/] "
-                               "[red]failed {task.fields[failed]}[/] ${task.fields[spend]:.4f}"),
+                               "[red]failed {task.fields[failed]}[/] {task.fields[spend]}"),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                     disable=not (enabled and console.is_terminal))
 
@@ -611,8 +704,9 @@ def build(cfg: C.CorpusConfig) -> dict:
     ident = identity(cfg, prompts)
     leakage = load_leakage(cfg)
     clients = make_clients(cfg)
+    check_clients(clients)  # a server that cannot be reached (or asked its model) stops here, before any work
     with RunLock(out):
-        check_identity(out, ident)
+        changed = check_identity(out, ident)
         all_problems = merge_problems(out, problems)
         write_jsonl(out / "problems.jsonl", all_problems)
         if skipped:
@@ -625,7 +719,7 @@ def build(cfg: C.CorpusConfig) -> dict:
         if not man_path.is_file():  # so that a killed first run can be resumed with --resume
             atomic_write_json(man_path, {"stage": "corpus", "status": "running", "config": public_config(cfg),
                                          "identity": ident})
-        store = CorpusStore(out, retry_failed=cfg.retry_failed)
+        store = CorpusStore(out, retry_failed=cfg.retry_failed or bool(changed))
         tally = Tally(cfg)
         status, stats, t0 = "complete", {}, time.perf_counter()
         progress = _progress(cfg.progress)
@@ -638,7 +732,7 @@ def build(cfg: C.CorpusConfig) -> dict:
             store.close()
         elapsed = time.perf_counter() - t0
         man = finalize(out, cfg, all_problems, prompts, {
-            "status": status, "problem_source": src,
+            "status": status, "problem_source": src, **({"servers": stats["servers"]} if stats.get("servers") else {}),
             "this_run": {"seconds": round(elapsed, 3), "new_traces": store.written["traces"],
                          "new_rewrites": store.written["rewrites"], "client_stats": stats,
                          "problems_per_s": round(tally.c["done"] / elapsed, 3) if elapsed > 0 else None}},
@@ -647,6 +741,14 @@ def build(cfg: C.CorpusConfig) -> dict:
     if status == "interrupted":
         raise KeyboardInterrupt
     return man
+
+
+def incomplete_message(out: Path, man: dict) -> str:
+    f = man.get("failures") or {}
+    kinds = ", ".join(f"{k} {v}" for k, v in (f.get("by_kind") or {}).items())
+    return (f"corpus {out} is incomplete: {f.get('attempts', 0)} attempt(s) and {f.get('rewrites', 0)} rewrite(s) "
+            f"failed for good ({kinds}). Fix the cause (see 'failed by' above and the 'error' field in "
+            f"traces.jsonl), then run the same command again (or --resume --out {out}): only those are asked again")
 
 
 def _or_dash(v) -> str:
@@ -676,7 +778,15 @@ def print_summary(out: Path, man: dict, console=None) -> None:
         t.add_row(f"level {lvl}", f"{d['records']} records, mean words {_or_dash(d['mean_words'])} -> {d['dir']}")
     tok = man.get("tokens", {})
     t.add_row("tokens", ", ".join(f"{k}: {v['prompt_tokens']} in / {v['completion_tokens']} out" for k, v in tok.items()) or "-")
-    t.add_row("cost estimate", f"${man.get('cost_usd', 0):.4f}")
+    t.add_row("cost estimate", format_cost(man.get("cost_usd")) + ("" if man.get("cost_usd") is not None else
+                                                                    " (no known price)"))
+    if (man.get("failures") or {}).get("by_kind"):
+        t.add_row("failures by kind", ", ".join(f"{k} {v}" for k, v in man["failures"]["by_kind"].items()))
+    for i, (url, n) in enumerate((man.get("servers") or {}).items()):
+        t.add_row(f"server {i + 1} (last run)" if i or len(man["servers"]) > 1 else "server (last run)",
+                  f"{url}: {n.get('requests', 0)} requests, {n.get('ok', 0)} ok, {n.get('failed', 0)} failed, "
+                  f"{n.get('retries', 0)} retries, {n.get('requeued', 0)} re-queued, "
+                  f"down {n.get('marked_down', 0)}x")
     lk = man.get("leakage", {})
     t.add_row("leakage", f"{len(lk.get('matches', []))} matches with {', '.join(lk.get('checked', []))} ({lk.get('action')})")
     console.print(t)
@@ -742,7 +852,11 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="mlx_distill corpus build", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_arguments(ap, C.CorpusConfig)
-    build(config_from_args(ap.parse_args(rest)))
+    cfg = config_from_args(ap.parse_args(rest))
+    man = build(cfg)
+    if man.get("status") == "incomplete":
+        print(f"error: {incomplete_message(out_dir(cfg), man)}", file=sys.stderr)
+        raise SystemExit(EXIT_INCOMPLETE)
 
 
 if __name__ == "__main__":

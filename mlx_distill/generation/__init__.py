@@ -57,8 +57,12 @@ def make_eval_client(cfg: EvalConfig):
         return TorchClient(cfg.model, adapter_path=cfg.adapter or None, batch_size=cfg.batch_size)
     if cfg.adapter:
         raise InputError("--adapter applies to --backend mlx or torch; a server applies its own adapters")
-    return make_client("api", base_url=cfg.base_url, model=cfg.model or None, api_key_env=cfg.api_key_env,
-                       concurrency=cfg.concurrency)
+    # several --base-url: a pool (generation/pool.py), --concurrency per server; every server is probed
+    # now, so one that cannot be reached (or asked its model) is an error before any problem is sent
+    client = make_client("api", base_url=cfg.base_url, model=cfg.model or None, api_key_env=cfg.api_key_env,
+                         concurrency=cfg.concurrency)
+    client.check()
+    return client
 
 
 def _progress(total: int, label: str, quiet: bool):

@@ -43,6 +43,7 @@ import os
 import queue
 import random
 import re
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +76,7 @@ class Completion:
     logprobs: Optional[list] = None
     attempts: int = 1           # requests it took (1 + retries)
     usage: Optional[dict] = None  # the server's full usage record (reasoning / cache-hit tokens ...)
+    server: Optional[str] = None  # the base URL that answered (public form; several with a pool)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,9 +91,34 @@ class ClientError(RuntimeError):
 
 
 class _Retryable(Exception):
-    def __init__(self, kind: str, message: str, retry_after: Optional[float] = None):
+    def __init__(self, kind: str, message: str, retry_after: Optional[float] = None, refused: bool = False):
         super().__init__(message)
         self.kind, self.retry_after = kind, retry_after
+        self.refused = refused  # no connection could be opened at all (nothing listening, unknown host)
+
+
+def announce(message: str, always: bool = False) -> None:
+    """A client event as one plain line on stderr. Retries (``always=False``) are printed only when
+    stderr is not a terminal (a log, CI, a pipe), where no progress bar shows them; on a terminal they
+    go to ``logging`` (INFO). Servers marked down or up again (``always=True``) are always printed."""
+    if always or not sys.stderr.isatty():
+        print(message, file=sys.stderr, flush=True)
+    else:
+        log.info(message)
+
+
+def base_urls(value) -> list[str]:
+    """``--base-url`` as a list: one URL (a string), or several (a list from the command line or YAML)."""
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value if v]
+
+
+def server_counts() -> dict:
+    """The per-server counters every client reports (``server_stats()``), all present, in this order."""
+    return {k: 0 for k in ("requests", "ok", "failed", "retries", "requeued", "marked_down")}
 
 
 def think_fields(content: Optional[str]) -> tuple[Optional[str], str]:
@@ -156,6 +183,55 @@ def _is_local(url: str) -> bool:
     return any(h in url for h in ("://127.0.0.1", "://localhost", "://[::1]", "://0.0.0.0"))
 
 
+is_local = _is_local  # loopback: a server on this machine (no API prices apply to it by default)
+
+
+def probe_server(base_url: str, api_key: Optional[str], timeout: float = 10.0) -> dict:
+    """``GET {base_url}/models`` once, synchronously (before any event loop): is anything listening,
+    and which model does it list first? Returns ``{"error": None | text, "status": HTTP code,
+    "model": first listed id | None, "models_error": why no id could be read | None}``.
+    Any HTTP answer (even 404) means the server is up; only a refused / failed connection or a
+    timeout is an ``error``."""
+    import json
+    import socket
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    p = urlsplit(base_url)
+    url = urlunsplit((p.scheme, p.netloc, p.path.rstrip("/") + "/models", p.query, ""))
+    down = {"status": None, "model": None, "models_error": None}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as r:
+            status, body = r.status, r.read(1 << 20)
+    except urllib.error.HTTPError as e:  # it answered: up (404, 401 ...)
+        status, body = e.code, e.read(1 << 20) if e.fp else b""
+    except (socket.timeout, TimeoutError):
+        return {"error": f"no answer within {timeout:g}s", **down}
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        why = getattr(e, "reason", None) or e
+        return {"error": redact(f"{type(why).__name__}: {why}", api_key)[:200], **down}
+    out = {"error": None, "status": status, "model": None, "models_error": None}
+    try:
+        out["model"] = str(json.loads(body)["data"][0]["id"])
+    except Exception as e:  # not JSON, no "data", an empty list ...
+        what = "an empty body" if not body else type(e).__name__
+        out["models_error"] = f"GET {public_url_of(url)} answered HTTP {status} with {what}, not a model list"
+    return out
+
+
+def public_url_of(url: str) -> str:
+    from ..io import public_url
+
+    return public_url(url)
+
+
+def model_hint() -> str:
+    return ("pass --model NAME, the model the server serves (for `mlx_lm server`, --model default_model "
+            "means the model it was started with)")
+
+
 # ----------------------------------------------------------------------------- OpenAI-compatible API
 class OpenAIClient:
     """An OpenAI-compatible chat endpoint with concurrency, rate limits and retries (see module doc)."""
@@ -170,6 +246,7 @@ class OpenAIClient:
         import openai
 
         self.base_url, self.model, self.api_key_env = base_url.rstrip("/"), model, api_key_env
+        self.label = public_url_of(self.base_url)  # the URL as logs and manifests show it (no credentials)
         self.concurrency, self.max_retries, self.timeout = max(1, int(concurrency)), int(max_retries), timeout
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
         self.extra_body = extra_body or {}
@@ -188,51 +265,98 @@ class OpenAIClient:
         self.limiter = limiter if limiter is not None else RateLimiter(rpm, tpm)
         self.stats = collections.Counter()  # requests, retries, and failures by kind
         self._resolved_model: Optional[str] = None
+        self.checked = False  # check() found the server listening
 
     def __repr__(self) -> str:
         return f"OpenAIClient(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
 
     def describe(self) -> dict:
         """Provenance for manifests (never the key itself)."""
-        return {"kind": "api", "base_url": self.base_url, "model": self.model, "api_key_env": self.api_key_env,
-                "concurrency": self.concurrency, "rpm": self.limiter.rpm, "tpm": self.limiter.tpm,
-                "max_retries": self.max_retries, "timeout": self.timeout}
+        return {"kind": "api", "base_url": self.base_url, "model": self.model or self._resolved_model,
+                "api_key_env": self.api_key_env, "concurrency": self.concurrency, "rpm": self.limiter.rpm,
+                "tpm": self.limiter.tpm, "max_retries": self.max_retries, "timeout": self.timeout,
+                "servers": self.server_stats()}
+
+    def server_stats(self) -> dict:
+        """{public URL: requests, ok, failed, retries, requeued, marked_down} (one server: never re-queued or
+        marked down; ``failed`` counts failed requests, retried or not)."""
+        s = self.stats
+        return {self.label: {**server_counts(), "requests": s["requests"], "ok": s["ok"],
+                             "failed": s["requests"] - s["ok"], "retries": s["retries"]}}
+
+    def check(self, need_model: bool = True) -> dict:
+        """Before any work: is the server listening, and (with no --model) which model does it serve?
+        Raises ``InputError`` with what to do; returns ``probe_server``'s answer."""
+        from ..io import InputError
+
+        pr = probe_server(self.base_url, self._client.api_key if self._client.api_key != "not-needed" else None,
+                          timeout=min(self.timeout, 10.0))
+        if pr["error"]:
+            raise InputError(f"cannot reach the server at {self.label} ({pr['error']}). Is it running, and is "
+                             "this its address (an OpenAI-compatible base URL usually ends in /v1)?")
+        if pr["status"] in (401, 403):
+            raise InputError(f"{self.label} refused the API key (HTTP {pr['status']} on /models): check "
+                             f"${self.api_key_env} (--api-key-env names the variable)")
+        if need_model and not self.model:
+            if not pr["model"]:
+                raise InputError(f"could not look up the model name at {self.label}: {pr['models_error']}; "
+                                 + model_hint())
+            self._resolved_model = pr["model"]
+        self.checked = True
+        return pr
 
     async def _model_name(self) -> str:
         if self.model:
             return self.model
         if self._resolved_model is None:  # e.g. vLLM serving one model: ask which
-            models = await self._client.models.list()
-            self._resolved_model = models.data[0].id
+            try:
+                models = await self._client.models.list()
+                self._resolved_model = models.data[0].id
+            except Exception as e:  # a server without a model list (mlx_lm server without --model ...)
+                raise ClientError(f"could not look up the model name at {self.label} (GET /models: "
+                                  f"{type(e).__name__}: {_brief(e, self._client.api_key)[:120]}); " + model_hint(),
+                                  kind="model_lookup") from None
         return self._resolved_model
 
-    async def complete(self, messages: Messages, *, temperature: float = 0.0, max_tokens: int = 1024,
-                       seed: Optional[int] = None, top_p: Optional[float] = None, stop: Optional[list] = None,
-                       logprobs: bool = False, top_logprobs: Optional[int] = None, **extra) -> Completion:
+    async def attempt(self, messages: Messages, *, temperature: float = 0.0, max_tokens: int = 1024,
+                      seed: Optional[int] = None, top_p: Optional[float] = None, stop: Optional[list] = None,
+                      logprobs: bool = False, top_logprobs: Optional[int] = None, **extra) -> Completion:
+        """One request, no retry (within this client's rate limit and concurrency): a ``Completion``, or
+        ``_Retryable`` (worth another try) / ``ClientError`` (not). ``complete`` and a pool retry around it."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
         prompt_chars = len(messages) if isinstance(messages, str) else sum(len(str(m.get("content", ""))) for m in messages)
+        ev = await self.limiter.acquire(prompt_chars // 4 + max_tokens)
+        async with self._sem:
+            self.stats["requests"] += 1
+            t0 = time.perf_counter()
+            try:
+                c = await self._once(messages, temperature, max_tokens, seed, top_p, stop, logprobs,
+                                     top_logprobs, extra)
+            except _Retryable as e:
+                self.stats[f"retry_{e.kind}"] += 1
+                raise
+            c.latency_s, c.server = time.perf_counter() - t0, self.label
+            self.limiter.settle(ev, c.prompt_tokens + c.completion_tokens)
+            self.stats["ok"] += 1
+            self.stats["prompt_tokens"] += c.prompt_tokens
+            self.stats["completion_tokens"] += c.completion_tokens
+            return c
+
+    async def complete(self, messages: Messages, *, max_tokens: int = 1024, **kw) -> Completion:
         last: Optional[_Retryable] = None
         for attempt in range(self.max_retries + 1):
-            ev = await self.limiter.acquire(prompt_chars // 4 + max_tokens)
-            async with self._sem:
-                self.stats["requests"] += 1
-                t0 = time.perf_counter()
-                try:
-                    c = await self._once(messages, temperature, max_tokens, seed, top_p, stop, logprobs,
-                                         top_logprobs, extra)
-                    c.latency_s, c.attempts = time.perf_counter() - t0, attempt + 1
-                    self.limiter.settle(ev, c.prompt_tokens + c.completion_tokens)
-                    self.stats["prompt_tokens"] += c.prompt_tokens
-                    self.stats["completion_tokens"] += c.completion_tokens
-                    return c
-                except _Retryable as e:
-                    last = e
-                    self.stats[f"retry_{e.kind}"] += 1
+            try:
+                c = await self.attempt(messages, max_tokens=max_tokens, **kw)
+                c.attempts = attempt + 1
+                return c
+            except _Retryable as e:
+                last = e
             if attempt < self.max_retries:
                 self.stats["retries"] += 1
                 delay = backoff_delay(attempt, self.backoff_base, self.backoff_max, last.retry_after)
-                log.info("retry %d/%d after %s (%.2fs): %s", attempt + 1, self.max_retries, last.kind, delay, last)
+                announce(f"retry {attempt + 1}/{self.max_retries} in {delay:.2f}s ({self.label}, {last.kind}): "
+                         f"{str(last)[:160]}")
                 await asyncio.sleep(delay)
         self.stats["failed"] += 1
         raise ClientError(f"gave up after {self.max_retries + 1} attempts; last: {last.kind}: {last}",
@@ -263,8 +387,9 @@ class OpenAIClient:
             raise _Retryable("429", _brief(e, self._client.api_key), _retry_after(e)) from None
         except openai.APITimeoutError as e:
             raise _Retryable("timeout", _brief(e, self._client.api_key)) from None
-        except openai.APIConnectionError as e:
-            raise _Retryable("connection", _brief(e, self._client.api_key)) from None
+        except openai.APIConnectionError as e:  # ConnectError (httpx / httpx2): no connection could be opened
+            raise _Retryable("connection", _brief(e, self._client.api_key),
+                             refused=type(e.__cause__).__name__ == "ConnectError") from None
         except openai.InternalServerError as e:
             raise _Retryable(str(getattr(e, "status_code", "5xx")), _brief(e, self._client.api_key), _retry_after(e)) from None
         except openai.APIStatusError as e:
@@ -530,6 +655,11 @@ class MLXClient:
 def make_client(kind: str, **kw) -> Union[OpenAIClient, MLXClient]:
     """``make_client("api", base_url=..., model=..., preset=...)`` or ``make_client("mlx", model=PATH, ...)``.
 
+    ``base_url`` may list several servers of one model: the client is then a ``pool.PoolClient``
+    (least-outstanding spread, per-server limits, servers marked down and back; see pool.py).
+    Call ``client.check()`` (API clients) before any work to fail at once on a server that
+    cannot be reached or a model name that cannot be looked up.
+
     Unknown keyword arguments for the chosen kind are dropped, so one settings dict can
     serve both (e.g. ``concurrency`` means nothing to a local model; ``batch_size`` nothing
     to a server)."""
@@ -545,6 +675,12 @@ def make_client(kind: str, **kw) -> Union[OpenAIClient, MLXClient]:
 
             raise InputError("--teacher api needs --base-url (or --preset deepseek / mlx-lm / vllm)")
         cls = OpenAIClient
+        if len(base_urls(kw["base_url"])) > 1:  # several servers of one model: a pool (generation/pool.py)
+            from .pool import PoolClient
+
+            cls = PoolClient
+        else:
+            kw["base_url"] = base_urls(kw["base_url"])[0]
     elif kind == "mlx":
         if not kw.get("model"):
             from ..io import InputError
