@@ -38,16 +38,19 @@ def test_heartbeat_prints_done_total_rate_elapsed_and_fields():
 def test_corpus_progress_is_plain_lines_off_a_terminal():
     from rich.console import Console
 
+    from mlx_distill.corpus import build as B
     from mlx_distill.corpus.build import _progress
 
+    # what run_jobs passes as `spend` (a formatted cost where the builder has format_cost)
+    cost = (lambda usd: B.format_cost(usd)) if hasattr(B, "format_cost") else (lambda usd: usd)
     buf = io.StringIO()
     prog = _progress(True, console=Console(file=buf, force_terminal=False))
     prog.hb.every = 0.03
     with prog:  # the calls run_jobs makes
-        task = prog.add_task("corpus", total=4, verified=0, rejected=0, failed=0, spend=0.0)
-        prog.update(task, advance=1, verified=1, rejected=0, failed=0, spend=0.0012)
+        task = prog.add_task("corpus", total=4, verified=0, rejected=0, failed=0, spend=cost(0.0))
+        prog.update(task, advance=1, verified=1, rejected=0, failed=0, spend=cost(0.0012))
         prog.update(task, total=prog.tasks[0].total + 2)
-        prog.update(task, advance=1, verified=1, rejected=1, failed=0, spend=0.0024)
+        prog.update(task, advance=1, verified=1, rejected=1, failed=0, spend=cost(0.0024))
         time.sleep(0.15)
     last = buf.getvalue().splitlines()[-1]
     assert last.startswith("corpus build: 2/6 attempts (33.3%)")
