@@ -73,6 +73,11 @@ def test_base_url_takes_one_or_several(tmp_path):
         make_client("api", base_url=["http://127.0.0.1:1/v1", "http://127.0.0.1:1/v1/"], model="m", api_key_env="")
     assert B.public_config(cfg(["http://u:pw@h1/v1", "http://h2/v1"], "p", "o"))["base_url"] == ["http://h1/v1",
                                                                                                  "http://h2/v1"]
+    # a judge of another model on the pool: the same servers, each server's rate limit shared with the teacher
+    cl = B.make_clients(cfg(["http://127.0.0.1:1/v1", "http://127.0.0.1:2/v1"], "p", "o", judge_model="j", rpm=60))
+    assert isinstance(cl["judge"], PoolClient) and cl["judge"].model == "j"
+    assert [m.client.limiter for m in cl["judge"].members] == [m.client.limiter for m in cl["teacher"].members]
+    assert cl["teacher"].members[0].client.limiter.rpm == 60 and cl["rewriter"] is None
 
 
 def test_least_outstanding_spread_and_per_server_concurrency():
@@ -267,3 +272,15 @@ def test_retries_are_plain_lines_off_a_terminal(capsys):
     err = capsys.readouterr().err.splitlines()
     assert c.attempts == 3 and len(err) == 2
     assert err[0].startswith("retry 1/3 in ") and f"({srv.base_url}, 500)" in err[0] and "(" in err[1]
+
+
+def test_eval_with_a_pool_records_per_server_counts(tmp_path, shared_data):
+    from mlx_distill.evaluate import evaluate
+
+    with FaultServer({"delay": 0.05}) as a, FaultServer({"delay": 0.05}) as b:
+        s = evaluate(C.EvalConfig(backend="api", base_url=[a.base_url, b.base_url], model="m", dataset="gsm8k",
+                                  limit=6, concurrency=2, out=str(tmp_path / "e"), plot=False), quiet=True)
+    assert s["n"] == 6
+    client = json.loads((tmp_path / "e" / "manifest.json").read_text())["client"]
+    assert client["base_url"] == [a.base_url, b.base_url] and client["pool"]["capacity"] == 4
+    assert sum(v["ok"] for v in client["servers"].values()) == 6 and all(v["requests"] for v in client["servers"].values())

@@ -253,14 +253,14 @@ def make_clients(cfg: C.CorpusConfig) -> dict:
             return teacher
         if isinstance(teacher, MLXClient):
             return MLXClient(model, batch_size=cfg.concurrency)
-        if hasattr(teacher, "with_model") and not base_url and (not key_env or key_env == teacher.api_key_env):
-            return teacher.with_model(model)  # a pool: the same servers, their rate limits shared
+        if hasattr(teacher, "with_model") and not base_url:
+            return teacher.with_model(model, key_env or None)  # a pool: the same servers, their rate limits shared
         same_host = not base_url or base_url.rstrip("/") == teacher.base_url
         return make_client("api", base_url=base_url or teacher.base_url, model=model,  # (a pool: its first server)
                            api_key_env=key_env or teacher.api_key_env, concurrency=cfg.concurrency,
                            rpm=cfg.rpm or None, tpm=cfg.tpm or None, max_retries=cfg.max_retries,
                            timeout=cfg.timeout, backoff_base=cfg.backoff,
-                           limiter=teacher.limiter if same_host else None)
+                           limiter=getattr(teacher, "limiter", None) if same_host else None)
 
     judge = second(cfg.judge_model, cfg.judge_base_url, cfg.judge_api_key_env) if cfg.judge_model else None
     rewriter = second(cfg.rewrite_model) if cfg.rewrite_levels else None

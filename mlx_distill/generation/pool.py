@@ -118,9 +118,10 @@ class PoolClient:
     def server_stats(self) -> dict:
         return {m.url: dict(m.counts) for m in self.members}
 
-    def with_model(self, model: str) -> "PoolClient":
+    def with_model(self, model: str, api_key_env: Optional[str] = None) -> "PoolClient":
         """The same servers asked for another model (a judge, a rewriter): own health, shared rate limits."""
-        return PoolClient(self.base_urls, model, limiters=[m.client.limiter for m in self.members], **self._settings)
+        settings = {**self._settings, **({"api_key_env": api_key_env} if api_key_env else {})}
+        return PoolClient(self.base_urls, model, limiters=[m.client.limiter for m in self.members], **settings)
 
     # -- start
     def check(self, need_model: bool = True) -> list[dict]:
