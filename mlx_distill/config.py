@@ -319,7 +319,9 @@ class CorpusConfig:
     price_input: float = opt(0.55, "USD per million prompt tokens for the cost estimate (deepseek-reasoner, cache miss).")
     price_output: float = opt(2.19, "USD per million completion tokens for the cost estimate (deepseek-reasoner).")
     resume: bool = opt(False, "Continue the run in --out with its stored settings (flags given now override them); "
-                       "re-running the same command also skips finished work.")
+                       "re-running the same command also skips finished work. Settings that decide the requests "
+                       "(--model, --source, prompts ...) may change only while the folder holds no finished "
+                       "attempt, e.g. to correct --model after every request failed.")
     progress: bool = opt(True, "Show a live progress bar.")
 
 
