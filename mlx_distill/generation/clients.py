@@ -10,7 +10,11 @@ judge, rewriter agents) and by the evaluator:
   timeouts, connection errors and empty 200 responses (``Retry-After`` is honoured).
   Client errors (400/401/403/404/422) are not retried. The API key is read from the
   environment variable named by ``api_key_env`` and kept only inside the ``openai``
-  client: it is never part of ``repr``, ``describe()``, errors or logs.
+  client: it is never part of ``repr``, ``describe()``, errors or logs. ``check()`` probes
+  the server (``GET /models``) before any work: nothing listening, a refused key, or a model
+  name that cannot be looked up (no ``--model``) is an ``InputError`` saying what to do.
+  Retries are printed as plain lines when stderr is not a terminal (``announce``).
+  Several base URLs make a ``pool.PoolClient`` of such clients (see pool.py).
 * ``MLXClient``: a local mlx-lm model (optionally with an adapter). Concurrent
   ``complete()`` calls are fed to one ``mlx_lm.generate.BatchGenerator`` running in a
   background thread (continuous batching, ``batch_size`` sequences decoded together).
