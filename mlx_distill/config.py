@@ -118,6 +118,24 @@ class TrainConfig:
                                  "teacher target for a whole --val-every interval stops whatever this threshold.")
     kd_teacher: str = opt("", "Online KD: a teacher model held in memory that scores each batch as it is trained "
                           "(same tokenizer as the student; instead of --kd).")
+    # on-policy distillation, GKD (issue 11); kd_beta is `beta` in a YAML `kd:` section
+    on_policy_fraction: float = opt(0.0, "Share lambda in [0, 1] of micro-batches built from the student's own "
+                                    "rollouts (sampled from the corpus prompts by the model being trained, scored "
+                                    "by --kd-teacher); the rest are corpus batches scored as in online KD. Which "
+                                    "batches are rollouts is a fixed function of (--seed, micro-batch index). > 0 "
+                                    "needs --kd-teacher and the MLX backend, and always uses the tail bucket "
+                                    "(--kd-tail): reverse KL on the top-K alone is unstable on student samples.")
+    kd_beta: float = opt(0.5, "--kd-kind jsd: the teacher's weight beta in the generalized JSD's mixture "
+                         "m = beta*p_teacher + (1-beta)*q_student; 0 = forward KL, 1 = reverse KL (TRL's GKD "
+                         "convention, see losses.kd_loss), 0.5 = the symmetric JSD.")
+    sft_weight: float = opt(1.0, "Weight of the SFT term on corpus batches (L = w*L_SFT + alpha*L_KD); 0 = KD only. "
+                            "Rollout batches never carry an SFT term: they have no gold completion.")
+    rollout_max_tokens: int = opt(256, "On-policy: longest rollout in tokens (also capped by --max-seq-length); a "
+                                  "rollout that reaches it without EOS is kept and counted as truncated.")
+    rollout_temperature: float = opt(1.0, "On-policy: sampling temperature of the rollouts (0 = greedy).")
+    rollout_top_p: float = opt(1.0, "On-policy: nucleus sampling of the rollouts (1 = off).")
+    save_rollouts: int = opt(0, "On-policy: write N rollouts of the latest rollout batches to rollouts.jsonl at each "
+                             "validation (prompt, student text, truncation, teacher log-prob summary per token).")
 
 
 # ----------------------------------------------------------------------------- logits (issue 4; owner: KD)

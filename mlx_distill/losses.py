@@ -12,6 +12,7 @@ Conventions (as in mlx-lm's trainer and torchtune's KD losses):
   ``(0, 0)``, never NaN.
 """
 
+import math
 from types import SimpleNamespace
 
 
@@ -137,7 +138,7 @@ def _log1mexp(o, x):
 
 
 def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: float = 2.0,
-            kind: str = "forward", tail: bool = False, top_k: int | None = None):
+            kind: str = "forward", tail: bool = False, top_k: int | None = None, beta: float = 0.5):
     """Top-K logit distillation against cached teacher tokens.
 
     Shapes: student_logits (B, T, V); teacher_ids (B, T, M) int; teacher_logits (B, T, M)
@@ -169,7 +170,22 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
     Divergence per position (teacher side is a constant, no gradient):
         forward: KL(p || q) = sum_k p_k (log p_k - log q_k)
         reverse: KL(q || p) = sum_k q_k (log q_k - log p_k)
-        jsd:     1/2 KL(p || m) + 1/2 KL(q || m),  m = (p + q) / 2
+        jsd:     the generalized Jensen-Shannon divergence of GKD (Agarwal et al. 2024), with
+                 beta the teacher's weight in the mixture (TRL's GKDTrainer convention):
+                     m = beta p + (1 - beta) q
+                     JSD_beta = beta KL(p || m) + (1 - beta) KL(q || m)
+                 beta = 1/2 is the symmetric JSD (the default, and this module's earlier
+                 `jsd`). JSD_beta -> 0 at both ends, but JSD_beta / beta -> KL(p || q) as
+                 beta -> 0 and JSD_beta / (1 - beta) -> KL(q || p) as beta -> 1, so the end
+                 points are defined as those limits: beta = 0 is forward KL and beta = 1 is
+                 reverse KL exactly (tests/test_onpolicy.py pins both with numbers).
+
+    Reverse KL (and JSD with beta near 1) restricted to the top-K is unstable on a student's
+    own samples: renormalised over K slots it cannot see the mass the student moves outside
+    the teacher's top-K, so nothing stops it from moving there. With the tail bucket that
+    mass is the student's rest bucket, compared with the teacher's (>= 1e-6): the loss sees
+    it and stays bounded, by T^2 (log(1/1e-6) + ...) per position rather than growing without
+    limit (tested). On-policy training (`--on-policy-fraction > 0`) always uses the bucket.
 
     L_KD = T^2 * sum_{b,t} w[b,t] * D[b,t],   w = mask * [S non-empty]
 
@@ -178,6 +194,8 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
     """
     if kind not in KD_KINDS:
         raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"kd beta must be in [0, 1], got {beta}")
     if not temperature > 0:
         raise ValueError(f"kd temperature must be > 0, got {temperature}")
     if tuple(teacher_ids.shape) != tuple(teacher_logits.shape):
@@ -213,12 +231,14 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
     a, b = a / temperature, b / temperature
     logp, logq = a - o.logsumexp(a, -1), b - o.logsumexp(b, -1)
     p, q = o.exp(logp), o.exp(logq)
+    if kind == "jsd" and beta in (0.0, 1.0):  # the end points: forward / reverse KL (see above)
+        kind = "forward" if beta == 0.0 else "reverse"
     if kind == "forward":
         div = o.sum(p * (logp - logq), -1)
     elif kind == "reverse":
         div = o.sum(q * (logq - logp), -1)
     else:
-        logm = o.logaddexp(logp, logq) - 0.6931471805599453
-        div = 0.5 * o.sum(p * (logp - logm) + q * (logq - logm), -1)
+        logm = o.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+        div = beta * o.sum(p * (logp - logm), -1) + (1.0 - beta) * o.sum(q * (logq - logm), -1)
     w = o.f32(mask) * o.f32(o.sum(o.f32(valid), -1) > 0)
     return (temperature * temperature) * o.sum(div * w), o.sum(w)

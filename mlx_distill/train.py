@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas, config, data, selection
+from . import blas, config, data, selection, sources
 from .config import TrainConfig
 from .io import (InputError, JsonlAppender, atomic_write_json, complete_dir, read_json, read_jsonl, sha256_file,
                  write_manifest)
@@ -53,7 +53,7 @@ from .losses import sft_loss
 # `data` is a path: the data is compared by the sha256 of its files instead (manifest.json).
 # `iters` may only be raised, with --extend (see `check_resume`).
 RESUME_MAY_CHANGE = ("out", "resume", "extend", "data", "backend", "compile", "grad_checkpoint", "report_every",
-                     "save_every", "kd_min_coverage")
+                     "save_every", "kd_min_coverage", "save_rollouts")
 
 
 @dataclass
@@ -72,9 +72,11 @@ class LoopState:
     win_tokens: int = 0
     win_time: float = 0.0
     win_parts: dict = None
+    source: dict = None  # the batch source's open report window (`sources.CorpusSource.state_dict`)
 
     def __post_init__(self):
         self.win_parts = self.win_parts or {}
+        self.source = self.source or {}
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -96,20 +98,32 @@ def kd_objective(forward, cfg: TrainConfig):
     The backends divide the summed objective of a step's micro-batches once by N, so the KD
     sum is returned scaled by ``kd_scale = N / N_KD``, counted by the loop over the whole step
     (every micro-batch, every rank; `kd_step_scale`). Callers that give no ``kd_scale`` get
-    the micro-batch's own ratio. A step without any teacher target has ``kd_scale = 0``."""
+    the micro-batch's own ratio. A step without any teacher target has ``kd_scale = 0``.
+
+    The SFT term is weighted by ``sft_weight`` (1 = the formula above). On-policy runs
+    (`sources.OnPolicySource`) mark each batch with ``gold``: a rollout batch (gold 0) is the
+    student's own sample and carries no SFT term; ``sft_loss`` is then averaged over the gold
+    batches' tokens (``sft_tokens``). They always use the tail bucket (see `losses.kd_loss`)."""
     from .losses import kd_loss, ops
+
+    tail = cfg.kd_tail or cfg.on_policy_fraction > 0
 
     def objective(model, b):
         logits = forward(model, b["inputs"], b["targets"].shape[1])
         s, n = sft_loss(logits, b["targets"], b["mask"])
         k, nk = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
-                        kind=cfg.kd_kind, tail=cfg.kd_tail, top_k=cfg.kd_top_k)
+                        kind=cfg.kd_kind, tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta)
         if "kd_scale" in b:
             scale = b["kd_scale"]
         else:
             o = ops(nk)
             scale = n / o.maximum(nk, o.full_like(nk, 1.0))
-        return s + b["kd_alpha"] * scale * k, n, {"sft_loss": s, "kd_loss": k, "kd_positions": nk}
+        kd = b["kd_alpha"] * scale * k
+        if "gold" in b:
+            g = b["gold"]
+            return cfg.sft_weight * g * s + kd, n, {"sft_loss": g * s, "sft_tokens": g * n, "kd_loss": k,
+                                                    "kd_positions": nk}
+        return cfg.sft_weight * s + kd, n, {"sft_loss": s, "kd_loss": k, "kd_positions": nk}
 
     return objective
 
@@ -129,7 +143,9 @@ def window_parts(parts: dict, ntokens: int) -> dict:
     """A report window's averages of the objective's parts: ``sft_loss`` per completion token;
     ``kd_loss`` per position carrying a teacher target (None when none did) and
     ``kd_coverage``, the share of completion tokens that carried one."""
-    out = {k: v / max(ntokens, 1) for k, v in parts.items() if k not in ("kd_loss", "kd_positions")}
+    out = {k: v / max(ntokens, 1) for k, v in parts.items() if k not in ("kd_loss", "kd_positions", "sft_tokens")}
+    if "sft_tokens" in parts:  # on-policy: the SFT term lives on gold (corpus) batches only
+        out["sft_loss"] = parts.get("sft_loss", 0.0) / parts["sft_tokens"] if parts["sft_tokens"] else None
     if "kd_positions" in parts:
         nk = parts["kd_positions"]
         out["kd_loss"] = parts.get("kd_loss", 0.0) / nk if nk else None
@@ -183,7 +199,8 @@ def fmt_row(row: dict) -> str:
     parts = [f"iter {row['iter']:>5}"]
     for k, f in (("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("val_accuracy", "{:.3f}"), ("sft_loss", "{:.4f}"),
                  ("kd_loss", "{:.4f}"),
-                 ("kd_coverage", "{:.2f}"), ("learning_rate", "{:.2e}"), ("tokens_per_sec", "{:.1f}"), ("peak_memory_gb", "{:.2f}")):
+                 ("kd_coverage", "{:.2f}"), ("on_policy", "{:.2f}"), ("rollout_tokens_per_sec", "{:.1f}"),
+                 ("rollout_truncated", "{:.2f}"), ("learning_rate", "{:.2e}"), ("tokens_per_sec", "{:.1f}"), ("peak_memory_gb", "{:.2f}")):
         if row.get(k) is not None:
             parts.append(f"{k} " + f.format(row[k]))
     return " | ".join(parts)
@@ -269,6 +286,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     _check_options(cfg)
     _check_run_folder(cfg, out)
     backend = get_backend(cfg)
+    sources.check_on_policy_options(cfg, backend.name)
     if not backend.dist.is_main:  # torchrun: rank 0 writes the run folder, the others a copy of their own
         out, quiet = backend.dist.run_folder(out), True
     t0 = time.perf_counter()
@@ -350,24 +368,11 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     backend.build_step(train_objective)
     metrics = JsonlAppender(out / "metrics.jsonl")
 
-    kd_step: dict[int, tuple[dict, int]] = {}  # micro index -> (arrays, ntokens) of the KD step being trained
     kd_warned = False
-
-    def batch_for(k: int, step: int) -> tuple[dict, int]:
-        if kd_store is None:
-            b = stream.at(k)
-            return data.trim_prompt(data.batch_arrays(b), b), b.ntokens
-        if k not in kd_step:  # the step's first micro-batch: its KD normaliser needs all of them
-            kd_step.clear()
-            group = [(j, stream.at(j)) for j in range(k, k + cfg.grad_accumulation)]
-            arrays = [{**data.batch_arrays(b), **kd_store.batch_arrays(b, cfg.kd_top_k)} for _, b in group]
-            scale, n, nk = kd_step_scale(arrays)
-            kd_dry_check(step, nk)
-            for (j, b), a in zip(group, arrays):
-                a["kd_alpha"] = np.array(kd_alpha_at(cfg, step), dtype=np.float32)
-                a["kd_scale"] = np.array(scale, dtype=np.float32)
-                kd_step[j] = data.trim_prompt(a, b), b.ntokens
-        return kd_step[k]
+    # the batch source (corpus, KD store / online teacher, on-policy rollouts): an argument of this loop
+    source = sources.make_source(cfg, backend, stream, kd_store, tokenizer,
+                                 dry_check=lambda step, nk: kd_dry_check(step, nk))
+    source.load_state_dict(st.source)
 
     def kd_dry_check(step: int, kd_positions: float) -> None:
         """A KD run must not train on without a teacher signal: refuse when a whole validation
@@ -391,6 +396,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         return tot / max(n, 1.0)
 
     def checkpoint():
+        st.source = source.state_dict()
         backend.save_checkpoint(ckpt_dir, asdict(st))
 
     def on_validation(row: dict) -> None:
@@ -433,7 +439,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     if not quiet:
         print(f"model {backend.model_path} | {counts['trainable'] / 1e6:.3f}M trainable / {counts['total'] / 1e6:.1f}M "
               f"| train {len(train_ex)} valid {len(val_ex)} examples | {len(stream)} batches/epoch | "
-              f"{'SFT+KD' if kd_store else 'SFT'} | backend {backend.name}", flush=True)
+              f"{source.kind} | backend {backend.name}", flush=True)
     backend.train_mode(True)
     with Reporter(cfg.iters, st.step, quiet) as ui:
         try:
@@ -446,12 +452,14 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 tic = time.perf_counter()
                 step = st.step + 1
                 for a in range(cfg.grad_accumulation):
-                    arrays, _ = batch_for(st.micro, step)
+                    arrays, _ = source.batch(st.micro, step)
+                    utic = time.perf_counter()
                     r = backend.train_step(arrays, update=a == cfg.grad_accumulation - 1, micro=st.micro)
+                    source.note_update(time.perf_counter() - utic)
                     st.micro += 1
                     st.win_loss += r["loss_sum"]
                     st.win_tokens += int(r["ntokens"])
-                    for k in ("sft_loss", "kd_loss", "kd_positions"):
+                    for k in ("sft_loss", "sft_tokens", "kd_loss", "kd_positions"):
                         if k in r:
                             st.win_parts[k] = st.win_parts.get(k, 0.0) + r[k]
                 st.step = step
@@ -464,7 +472,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                                learning_rate=backend.learning_rate(),
                                tokens_per_sec=st.win_tokens / max(st.win_time, 1e-9),
                                trained_tokens=st.trained_tokens, peak_memory_gb=backend.peak_memory_gb(),
-                               epoch=round(stream.epoch_of(st.micro), 3))
+                               epoch=round(stream.epoch_of(st.micro), 3), **source.report())
                     if kd_store is not None:
                         row["kd_alpha"] = kd_alpha_at(cfg, step)
                         if not row.get("kd_coverage") and not kd_warned:
@@ -477,6 +485,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                     st.win_loss, st.win_tokens, st.win_time, st.win_parts = 0.0, 0, 0.0, {}
                 if step % cfg.val_every == 0 or step == cfg.iters:
                     on_validation(row)
+                    backend.dist.main_only(source.after_validation, out, step)  # --save-rollouts
                 if len(row) > 1:
                     metrics.write(row)
                     ui.line(fmt_row(row))

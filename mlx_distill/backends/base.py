@@ -72,6 +72,11 @@ class Backend(Protocol):
         """Greedy continuations (token ids, EOS excluded) of token-id `prompts` by the model being
         trained, with its current adapter (no second copy of the weights)."""
 
+    def sample(self, prompts: list, max_tokens: list, temperature: float, top_p: float, key: int) -> list:
+        """On-policy rollouts: one sampled completion per token-id prompt by the model being trained
+        with its current adapter (`rollouts.Rollout`: tokens, EOS included when ``finished``), the
+        sampling key set from `key`. A backend that cannot sample inside training raises InputError."""
+
     # persistence
     def save_adapter(self, folder: Path, name: str = "adapters.safetensors") -> None:
         """The trainable weights in mlx-lm's format, written atomically."""

@@ -218,6 +218,12 @@ class MLXBackend(BackendBase):
             gen.close()
         return [out[u] for u in uids]
 
+    def sample(self, prompts: list, max_tokens: list, temperature: float, top_p: float, key: int) -> list:
+        """On-policy rollouts by the live model (`mlx_distill.rollouts.sample`); the caller sets eval mode."""
+        from ..rollouts import sample
+
+        return sample(self.model, self.tokenizer, prompts, max_tokens, temperature, top_p, key)
+
     def peak_memory_gb(self) -> float:
         return self.mx.get_peak_memory() / 1e9
 

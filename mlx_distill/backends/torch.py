@@ -329,6 +329,13 @@ class TorchBackend(BackendBase):
             out += [toks for toks, _ in client.generate(chunk, [max_tokens] * len(chunk))]
         return out
 
+    def sample(self, prompts: list, max_tokens: list, temperature: float, top_p: float, key: int) -> list:
+        """Not implemented: on-policy distillation runs on the MLX backend only (refused before training)."""
+        from ..io import InputError
+
+        raise InputError("--on-policy-fraction > 0: the torch backend does not generate rollouts inside training; "
+                         "use --backend mlx")
+
     def learning_rate(self) -> float:
         """The rate of the last update (before any: the first one's), as MLX reports it."""
         return float(lr_at(self.cfg, max(self.opt_step - 1, 0)))
