@@ -84,28 +84,25 @@ def test_least_outstanding_spread_and_per_server_concurrency():
     with FaultServer({"delay": 0.1}) as a, FaultServer({"delay": 0.1}) as b:
         async def go():
             pool = PoolClient([a.base_url, b.base_url], "m", api_key_env="", concurrency=2, backoff_base=0.01)
-            t = time.perf_counter()
             out = await asyncio.gather(*(pool.complete(MSG, max_tokens=8) for _ in range(8)))
-            wall = time.perf_counter() - t
             await pool.aclose()
-            return pool, out, wall
+            return pool, out
 
-        pool, out, wall = asyncio.run(go())
-    assert len(out) == 8 and a.max_active <= 2 and b.max_active <= 2  # each server's own concurrency
+        pool, out = asyncio.run(go())
+    assert len(out) == 8 and a.max_active == 2 and b.max_active == 2  # each server's own concurrency, used
     assert sum(a.counts.values()) == 4 and sum(b.counts.values()) == 4  # spread evenly
-    assert wall < 0.8  # 8 requests, 4 at a time, 0.1 s each: ~0.2 s (serial would be 0.8 s)
     st = pool.server_stats()
     assert [st[s.base_url]["ok"] for s in (a, b)] == [4, 4] and pool.stats["ok"] == 8
     assert {c.server for c in out} == {a.base_url, b.base_url}
 
 
 def test_hung_server_marked_down_its_request_moved_and_its_late_answer_ignored(capsys):
-    """B answers only after 1.0 s; the client gives up after 0.6 s. r1 (t=0) and r3 (t=0.3) go to B; r1's
-    timeout marks B down, r3 is cancelled and re-queued on A; B's late answer to r3 (t=1.3) is never seen.
+    """B answers only after 2 s; the client gives up after 1 s. r1 (t=0) and r3 (t=0.3) go to B; r1's
+    timeout marks B down, r3 is cancelled and re-queued on A; B's late answer to r3 (t=2.3) is never seen.
     B then recovers: after its back-off one request probes it, and it is back up."""
-    with FaultServer({"delay": 1.0}) as b, FaultServer({"delay": 0.05}) as a:
+    with FaultServer({"delay": 2.0}) as b, FaultServer({"delay": 0.05}) as a:
         async def go():
-            pool = PoolClient([b.base_url, a.base_url], "m", api_key_env="", concurrency=4, timeout=0.6,
+            pool = PoolClient([b.base_url, a.base_url], "m", api_key_env="", concurrency=4, timeout=1.0,
                               backoff_base=0.01, down_after=1, down_backoff=0.5)
             r1 = asyncio.ensure_future(pool.complete([{"role": "user", "content": "[R1] q"}], max_tokens=8))
             await asyncio.sleep(0.3)
@@ -114,7 +111,7 @@ def test_hung_server_marked_down_its_request_moved_and_its_late_answer_ignored(c
             r3 = asyncio.ensure_future(pool.complete([{"role": "user", "content": "[R3] q"}], max_tokens=8))
             first = await asyncio.gather(r1, r2, r3)
             state = {k: dict(v) for k, v in pool.server_stats().items()}
-            await asyncio.sleep(1.0)  # B's late answers arrive (into closed connections) meanwhile
+            await asyncio.sleep(1.4)  # B's late answer arrives (into a closed connection) meanwhile
             b.script["delay"] = 0.0   # B is healthy again
             later = await asyncio.gather(*(pool.complete(MSG, max_tokens=8) for _ in range(4)))
             up = pool.members[0].up
@@ -173,7 +170,7 @@ def test_unreachable_server_at_start_is_an_error_before_any_work(tmp_path, capsy
     t = time.perf_counter()
     with pytest.raises(InputError, match="cannot reach the server at http://127.0.0.1:.*Is it running"):
         B.build(cfg(dead_url(), probs, tmp_path / "none"))
-    assert time.perf_counter() - t < 5 and not (tmp_path / "none").exists()
+    assert time.perf_counter() - t < 20 and not (tmp_path / "none").exists()  # no retry loop: at once
     with pytest.raises(InputError, match="no server of the pool can be reached"):
         B.build(cfg([dead_url(), dead_url()], probs, tmp_path / "none"))
     assert not (tmp_path / "none").exists()
