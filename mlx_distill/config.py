@@ -251,10 +251,10 @@ class StudyConfig:
     plan: bool = opt(False, "Write the grid's cells (level x seed) to <out>/plan.json, plan.txt and cells.sh, each "
                      "with its folder, per-cell train/eval YAMLs and commands; run nothing.")
     cell: int = opt(-1, "Run only cell I of the plan (train if needed, then eval) and write its result.json; "
-                    "any scheduler can run the cells. Without --plan/--cell/--run-all, a study with a plan "
-                    "assembles the finished cells.")
+                    "any scheduler can run the cells. Without --plan/--cell/--run-all, a study planned with "
+                    "--plan assembles the finished cells and lists the missing ones (exit 3 while any is).")
     run_all: bool = opt(False, "Plan, run every unfinished cell here one after another, then assemble (what a "
-                        "study without a plan does).")
+                        "study without a plan, or with the plan of an earlier whole study, does).")
 
 
 # ----------------------------------------------------------------------------- corpus (issue 3; owner: corpus builder)

@@ -29,9 +29,10 @@ seed I div L), each with its own folder ``cells/<I>-<level>-seed<s>/`` holding `
   scheduler can run the cells: a shell loop, ``xargs -P``, a SLURM array. A second worker on
   the same cell refuses (``<cell>/lock`` names the holder); a lock whose process is gone (same
   host) is taken over. A finished cell is skipped; one holding other settings is refused;
-* ``study length`` again (a plan exists) assembles the finished cells and lists the missing
+* ``study length`` again (after ``--plan``) assembles the finished cells and lists the missing
   ones; with any missing it writes the outputs marked PARTIAL and exits 3;
-* without a plan, or with ``--run-all``: plan, run every unfinished cell here, assemble.
+* ``--run-all``, and ``study length`` without a plan (or after an earlier whole study, which it
+  continues): plan, run every unfinished cell here one after another, assemble.
 
 Output folder: ``results.json`` (every run, the per-level aggregate, ``complete``, ``missing``),
 ``results.csv`` (one row per level), ``runs.csv`` (one row per run), ``accuracy_vs_words.png``,
@@ -40,15 +41,18 @@ Output folder: ``results.json`` (every run, the per-level aggregate, ``complete`
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
 import json
 import os
 import shlex
+import signal
 import socket
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -308,15 +312,15 @@ def _who(holder: dict) -> str:
 
 
 def acquire_lock(cell: Cell) -> dict:
-    """Take `<cell>/lock` (created exclusively, naming this host, pid and start time). A lock whose
-    holder is gone (its pid no longer runs on this host) is taken over with a message; any other
-    lock refuses the cell."""
+    """Take `<cell>/lock` (created exclusively, whole: naming this host, pid and start time). A lock
+    whose holder is gone (its pid no longer runs on this host) is taken over with a message; any
+    other lock refuses the cell."""
     path = cell.dir / "lock"
     cell.dir.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for attempt in (0, 1):
         try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            _create_whole(path, json.dumps(me))
         except FileExistsError:
             holder = _lock_holder(path)
             if holder is None:
@@ -333,10 +337,25 @@ def acquire_lock(cell: Cell) -> dict:
                 why = "(the lock file is unreadable)"
             raise InputError(f"study: {cell.label} is being run by {_who(holder)} {why} (lock file {path}); "
                              f"run another cell, or delete {path} if that worker is gone")
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
         return me
     raise InputError(f"study: could not take the lock {path} (other workers keep taking it); run the cell again")
+
+
+def _create_whole(path: Path, text: str) -> None:
+    """Create `path` holding `text`, or raise FileExistsError: written aside, then hard-linked into
+    place, so no reader ever sees it empty (O_EXCL where the file system has no hard links)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _take_over(path: Path, holder: dict, cell: Cell) -> None:
@@ -354,6 +373,19 @@ def _take_over(path: Path, holder: dict, cell: Cell) -> None:
             path.unlink(missing_ok=True)
     finally:
         guard.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGTERM and SIGINT wait until the block is over (where the platform can block signals)."""
+    sigs = {signal.SIGTERM, signal.SIGINT}
+    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if can else None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def release_lock(cell: Cell, me: dict) -> None:
@@ -439,8 +471,10 @@ def run_cell(cell: Cell, client=None, quiet: bool = False) -> dict:
     row = finished()
     if row is not None:
         return row
-    me = acquire_lock(cell)
+    me = None
     try:
+        with _signals_deferred():  # a SIGTERM now would leave the lock taken and not released
+            me = acquire_lock(cell)
         row = finished()  # again under the lock: another worker may have finished it meanwhile
         if row is not None:
             return row
@@ -463,7 +497,8 @@ def run_cell(cell: Cell, client=None, quiet: bool = False) -> dict:
                   f"(n={s['n']})", file=sys.stderr)
         return row
     finally:
-        release_lock(cell, me)
+        if me is not None:
+            release_lock(cell, me)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -471,9 +506,10 @@ def _study_cmd(out: Path, *extra: str) -> list[str]:
     return ["python", "-m", "mlx_distill", "study", "length", "-c", str(out / "study.yaml"), *extra]
 
 
-def plan_dict(cfg: StudyConfig, levels: list[Level], seeds: list[int], cells: list[Cell]) -> dict:
+def plan_dict(cfg: StudyConfig, levels: list[Level], seeds: list[int], cells: list[Cell], by: str = "plan") -> dict:
     out = Path(cfg.out)
-    return {"version": PLAN_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cwd": os.getcwd(),
+    return {"version": PLAN_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "written_by": by,
+            "cwd": os.getcwd(),
             "study": str(out / "study.yaml"), "kind": cfg.kind, "levels": [lv.name for lv in levels], "seeds": seeds,
             "cells": [{"index": c.index, "level": c.level.name, "value": c.level.value, "seed": c.seed,
                        "dir": str(c.dir), "commands": c.commands(), "run": _study_cmd(out, "--cell", str(c.index)),
@@ -528,14 +564,16 @@ def _cells_sh(plan: dict, cells: list[Cell]) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_plan(cfg: StudyConfig, levels: list[Level], seeds: list[int], cells: list[Cell], quiet: bool) -> dict:
+def write_plan(cfg: StudyConfig, levels: list[Level], seeds: list[int], cells: list[Cell], quiet: bool,
+               by: str = "plan") -> dict:
     """Write `<out>/study.yaml` (the study, resolved), `plan.json`, `plan.txt`, `cells.sh` and every
-    cell's YAMLs; say which cell folders hold other settings' results."""
+    cell's YAMLs; say which cell folders hold other settings' results. `by`: "plan" (--plan: a plain
+    `study length` then assembles) or "run-all" (a plain `study length` then continues the whole study)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     study = {k: v for k, v in config.to_dict(cfg).items() if k not in _MODES}
     atomic_write_text(out / "study.yaml", yaml.safe_dump(study, sort_keys=False))
-    plan = plan_dict(cfg, levels, seeds, cells)
+    plan = plan_dict(cfg, levels, seeds, cells, by)
     states = [cell_state(c) for c in cells]
     for c in cells:
         write_cell_files(c)
@@ -613,7 +651,7 @@ def run_study(cfg: StudyConfig, quiet: bool = False) -> dict:
         c, d = stale[0]
         more = f" ({len(stale)} cells like this)" if len(stale) > 1 else ""
         raise InputError(f"study: {d}; delete {c.dir} to run {c.label} again{more}, or give the study another `out`")
-    write_plan(cfg, levels, seeds, cells, quiet=True)
+    write_plan(cfg, levels, seeds, cells, quiet=True, by="run-all")
     if base.temperature == 0 and len(seeds) > 1 and cfg.kind != "adapter" and not quiet:
         print("note: greedy decoding (eval.temperature 0): every seed gives the same run; "
               "set eval.temperature > 0 to measure seed variance", file=sys.stderr)
@@ -664,7 +702,7 @@ def assemble(cfg: StudyConfig, levels: list[Level], seeds: list[int], base: Eval
                    plot=plotted, runs=len(rows), cells=len(cells), status="partial" if missing else "complete",
                    missing=[m["index"] for m in missing])
     if not quiet:
-        print_table(agg, cfg.kind)
+        print_table(agg, cfg.kind, partial=f"{len(cells) - len(missing)} of {len(cells)} cells" if missing else "")
         print(f"wrote {out}/results.json, results.csv, report.md" + (", accuracy_vs_words.png" if plotted else ""))
     if missing:
         print(f"study: PARTIAL: {len(missing)} of {len(cells)} cells not finished; the outputs say so:",
@@ -702,7 +740,7 @@ def _value_label(kind: str) -> str:
     return {"prompt": "word budget", "max_tokens": "max tokens", "adapter": "corpus / adapter"}[kind]
 
 
-def print_table(agg: list[dict], kind: str, console=None) -> None:
+def print_table(agg: list[dict], kind: str, console=None, partial: str = "") -> None:
     """The study table within 80 columns: headers whole, the "± std" under its mean (only with several
     seeds), long level values (adapter paths) folded."""
     from rich import box
@@ -710,7 +748,8 @@ def print_table(agg: list[dict], kind: str, console=None) -> None:
     from rich.table import Table
 
     several = any(a.get("seeds", 0) > 1 for a in agg)
-    t = Table(title=f"Response-length study ({kind})" + (", mean ± std over seeds" if several else ", one seed"),
+    title = f"Response-length study ({kind})" + (", mean ± std over seeds" if several else ", one seed")
+    t = Table(title=f"PARTIAL ({partial}): {title}" if partial else title,
               box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("level", _value_label(kind), "accuracy", "words", "tokens", "truncated", "invalid", "n × seeds"):
         left = col in ("level", _value_label(kind))
@@ -781,6 +820,13 @@ def report(cfg: StudyConfig, base: EvalConfig, agg: list[dict], plotted: bool, m
 
 
 # ----------------------------------------------------------------------------- CLI
+def _written_by(path: Path) -> Optional[str]:
+    """Who wrote the plan in `path`: "plan" (--plan), "run-all", or None (no plan)."""
+    from .io import read_json
+
+    return read_json(path).get("written_by", "plan") if path.is_file() else None
+
+
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -796,8 +842,12 @@ def main(argv=None) -> None:
     elif cfg.cell != -1:
         if cfg.cell < 0:
             raise InputError(f"study: --cell {cfg.cell}: a cell number is 0 or more (see plan.txt)")
+        def stop(signum, frame):  # a scheduler's SIGTERM (time limit, scancel): unwind, so the lock is released
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
         run_one_cell(cfg, cfg.cell)
-    elif cfg.run_all or not (Path(cfg.out) / "plan.json").is_file():
-        run_study(cfg)
+    elif cfg.run_all or _written_by(Path(cfg.out) / "plan.json") != "plan":
+        run_study(cfg)  # no plan, or the plan of an earlier whole study: run (continue) the whole study
     elif not assemble_study(cfg)["complete"]:
         raise SystemExit(3)  # a partial assembly: outputs written, marked partial

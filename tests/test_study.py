@@ -46,6 +46,17 @@ def test_study_prompt_budgets_cli(tmp_path, tiny_model):
     rec = json.loads(open(out / "cells" / "3-15-words-seed1" / "eval" / "records.jsonl").readline())
     assert "under 15 words" in rec["prompt"]
     assert "± " in (out / "report.md").read_text()
+    # the same command again continues the whole study (its plan was not written by --plan): a cell
+    # whose result was lost is finished again (its evaluation is complete: nothing generated), the rest kept
+    from mlx_distill.study import main
+
+    assert json.loads((out / "plan.json").read_text())["written_by"] == "run-all"
+    (out / "cells" / "3-15-words-seed1" / "done").unlink()
+    kept = (out / "cells" / "0-60-words-seed0" / "result.json").stat().st_mtime_ns
+    main(["length", "-c", str(tmp_path / "study.yaml")])
+    assert (out / "cells" / "3-15-words-seed1" / "done").is_file()
+    assert (out / "cells" / "0-60-words-seed0" / "result.json").stat().st_mtime_ns == kept
+    assert json.loads((out / "results.json").read_text())["runs"] == res["runs"]
 
 
 def test_study_max_tokens_and_adapter_levels(tmp_path, tiny_model, shared_data):
@@ -246,6 +257,27 @@ def test_cell_lock_refusal_and_stale_takeover(tmp_path, tiny_model, capsys):
     run_one_cell(cfg, 0, quiet=True)
     assert f"taking over the stale lock {lock}" in capsys.readouterr().err
     assert (cell.dir / "done").is_file() and not lock.exists()  # released at the end
+
+
+def test_cell_sigterm_releases_lock(tmp_path, tiny_model):
+    """A scheduler's SIGTERM (time limit, scancel) stops a cell without finishing it and releases its lock."""
+    import signal
+    import time
+
+    cfg = {**_prompt_cfg(tmp_path, tiny_model, tmp_path / "s", max_tokens=400), "seeds": [0], "levels": [20]}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    assert _study(["-c", str(tmp_path / "study.yaml"), "--plan"]).returncode == 0
+    cell = tmp_path / "s" / "cells" / "0-20-words-seed0"
+    p = subprocess.Popen([sys.executable, "-m", "mlx_distill", "study", "length", "-c", str(tmp_path / "study.yaml"),
+                          "--cell", "0"], cwd=REPO, env=CLI_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (cell / "lock").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert (cell / "lock").exists(), p.communicate()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert not (cell / "lock").exists() and not (cell / "done").exists()
 
 
 @pytest.mark.slow
