@@ -804,7 +804,7 @@ def report(cfg: StudyConfig, base: EvalConfig, agg: list[dict], plotted: bool, m
          f"- levels induced by **{_value_label(cfg.kind)}** ({cfg.kind}); seeds {list(cfg.seeds)}",
          f"- model `{base.model}`, dataset `{base.dataset}`" + (f" (first {base.limit})" if base.limit else "")
          + f", prompt style `{base.prompt_style}`, temperature {base.temperature}, max tokens {base.max_tokens}",
-         "- numbers are mean ± sample standard deviation over seeds; each run's records are under `runs/`", ""]
+         "- numbers are mean ± sample standard deviation over seeds; each run's records are under `cells/<i>-<level>-seed<s>/eval/`", ""]
     if base.temperature == 0 and len(cfg.seeds) > 1 and cfg.kind != "adapter":
         L += ["> Greedy decoding: the seeds do not change the runs, so the std is 0 by construction.", ""]
     L += [f"| level | {_value_label(cfg.kind)} | accuracy | mean words | mean tokens | truncated | invalid | n × seeds |",
