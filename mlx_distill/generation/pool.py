@@ -162,14 +162,18 @@ class PoolClient:
         return errors
 
     # -- scheduling
-    def _pick(self, avoid: Optional[_Member] = None) -> Optional[_Member]:
+    def _pick(self, avoid: Optional[_Member] = None, shun: bool = False) -> Optional[_Member]:
+        """The least busy server with a free slot; not `avoid` (where this request just failed) when another
+        has one, and with `shun` (it failed there by connection or timeout) not at all while another is up."""
         now = time.monotonic()
         for m in self.members:  # a down server whose back-off is over gets one request (half-open)
             if not m.up and not m.probing and now >= m.down_until:
                 m.probing = True
                 return m
         free = [m for m in self.members if m.up and m.in_flight < m.client.concurrency]
-        if avoid is not None and len(free) > 1:
+        if avoid is not None and shun and any(m.up and m is not avoid for m in self.members):
+            free = [m for m in free if m is not avoid]
+        elif avoid is not None and len(free) > 1:
             free = [m for m in free if m is not avoid] or free
         if not free:
             return None
@@ -183,13 +187,14 @@ class PoolClient:
                 if not everyone:
                     return
 
-    async def _acquire(self, all_down_wait: float, avoid: Optional[_Member] = None) -> Optional[_Member]:
+    async def _acquire(self, all_down_wait: float, avoid: Optional[_Member] = None,
+                       shun: bool = False) -> Optional[_Member]:
         """A server with a free slot (its in-flight count raised), or None once every server has been
         down for `all_down_wait` seconds."""
         loop = asyncio.get_running_loop()
         t_end = None
         while True:
-            m = self._pick(avoid)
+            m = self._pick(avoid, shun)
             if m is not None:
                 m.in_flight += 1
                 return m
@@ -222,12 +227,17 @@ class PoolClient:
             m.backoff = self.down_backoff
         else:  # its half-open request failed too
             m.backoff = min(self.down_backoff_max, max(m.backoff, self.down_backoff) * 2)
+        was_up = m.up
         m.up, m.probing, m.fails = False, False, 0
         m.down_until = time.monotonic() + m.backoff
         moved = [t for t in m.tasks if not t.done()]
         up = sum(x.up for x in self.members)
-        announce(f"server {m.url} marked down ({why.kind}: {str(why)[:100]}); {len(moved)} request(s) in flight "
-                 f"moved to the {up} other server(s) up; trying it again in {m.backoff:g}s", always=True)
+        if was_up:
+            announce(f"server {m.url} marked down ({why.kind}: {str(why)[:100]}); {len(moved)} request(s) in "
+                     f"flight moved to the {up} other server(s) up; trying it again in {m.backoff:g}s", always=True)
+        else:
+            announce(f"server {m.url} still down ({why.kind}: {str(why)[:100]}); trying it again in "
+                     f"{m.backoff:g}s", always=True)
         for t in moved:
             t.cancel()
         self._wake(everyone=True)
@@ -247,7 +257,8 @@ class PoolClient:
         last: Optional[_Retryable] = None
         avoid: Optional[_Member] = None
         while True:
-            m = await self._acquire(backoff_delay(tries, self.backoff_base, self.backoff_max), avoid)
+            m = await self._acquire(backoff_delay(tries, self.backoff_base, self.backoff_max), avoid,
+                                    shun=last is not None and last.kind in ("connection", "timeout"))
             if m is None:  # every server down all that while: one failed try, like a refused connection
                 last = _Retryable("connection", f"all {len(self.members)} servers are down")
             else:
