@@ -289,7 +289,8 @@ class PoolClient:
                 elif task.exception() is None:
                     c = task.result()
                     m.counts["ok"] += 1
-                    self._mark_up(m)
+                    if probe or m.up:  # a down server comes back through its probe, not a late answer
+                        self._mark_up(m)
                     c.attempts = tries + requeues + 1
                     self.stats["ok"] += 1
                     self.stats["prompt_tokens"] += c.prompt_tokens
@@ -299,7 +300,7 @@ class PoolClient:
                     e = task.exception()
                     m.counts["failed"] += 1
                     if not isinstance(e, _Retryable):  # a client error (4xx, no model name): not worth a retry
-                        if isinstance(e, ClientError):
+                        if isinstance(e, ClientError) and (probe or m.up):
                             self._mark_up(m)  # it answered
                         elif probe:
                             m.probing = False
@@ -310,7 +311,7 @@ class PoolClient:
                         m.fails += 1
                         if probe or (m.up and (e.refused or m.fails >= self.down_after)):
                             self._mark_down(m, e)
-                    else:  # the server answered (429, 5xx, an empty 200): it is up
+                    elif probe or m.up:  # the server answered (429, 5xx, an empty 200): it is up
                         self._mark_up(m)
             tries += 1
             if tries > self.max_retries:
