@@ -281,3 +281,30 @@ def test_eval_with_a_pool_records_per_server_counts(tmp_path, shared_data):
     client = json.loads((tmp_path / "e" / "manifest.json").read_text())["client"]
     assert client["base_url"] == [a.base_url, b.base_url] and client["pool"]["capacity"] == 4
     assert sum(v["ok"] for v in client["servers"].values()) == 6 and all(v["requests"] for v in client["servers"].values())
+
+
+def test_every_server_dying_ends_incomplete_not_hanging(tmp_path, capsys):
+    n = 16
+    items = good_items(n)
+    probs = problems_file(tmp_path / "p.jsonl", n)
+    a, b = FaultServer({"delay": 0.1, "items": items}).start(), FaultServer({"delay": 0.1, "items": items}).start()
+
+    def killer():
+        t_end = time.time() + 10
+        while sum(a.counts.values()) + sum(b.counts.values()) < 6 and time.time() < t_end:
+            time.sleep(0.005)
+        a.kill()
+        b.kill()
+
+    k = threading.Thread(target=killer)
+    k.start()
+    t = time.perf_counter()
+    man = B.build(cfg([a.base_url, b.base_url], probs, tmp_path / "c"))
+    k.join()
+    assert time.perf_counter() - t < 30
+    traces = read_jsonl(tmp_path / "c" / "traces.jsonl")
+    assert len(traces) == n and len({r["key"] for r in traces}) == n
+    assert man["status"] == "incomplete" and set(man["failures"]["by_kind"]) == {"connection"}
+    assert 0 < man["failures"]["attempts"] < n and man["attempts"]["verified"] == n - man["failures"]["attempts"]
+    assert "all 2 servers are down" in (tmp_path / "c" / "traces.jsonl").read_text()
+    assert all(v["marked_down"] == 1 for v in man["servers"].values())
