@@ -45,7 +45,7 @@ from .answers import FORMAT_INSTRUCTIONS
 from .config import EvalConfig, GradeConfig
 from .generation import full_response, generate, make_eval_client, make_judge_client, parameter_counts, \
     problem_seed, _gather
-from .io import InputError, JsonlAppender, atomic_write_json, iter_jsonl, public_url, read_json, read_jsonl, \
+from .io import InputError, JsonlAppender, atomic_write_json, iter_jsonl, read_json, read_jsonl, scrub, \
     sha256_file, sha256_text, write_jsonl, write_manifest
 from .metrics import failure_kind, grade_fields, summarise
 from .overlap import adapter_train_config, check_overlap
@@ -237,7 +237,7 @@ def run_judge(judge_client, problems: list[dict], records: list[dict], quiet: bo
 # ============================================================================= the output folder
 def identity(cfg: EvalConfig) -> dict:
     ident = {k: getattr(cfg, k) for k in IDENTITY}
-    ident["base_url"] = public_url(ident["base_url"])
+    ident["base_url"] = scrub(ident["base_url"])  # one URL or a pool's list, without credentials
     for k in ("adapter", "data", "train_data", "prompt_file"):
         if ident[k] and Path(ident[k]).exists():
             ident[k] = str(Path(ident[k]).resolve())
