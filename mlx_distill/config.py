@@ -81,6 +81,16 @@ class TrainConfig:
                            "an accuracy increase (--select-by accuracy).")
     report_every: int = opt(5, "Write a metrics row every N iterations.")
     save_every: int = opt(25, "Write a resumable checkpoint every N iterations.")
+    # experiment trackers and the memory preflight (issue 14); see mlx_distill/trackers.py, preflight.py
+    report_to: list = opt([], "Experiment trackers that get every metrics.jsonl row (at its iter) and the resolved "
+                          "config: wandb, tensorboard; comma- or space-separated (--report-to wandb,tensorboard). "
+                          "Optional extras: pip install 'mlx_distill[wandb]' / 'mlx_distill[tensorboard]'. W&B reads "
+                          "WANDB_PROJECT, WANDB_MODE=offline and WANDB_DIR (default: the run folder); TensorBoard "
+                          "writes RUN/tensorboard/.")
+    preflight: bool = opt(True, "Before training, estimate the peak memory (weights, trainable parameters, AdamW "
+                          "state, gradients, activations of the longest batch, KD arrays) and refuse, with "
+                          "suggestions, when it exceeds the device's limit (Metal's recommended working set; "
+                          "MemAvailable on Linux). --no-preflight trains anyway.")
     grad_checkpoint: bool = opt(False, "Recompute each block's activations in the backward pass: less memory, "
                                  "one extra forward per step (up to ~33% more compute).")
     compile: bool = opt(True, "Compile the training step (mx.compile).")

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import blas, config, data, selection, sources
+from . import blas, config, data, preflight, selection, sources, trackers
 from .config import TrainConfig
 from .io import (InputError, JsonlAppender, atomic_write_json, complete_dir, read_json, read_jsonl, sha256_file,
                  write_manifest)
@@ -53,7 +53,7 @@ from .losses import sft_loss
 # `data` is a path: the data is compared by the sha256 of its files instead (manifest.json).
 # `iters` may only be raised, with --extend (see `check_resume`).
 RESUME_MAY_CHANGE = ("out", "resume", "extend", "data", "backend", "compile", "grad_checkpoint", "report_every",
-                     "save_every", "kd_min_coverage", "save_rollouts")
+                     "save_every", "kd_min_coverage", "save_rollouts", "report_to", "preflight")
 
 
 @dataclass
@@ -213,6 +213,7 @@ def _check_options(cfg: TrainConfig) -> None:
                          f"{cfg.val_every} (accuracy is measured at loss validations)")
     if cfg.extend and not cfg.resume:
         raise InputError("--extend continues a finished run: pass it with --resume and a raised --iters")
+    trackers.require(cfg.report_to)  # --report-to names an installed tracker, before any model is loaded
 
 
 def check_resume(cfg: TrainConfig, saved: dict, state: dict, where: Path) -> None:
@@ -301,6 +302,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     backend.prepare()
     backend.init_optimizer()
     counts = backend.parameter_counts()
+    preflight.run(cfg, backend, train_ex, quiet=quiet)  # the memory estimate vs the device: refuses when above
 
     kd_store = None
     if cfg.kd_dir or cfg.kd_teacher:
@@ -366,7 +368,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     # written at the start (a run that dies still says what it trained on); rewritten with the result
     write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="running")
     backend.build_step(train_objective)
-    metrics = JsonlAppender(out / "metrics.jsonl")
+    metrics = trackers.attach(JsonlAppender(out / "metrics.jsonl"), cfg, out, backend.dist)  # + --report-to
 
     kd_warned = False
     # the batch source (corpus, KD store / online teacher, on-policy rollouts): an argument of this loop
