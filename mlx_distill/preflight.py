@@ -266,31 +266,53 @@ def for_run(cfg, backend, examples) -> Estimate:
 
 
 def suggestions(cfg, backend, examples, limit: int) -> list[str]:
-    """Concrete changes, each with its own estimate, that lower the peak."""
+    """Concrete changes, each priced with this module's estimate: the mildest value of each
+    option that fits (or its extreme, marked 'still above'), then a combination."""
     out = []
-    longest = max((len(e.tokens) for e in examples), default=0)
 
-    def priced(flag: str, new_cfg, exs=examples, why: str = "") -> None:
-        est = for_run(new_cfg, backend, exs).total
-        fits = "fits" if est <= limit else "still above"
-        out.append(f"{flag} (~{fmt_bytes(est)}, {fits}{why})")
+    def total(new_cfg, exs=examples) -> int:
+        return for_run(new_cfg, backend, exs).total
 
+    def first_fit(values, make, exs=examples):
+        """The first of `values` whose config fits, else the last one; (value, estimate, fits)."""
+        for v in values:
+            est = total(make(v), exs(v) if callable(exs) else exs)
+            if est <= limit:
+                return v, est, True
+        return v, est, False
+
+    def say(flag, est, fits, why=""):
+        out.append(f"{flag} (~{fmt_bytes(est)}{'' if fits else ', still above'}{why})")
+
+    halvings = lambda n: [n >> k for k in range(1, n.bit_length()) if n >> k >= 1]  # noqa: E731
     if cfg.batch_size > 1:
-        b = max(cfg.batch_size // 2, 1)
-        acc = cfg.grad_accumulation * cfg.batch_size // b
-        priced(f"--batch-size {b} --grad-accumulation {acc}", replace(cfg, batch_size=b, grad_accumulation=acc),
-               why="; the same examples per step")
+        per_step = cfg.batch_size * cfg.grad_accumulation
+        b, est, fits = first_fit(halvings(cfg.batch_size),
+                                 lambda b: replace(cfg, batch_size=b, grad_accumulation=max(per_step // b, 1)))
+        say(f"--batch-size {b} --grad-accumulation {max(per_step // b, 1)}", est, fits,
+            "; the same examples per optimizer step")
     if not cfg.grad_checkpoint:
-        priced("--grad-checkpoint", replace(cfg, grad_checkpoint=True), why="; ~1/3 more compute")
+        est = total(replace(cfg, grad_checkpoint=True))
+        say("--grad-checkpoint", est, est <= limit, "; about 1/3 more compute per step")
     n_layers = getattr(backend, "num_layers", None) or (cfg.lora_layers if cfg.lora_layers > 0 else 0)
     if n_layers and n_layers > 1:
-        # fewer trained blocks: activations only (the adapter's own bytes are small); priced as if
-        priced(f"--lora-layers {max(n_layers // 2, 1)}", replace(cfg, lora_layers=max(n_layers // 2, 1)))
-    if longest > 32:
-        m = max(longest // 2, 32)
-        exs = [e for e in examples if len(e.tokens) <= m]
-        priced(f"--max-seq-length {m}", replace(cfg, max_seq_length=m), exs,
-               why=f"; skips {len(examples) - len(exs)} of {len(examples)} examples longer than {m} tokens")
+        k, est, fits = first_fit(halvings(n_layers), lambda k: replace(cfg, lora_layers=k))
+        say(f"--lora-layers {k}", est, fits, f"; now {n_layers}")
+    lengths = sorted(len(e.tokens) for e in examples)
+    # shorter --max-seq-length: only where it keeps at least half of the examples
+    cands = sorted({lengths[int(q * (len(lengths) - 1))] for q in (0.95, 0.9, 0.75, 0.5)}, reverse=True)
+    cands = [m for m in cands if m < lengths[-1]]
+    if cands:
+        keep = lambda m: [e for e in examples if len(e.tokens) <= m]  # noqa: E731
+        m, est, fits = first_fit(cands, lambda m: replace(cfg, max_seq_length=m), keep)
+        skipped = len(examples) - len(keep(m))
+        say(f"--max-seq-length {m}", est, fits, f"; skips {skipped} of {len(examples)} training examples "
+            f"longer than {m} tokens, now up to {lengths[-1]}")
+    if cfg.batch_size > 1 and not cfg.grad_checkpoint:
+        per_step = cfg.batch_size * cfg.grad_accumulation
+        b, est, fits = first_fit(halvings(cfg.batch_size), lambda b: replace(
+            cfg, grad_checkpoint=True, batch_size=b, grad_accumulation=max(per_step // b, 1)))
+        say(f"--grad-checkpoint --batch-size {b} --grad-accumulation {max(per_step // b, 1)}", est, fits)
     return out
 
 

@@ -83,6 +83,25 @@ def test_activation_formula_terms():
     assert preflight.activation_bytes(dims, 2, 128, 64, 4, 4, kd_slots=8) > a
 
 
+def test_estimate_counts_optimizer_kd_teacher_and_rollouts():
+    dims = preflight.Dims(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, head_dim=16, vocab=512)
+    shapes = [(4, 127, 64), (4, 255, 200)]
+    base = preflight.estimate(TrainConfig(lora_layers=2), dims, 10_000, 1_000, 4, shapes)
+    assert base.parts["weights"] == 10_000 and base.parts["trainable+AdamW"] == 5_000  # param, 2 moments, 2 grads
+    assert base.batch == (4, 255, 200)  # the worst batch, not the last
+    acc = preflight.estimate(TrainConfig(lora_layers=2, grad_accumulation=4), dims, 10_000, 1_000, 4, shapes)
+    assert acc.parts["trainable+AdamW"] == 6_000  # + the accumulated gradient
+    kd = preflight.estimate(TrainConfig(lora_layers=2, kd_dir="x"), dims, 10_000, 1_000, 4, shapes, kd_slots=25)
+    assert kd.parts["activations"] > base.parts["activations"]
+    online = preflight.estimate(TrainConfig(lora_layers=2, kd_teacher="t", on_policy_fraction=0.5,
+                                            rollout_max_tokens=300), dims, 10_000, 1_000, 4, shapes, kd_slots=10,
+                                teacher=7_000, teacher_dims=dims, prompt_max=40)
+    assert online.parts["teacher weights"] == 7_000
+    assert online.parts["rollout KV cache"] == 4 * (40 + 300) * 4 * 2 * 2 * 16 * 4
+    assert online.batch == (4, 351, 300)  # a rollout batch: prompt + --rollout-max-tokens, padded to 16
+    assert all(s in online.describe() for s in ("teacher weights", "rollout KV cache", "4 x 351 tokens"))
+
+
 def test_dims_from_config_variants():
     d = preflight.Dims.from_config({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152})
@@ -115,13 +134,16 @@ def test_no_preflight_flag_parses():
 def test_refuses_above_the_limit_with_suggestions_and_no_preflight_overrides(tiny_model, corpus, tmp_path,
                                                                              monkeypatch, capsys):
     monkeypatch.setenv(preflight.LIMIT_ENV, "0.000001")  # 1 kB: no run fits
+    # lengths that vary, so a shorter --max-seq-length keeps most examples
+    rows = [r for k in range(2, 10) for r in long_records(2, seed=k, repeat=k, start=10 * k)]
+    (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = cfg_for(tiny_model, corpus, tmp_path / "refused", iters=1)
     with pytest.raises(InputError) as e:
         train.run(cfg, quiet=True)
     msg = str(e.value)
     assert "memory preflight" in msg and "exceeds the limit" in msg
-    for flag in ("--batch-size 2 --grad-accumulation 2", "--grad-checkpoint", "--lora-layers 1",
-                 "--max-seq-length", "--no-preflight"):
+    for flag in ("--batch-size 1 --grad-accumulation 4", "--grad-checkpoint (~", "--lora-layers 1 (~",
+                 "--max-seq-length ", "--grad-checkpoint --batch-size 1", "still above", "--no-preflight"):
         assert flag in msg, (flag, msg)
     assert not (tmp_path / "refused" / "metrics.jsonl").exists()  # refused before the first step
 
@@ -129,6 +151,23 @@ def test_refuses_above_the_limit_with_suggestions_and_no_preflight_overrides(tin
     train.run(cfg, quiet=True)
     assert (tmp_path / "forced" / "adapters.safetensors").is_file()
     assert "--no-preflight: training anyway" in capsys.readouterr().err
+
+
+def test_suggestions_pick_the_mildest_change_that_fits(tiny_model, corpus, tmp_path):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from mlx_lm import load
+
+    model, tok = load(str(tiny_model))
+    backend = SimpleNamespace(name="mlx", model=model, model_path=str(tiny_model), num_layers=2)
+    cfg = cfg_for(tiny_model, corpus, tmp_path / "o", batch_size=8)
+    ex = data.load_examples(cfg, tok, "train")
+    at = lambda **kw: preflight.for_run(replace(cfg, **kw), backend, ex).total  # noqa: E731
+    assert at(batch_size=2) < at(batch_size=4) < at()
+    limit = (at(batch_size=4, grad_accumulation=2) + at()) // 2  # batch 4 fits, 8 does not
+    tips = preflight.suggestions(cfg, backend, ex, limit)
+    assert tips[0].startswith("--batch-size 4 --grad-accumulation 2 (~") and "still above" not in tips[0], tips
 
 
 # ----------------------------------------------------------------------------- estimate vs measured peak
