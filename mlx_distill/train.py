@@ -1,6 +1,6 @@
 """`python -m mlx_distill train`: one training loop; the loss (SFT, or SFT + top-K KD) is an argument.
 
-    python -m mlx_distill train --model smollm2 --data corpora/gsm8k-sample --out runs/demo --iters 40
+    python -m mlx_distill train --model smollm2 --data corpora/demo --out runs/demo --iters 40
 
 Validation loss every --val-every steps (and at step 0) on a fixed subset spread over the
 lengths of the validation split (`data.spread_subset`; the whole split by default up to 256
@@ -355,6 +355,9 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         from .io import write_jsonl
 
         write_jsonl(out / "metrics.jsonl", rows)
+        if (out / "rollouts.jsonl").exists():  # --save-rollouts: the same cut (the resumed run writes them again)
+            write_jsonl(out / "rollouts.jsonl", [r for r in read_jsonl(out / "rollouts.jsonl", tolerate_torn_tail=True)
+                                                 if r["iter"] <= st.step])
         if cfg.extend:  # a finished run trained further: config.yaml now holds the raised --iters
             st.stopped = ""
             config.dump_yaml(dataclasses.replace(cfg, resume=False, extend=False), out / "config.yaml")
