@@ -1,6 +1,6 @@
 """`python -m mlx_distill parity`: the same weights and batch through MLX and PyTorch (float32).
 
-    python -m mlx_distill parity --model smollm2 --data corpora/gsm8k-sample
+    python -m mlx_distill parity --model smollm2 --data corpora/demo
     python -m mlx_distill parity -c train.yaml --kd runs/teacher-logits     # the config you will train with
 
 Run it to trust a new model family on both paths. It loads the model in both backends,

@@ -19,10 +19,11 @@ import pytest
 from mlx_distill import embedded
 from mlx_distill.io import InputError
 
-GSM8K_Q = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-           "How many clips did Natalia sell altogether in April and May?")
-GSM8K_A = ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
-           "\n#### 72")
+# a word problem and worked answer of this project's own (no benchmark record in the repository)
+GSM8K_Q = ("Priya packs 36 jars of jam in June, and then she packs a third as many jars in July. "
+           "How many jars did Priya pack in June and July together?")
+GSM8K_A = ("Priya packed 36/3 = 12 jars in July.\nPriya packed 36+12 = 48 jars in June and July together."
+           "\n#### 48")
 TEXTS = [
     "x = 3.14159 * 2^10\n\n  return 42",
     "It's 10:30, we've $1,234.56 \u2014 caf\u00e9 \U0001F600 <|im_end|> done",
