@@ -230,6 +230,9 @@ class EvalConfig:
     resume: bool = opt(False, "Continue the evaluation in --out (re-running the same command does the same): "
                        "finished problems are skipped.")
     overwrite: bool = opt(False, "Replace an evaluation already in --out.")
+    report_to: list = opt([], "Experiment trackers that get the summary (accuracy, interval, invalid share, lengths) "
+                          "and the resolved config when the evaluation completes: wandb, tensorboard (as train "
+                          "--report-to; TensorBoard writes OUT/tensorboard/).")
 
 
 @dataclass

@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import answers, config, tasks
+from . import answers, config, tasks, trackers
 from .answers import FORMAT_INSTRUCTIONS
 from .config import EvalConfig, GradeConfig
 from .generation import full_response, generate, make_eval_client, make_judge_client, parameter_counts, \
@@ -291,6 +291,7 @@ def evaluate(cfg: EvalConfig, client=None, quiet: bool = False, write: bool = Tr
     """
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
     out = Path(cfg.out)
+    trackers.require(cfg.report_to if write else [])  # --report-to names an installed tracker, before any work
     source: dict = {}
     problems = load_eval_problems(cfg.dataset, cfg.data, cfg.split, cfg.limit, provenance=source)
     kind = answer_kind_for(cfg.dataset, problems, cfg.answer_kind)
@@ -398,6 +399,7 @@ def evaluate(cfg: EvalConfig, client=None, quiet: bool = False, write: bool = Tr
         write_manifest(out / "manifest.json", "eval", config.to_dict(cfg), status="complete", client=desc,
                        **man_extra, plot=plotted, counts={"n": summary["n"], "correct": summary["correct"]})
         written.append(out / "manifest.json")
+        trackers.report_summary(cfg, out, summary, "eval")  # --report-to: the summary to W&B / TensorBoard
     if not quiet:
         if cfg.show:
             show_samples(records, cfg.show)

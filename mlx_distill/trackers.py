@@ -16,13 +16,15 @@ dropped, the training goes on.
 - ``tensorboard``: a `tensorboardX` SummaryWriter into ``RUN/tensorboard/``
   (``pip install 'mlx_distill[tensorboard]'``; view with ``tensorboard --logdir RUN``).
 
-Only rank 0 reports (`mlx_distill.distributed.Group.is_main`). A tracker named but not
-installed is one error line before the model is loaded (`require`).
+``eval --report-to ...`` sends its summary (accuracy, interval, invalid share, ...) the same way
+(`report_summary`). Only rank 0 reports (`mlx_distill.distributed.Group.is_main`). A tracker
+named but not installed is one error line before the model is loaded (`require`).
 """
 
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -77,6 +79,12 @@ def flatten(row: dict, prefix: str = "") -> dict:
     return out
 
 
+def tb_tag(key: str) -> str:
+    """A TensorBoard tag for a field name: characters outside ``[-/\\w.]`` become ``_`` (as the
+    writer would do itself, said here so the names are predictable)."""
+    return re.sub(r"[^-/\w.]", "_", key).lstrip("/")
+
+
 def is_scalar(v) -> bool:
     return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
 
@@ -102,10 +110,13 @@ class TensorBoard:
     def log(self, values: dict, step: int) -> None:
         for k, v in values.items():
             if is_scalar(v):
-                self.writer.add_scalar(k, float(v), step)
+                self.writer.add_scalar(tb_tag(k), float(v), step)
             else:
-                self.writer.add_text(k, v if isinstance(v, str) else json.dumps(v), step)
+                self.writer.add_text(tb_tag(k), v if isinstance(v, str) else json.dumps(v), step)
         self.writer.flush()
+
+    def summary(self, values: dict) -> None:
+        self.log(values, 0)
 
     def close(self) -> None:
         self.writer.close()
@@ -119,17 +130,20 @@ class WandB:
 
     name = "wandb"
 
-    def __init__(self, out: Path, cfg: dict, resume: bool, run_id: str | None):
+    def __init__(self, out: Path, cfg: dict, resume: bool, run_id: str | None, job: str = "train"):
         import wandb
 
         self.dir = Path(os.environ.get("WANDB_DIR") or out)
         self.dir.mkdir(parents=True, exist_ok=True)
         kw = {"id": run_id, "resume": "allow"} if resume and run_id else {}
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mlx_distill"), name=out.resolve().name,
-                              dir=str(self.dir), config=cfg, job_type="train", **kw)
+                              dir=str(self.dir), config=cfg, job_type=job, **kw)
 
     def log(self, values: dict, step: int) -> None:
         self.run.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(values)
 
     def close(self) -> None:
         self.run.finish()
@@ -139,7 +153,7 @@ class WandB:
                 "offline": bool(getattr(self.run.settings, "_offline", False))}
 
 
-def open_trackers(names: list[str], out: Path, cfg: dict, resume: bool = False) -> list:
+def open_trackers(names: list[str], out: Path, cfg: dict, resume: bool = False, job: str = "train") -> list:
     """The named trackers, opened, and ``<out>/trackers.json`` saying where each one writes."""
     out = Path(out)
     saved = read_json(out / "trackers.json") if (out / "trackers.json").is_file() else {}
@@ -147,7 +161,7 @@ def open_trackers(names: list[str], out: Path, cfg: dict, resume: bool = False) 
     try:
         for name in names:
             if name == "wandb":
-                opened.append(WandB(out, cfg, resume, saved.get("wandb", {}).get("id")))
+                opened.append(WandB(out, cfg, resume, saved.get("wandb", {}).get("id"), job))
             else:
                 opened.append(TensorBoard(out, cfg, resume))
     except Exception as e:  # noqa: BLE001 - wandb.init raises its own errors (login, network): one line
@@ -203,3 +217,20 @@ def attach(appender, cfg, out: str | Path, dist=None):
     if not names or (dist is not None and not dist.is_main):
         return appender
     return ReportingAppender(appender, open_trackers(names, Path(out), to_dict(cfg), resume=bool(cfg.resume)))
+
+
+def report_summary(cfg, out: str | Path, summary: dict, job: str = "eval") -> None:
+    """A finished stage's summary (eval: accuracy, its interval, invalid share, lengths, ...) to
+    ``cfg.report_to``'s trackers: a W&B run of job type `job` whose summary holds every field
+    (and whose config is the stage's), TensorBoard scalars at step 0 in ``<out>/tensorboard``."""
+    from .config import to_dict
+
+    names = parse(getattr(cfg, "report_to", []))
+    if not names:
+        return
+    values = flatten(summary)
+    for t in open_trackers(names, Path(out), to_dict(cfg), job=job):
+        try:
+            t.summary(values)
+        finally:
+            t.close()

@@ -150,6 +150,37 @@ def test_train_reports_to_tensorboard_and_wandb_offline(tiny_model, corpus, tmp_
         assert history[r["iter"]] == pytest.approx(numeric_fields(r)), r["iter"]
 
 
+def test_eval_reports_its_summary(tiny_model, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mlx_distill.config import EvalConfig
+    from mlx_distill.evaluate import evaluate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = tmp_path / "corp"
+    data.mkdir()
+    write_jsonl(data / "test.jsonl", [{"id": f"t{i}", "question": f"What is {i}+1?", "answer": str(i + 1)}
+                                      for i in range(3)])
+    out = tmp_path / "eval"
+    s = evaluate(EvalConfig(model=str(tiny_model), dataset="corpus", data=str(data), max_tokens=2, out=str(out),
+                            report_to="tensorboard,wandb"), quiet=True)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    want = {trackers.tb_tag(k): float(v) for k, v in numeric_fields(s).items()}
+    assert {"accuracy", "n", "correct", "failure_kinds/truncated_at_max_tokens"} <= set(want) and set(acc.Tags()["scalars"]) == set(want)
+    assert {k: acc.Scalars(k)[0].value for k in want} == pytest.approx(want)
+    records = read_wandb_records(next((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert {u.key: json.loads(u.value_json) for u in run.config.update}["dataset"] == "corpus"
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in r.summary.update})
+    assert summary["accuracy"] == s["accuracy"] and summary["n"] == 3
+
+
 def test_only_rank_zero_reports(tmp_path):
     from mlx_distill.distributed import Group
     from mlx_distill.io import JsonlAppender
