@@ -21,8 +21,9 @@ The estimate, in bytes (``s`` = bytes per activation element, the model's comput
                    keeps nothing for the frozen blocks below them). --grad-checkpoint keeps
                    ~5 B T d s per block instead, plus one block's full activations.
     kd             + B n M 8 (teacher ids + log-probs) + 2 B n V 4 (the KD term's own
-                   log-softmax at temperature T); an online --kd-teacher adds its weights (the
-                   folder's safetensors) and its forward's logits
+                   log-softmax at temperature T); --kd: the store's shards, which stay in host
+                   memory once read (the same pool on unified memory); an online --kd-teacher
+                   adds its weights (the folder's safetensors) and its forward's logits
     rollouts       --on-policy-fraction > 0: batches of prompt + --rollout-max-tokens, and
                    the generation's KV cache B (P + R) L 2 g e s
 
@@ -123,7 +124,8 @@ def activation_bytes(dims: Dims, b: int, t: int, n: int, trained_layers: int, s:
 
 
 def estimate(cfg, dims: Dims, weights: int, trainable: int, act_dtype_bytes: int, shapes: list[tuple],
-             kd_slots: int = 0, teacher: int = 0, teacher_dims: Dims | None = None, prompt_max: int = 0) -> Estimate:
+             kd_slots: int = 0, teacher: int = 0, teacher_dims: Dims | None = None, prompt_max: int = 0,
+             kd_store: int = 0) -> Estimate:
     """The peak estimate of a run of `cfg` (see the module docstring); pure arithmetic, so the
     refusal can price its suggestions."""
     s = act_dtype_bytes
@@ -149,6 +151,8 @@ def estimate(cfg, dims: Dims, weights: int, trainable: int, act_dtype_bytes: int
     est.batch = best[1]
     if teacher:
         est.parts["teacher weights"] = teacher
+    if kd_store:  # host memory, but on unified memory (a Mac) the same pool
+        est.parts["KD store"] = kd_store
     return est
 
 
@@ -245,7 +249,7 @@ def for_run(cfg, backend, examples) -> Estimate:
     """The estimate of this run: the loaded model (after `prepare`) and its training examples."""
     dims_cfg = _read_config(backend.model_path)
     weights, trainable, s = model_bytes(backend)
-    est_kw = {}
+    est_kw = {"kd_store": _folder_weights(cfg.kd_dir)} if cfg.kd_dir and Path(cfg.kd_dir).is_dir() else {}
     if cfg.kd_teacher:
         try:
             from .models import resolve_model
@@ -322,6 +326,9 @@ def run(cfg, backend, examples, quiet: bool = False) -> Estimate | None:
     if backend.model is None or not examples:
         return None
     est = for_run(cfg, backend, examples)
+    if backend.name != "mlx":
+        est.notes.append(f"the activation formula is fitted on MLX; {backend.name}'s allocator and kernels differ "
+                         "(a rough estimate here; --no-preflight if it refuses a run you know fits)")
     limit, source = device_limit(backend.name)
     say = (lambda *a, **k: None) if quiet else (lambda *a, **k: print(*a, **k, flush=True))
     where = f"limit {fmt_bytes(limit)} ({source})" if limit else f"limit {source}"

@@ -91,8 +91,9 @@ def test_estimate_counts_optimizer_kd_teacher_and_rollouts():
     assert base.batch == (4, 255, 200)  # the worst batch, not the last
     acc = preflight.estimate(TrainConfig(lora_layers=2, grad_accumulation=4), dims, 10_000, 1_000, 4, shapes)
     assert acc.parts["trainable+AdamW"] == 6_000  # + the accumulated gradient
-    kd = preflight.estimate(TrainConfig(lora_layers=2, kd_dir="x"), dims, 10_000, 1_000, 4, shapes, kd_slots=25)
-    assert kd.parts["activations"] > base.parts["activations"]
+    kd = preflight.estimate(TrainConfig(lora_layers=2, kd_dir="x"), dims, 10_000, 1_000, 4, shapes, kd_slots=25,
+                            kd_store=3_000)
+    assert kd.parts["activations"] > base.parts["activations"] and kd.parts["KD store"] == 3_000
     online = preflight.estimate(TrainConfig(lora_layers=2, kd_teacher="t", on_policy_fraction=0.5,
                                             rollout_max_tokens=300), dims, 10_000, 1_000, 4, shapes, kd_slots=10,
                                 teacher=7_000, teacher_dims=dims, prompt_max=40)
