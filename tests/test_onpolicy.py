@@ -201,7 +201,8 @@ def test_on_policy_run_logs_its_fields_and_lowers_kd(tiny_llama, tiny_model, cor
     same tokenizer): every report has the on-policy fields, and the KD loss on the student's
     own samples falls over the run."""
     run = tmp_path / "run"
-    summary = train.run(op_cfg(tiny_llama, tiny_model, corpus, run, save_rollouts=3), quiet=True)
+    summary = train.run(op_cfg(tiny_llama, tiny_model, corpus, run, save_rollouts=3, select_by="accuracy",
+                               val_accuracy_n=2, val_max_tokens=4), quiet=True)
     assert summary["last_iter"] == 10
     rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r]
     assert len(rows) == 5
@@ -214,7 +215,8 @@ def test_on_policy_run_logs_its_fields_and_lowers_kd(tiny_llama, tiny_model, cor
     kd = [r["kd_loss"] for r in rows]
     assert kd[-1] < 0.9 * kd[0] and kd[-1] < min(kd[:2]), kd  # measured 0.783 -> 0.635 (-19%)
     vals = [r for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r]
-    assert [r["iter"] for r in vals] == [0, 5, 10]  # validation works unchanged
+    assert [r["iter"] for r in vals] == [0, 5, 10]  # validation works unchanged, accuracy selection too
+    assert all("val_accuracy" in r for r in vals) and summary["select_by"] == "accuracy"
     saved = read_jsonl(run / "rollouts.jsonl")
     assert [r["iter"] for r in saved] == [5] * 3 + [10] * 3
     for r in saved:
@@ -256,3 +258,185 @@ def test_lambda_zero_corpus_batches_equal_online_kd(tiny_llama, tiny_model, corp
             assert x[k] == pytest.approx(y[k], rel=1e-6), (k, x, y)
         assert y["on_policy"] == 0.0 and "on_policy" not in x
         assert x["train_loss"] == pytest.approx(x["sft_loss"] + 0.5 * x["kd_loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- learning test
+DIGITS = "0123456789"
+
+
+def _valid(problem: str, answer: str) -> bool:
+    """Task: from the digit d of the problem, climb 3 steps of +1 or +2 (mod 10): d=7 -> 890, 913,
+    ... (8 correct answers of 1000)."""
+    prev, a = int(problem), answer[:3]
+    if len(a) < 3 or not a.isdigit():
+        return False
+    for c in a:
+        if (int(c) - prev) % 10 not in (1, 2):
+            return False
+        prev = int(c)
+    return True
+
+
+def _climb(rng, problem: str) -> str:
+    out, prev = "", int(problem)
+    for _ in range(3):
+        prev = (prev + rng.choice((1, 2))) % 10
+        out += str(prev)
+    return out
+
+
+def _problems(rng, n):
+    return [rng.choice(DIGITS) for _ in range(n)]
+
+
+def _chat(tok, problem, answer=None):
+    msgs = [{"role": "user", "content": problem}]
+    if answer is None:
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    return tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], return_dict=False)
+
+
+def _pretrain(src, dst, iters, lr, answer_fn, rng):
+    """All-parameter training on fresh problems each step: the teacher, and the students' format
+    pre-training (`train` keeps embeddings frozen, which suits fine-tuning, not learning from scratch)."""
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlx_distill.losses import sft_loss
+
+    model, tok = load(str(src))
+    opt = optim.AdamW(optim.join_schedules([optim.linear_schedule(lr / 20, lr, 20),
+                                            optim.cosine_decay(lr, iters - 20, lr * 0.1)], [20]), weight_decay=0.0)
+
+    def loss(m, x, mask):
+        s, n = sft_loss(m(x[:, :-1]), x[:, 1:], mask)
+        return s / n
+
+    step = nn.value_and_grad(model, loss)
+    plen = len(_chat(tok, "0"))
+    for _ in range(iters):
+        x = np.array([_chat(tok, p, answer_fn(p)) for p in _problems(rng, 64)], np.int32)  # all one length
+        mask = np.zeros((len(x), x.shape[1] - 1), np.float32)
+        mask[:, plen - 1:] = 1.0
+        _, g = step(model, mx.array(x), mx.array(mask))
+        opt.update(model, optim.clip_grad_norm(g, 1.0)[0])
+        mx.eval(model.parameters(), opt.state)
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return dst
+
+
+def _student_eval(student, teacher_model, problems, adapter=None):
+    """(greedy validity, sampled validity, mean per-token KL(student || teacher) on the student's
+    own samples at T = 1, over the whole vocabulary, EOS position included)."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlx_distill.rollouts import sample
+
+    model, tok = load(str(student), adapter_path=str(adapter) if adapter else None)
+    model.eval()
+    prompts = [_chat(tok, p) for p in problems]
+    greedy = sample(model, tok, prompts, 4, temperature=0.0, key=0)
+    drawn = sample(model, tok, prompts, 4, temperature=1.0, key=1)
+    acc_g = np.mean([_valid(p, tok.decode(r.tokens)) for p, r in zip(problems, greedy)])
+    acc_s = np.mean([_valid(p, tok.decode(r.tokens)) for p, r in zip(problems, drawn)])
+    kls = []
+    for p, r in zip(prompts, drawn):
+        x = mx.array([p + r.tokens])
+        zs, zt = (m(x[:, :-1])[0, len(p) - 1:].astype(mx.float32) for m in (model, teacher_model))
+        ls, lt = zs - mx.logsumexp(zs, -1, keepdims=True), zt - mx.logsumexp(zt, -1, keepdims=True)
+        kls.append(float(mx.mean(mx.sum(mx.exp(ls) * (ls - lt), -1)).item()))
+    return float(acc_g), float(acc_s), float(np.mean(kls))
+
+
+@pytest.mark.slow
+def test_on_policy_distillation_on_a_toy_task(tmp_path):
+    """Task (`_valid`): from a digit, climb 3 steps of +1 or +2 mod 10; the teacher (hidden 64,
+    2 layers) is trained to competence on random climbs, so its distribution is spread (two
+    choices per step). Students (the teacher's shape, other seeds) pre-trained briefly on the same
+    climbs (30 steps: a weak start), then the same budget (iterations, batch, learning rate, seed) of:
+      sft: SFT on one teacher sample per training problem;
+      off: KD on the same teacher samples (lambda = 0, online teacher, reverse KL + tail, T = 1,
+           alpha 1, no SFT term);
+      on:  the same KD on the student's own rollouts (lambda = 1).
+    Scored on 100 held-out problems: greedy and sampled validity, and the student-teacher
+    divergence KL(student || teacher) per token on the student's own samples.
+
+    What is asserted is what held (2-core CPU, 3 seeds; (greedy valid, sampled valid, KL on own
+    samples) per seed):
+      start [1.0 0.88 0.137] [1.0 0.90 0.094] [1.0 0.90 0.159]
+      sft   [1.0 0.93 0.062] [1.0 0.92 0.034] [1.0 0.90 0.071]
+      off   [1.0 0.98 0.004] [1.0 0.98 0.004] [1.0 0.98 0.112]
+      on    [1.0 0.99 0.004] [0.78 0.88 0.295] [0.82 0.90 0.309]
+    On this task on-policy KD with reverse KL does NOT beat off-policy KD: it matches it in one
+    seed; in two its training KD loss on its own rollouts stalls at 0.2-0.36 from iteration 25 on
+    and it ends above its start (not diagnosed further; reverse KL is mode-seeking). Off-policy KD lowers the divergence below the start in
+    every seed (margin asserted: <= 0.75 x start); on-policy KD is asserted only to stay a
+    working student (sampled validity >= 0.85, KL < 0.4, finite losses) and its equality with
+    off-policy in the first seed is not asserted. The same run with forward KL for both (not
+    part of this test) gave a tie: off 0.005/0.004/0.006, on 0.004/0.005/0.007 (sampled
+    validity 0.97-0.99 for both). Time: ~4 min on the 2-core box under a load average of ~9."""
+    import random
+
+    from mlx_lm import load
+
+    from mlx_distill.rollouts import sample
+    from mlx_distill.tiny import build_model, build_tokenizer
+
+    rng = random.Random(0)
+    tokdir = tmp_path / "tok"
+    build_tokenizer(tokdir, texts=[DIGITS] + ["user\nassistant\nsystem\n"] * 50, vocab_size=261 + 18)
+    t0 = build_model(tmp_path / "t0", tokenizer_dir=tokdir, seed=0, hidden=64, layers=2, heads=4, kv_heads=2,
+                     intermediate=128)
+    teacher = _pretrain(t0, tmp_path / "teacher", 200, 3e-3, lambda p: _climb(rng, p), rng)
+    held_out = _problems(rng, 100)
+    tmodel, tok = load(str(teacher))
+    assert all(len(tok.encode(d)) == 1 for d in DIGITS)
+    t_acc = _student_eval(teacher, tmodel, held_out)
+    assert t_acc[0] > 0.95 and t_acc[1] > 0.9, t_acc
+
+    train_p, valid_p = _problems(rng, 160), _problems(rng, 16)
+    traces = sample(tmodel, tok, [_chat(tok, p) for p in train_p], 4, temperature=1.0, key=5)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "train.jsonl", [{"id": f"t{i}", "prompt": p, "completion": tok.decode(r.tokens[:3])}
+                                         for i, (p, r) in enumerate(zip(train_p, traces))])
+    write_jsonl(corpus / "valid.jsonl", [{"id": f"v{i}", "prompt": p, "completion": _climb(rng, p)}
+                                         for i, p in enumerate(valid_p)])
+    (tmp_path / "plain.txt").write_text("{question}")
+    results = {"start": [], "sft": [], "off": [], "on": []}
+    for seed in range(3):
+        s0 = build_model(tmp_path / f"s0-{seed}", tokenizer_dir=tokdir, seed=100 + seed, hidden=64, layers=2, heads=4,
+                         kv_heads=2, intermediate=128)
+        student = _pretrain(s0, tmp_path / f"student{seed}", 30, 3e-3, lambda p: _climb(rng, p), rng)  # a weak start
+        results["start"].append(_student_eval(student, tmodel, held_out))
+        for mode in ("sft", "off", "on"):
+            kd = {} if mode == "sft" else dict(kd_teacher=str(teacher), kd_alpha=1.0, sft_weight=0.0, kd_temperature=1.0,
+                                               kd_kind="reverse", kd_tail=True, kd_top_k=10, rollout_max_tokens=4,
+                                               on_policy_fraction=1.0 if mode == "on" else 0.0)
+            out = tmp_path / f"{mode}{seed}"
+            train.run(build(TrainConfig, dict(model=str(student), data=str(corpus), out=str(out), fine_tune_type="full",
+                                              lora_layers=-1, iters=100, batch_size=16, learning_rate=3e-3, warmup=10,
+                                              val_every=100, val_batches=1, report_every=25, save_every=1000,
+                                              patience=0, seed=seed, max_seq_length=32,
+                                              prompt_template=str(tmp_path / "plain.txt"), **kd)), quiet=True)
+            last = tmp_path / f"{mode}{seed}-last"  # the last state (selection by loss is not what is compared)
+            last.mkdir()
+            (last / "adapter_config.json").write_text((out / "adapter_config.json").read_text())
+            (last / "adapters.safetensors").write_bytes((out / "checkpoints" / "last" / "adapters.safetensors").read_bytes())
+            results[mode].append(_student_eval(student, tmodel, held_out, adapter=last))
+    r = {k: np.array(v) for k, v in results.items()}  # (seed, [greedy validity, sampled validity, KL on own samples])
+    table = (f"teacher {np.round(t_acc, 3).tolist()} | per seed (greedy valid, sampled valid, KL(student||teacher) on "
+             "own samples): " + " | ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in r.items()))
+    print(table)
+    assert np.all(r["off"][:, 2] <= 0.75 * r["start"][:, 2]), table
+    assert np.all(r["on"][:, 1] >= 0.85) and np.all(r["on"][:, 2] < 0.4), table
