@@ -20,10 +20,11 @@ The estimate, in bytes (``s`` = bytes per activation element, the model's comput
                    L_a = the blocks gradients flow through (the trained top --lora-layers; MLX
                    keeps nothing for the frozen blocks below them). --grad-checkpoint keeps
                    ~5 B T d s per block instead, plus one block's full activations.
-    kd             + B n M 8 (teacher ids + log-probs) + 2 B n V 4 (the KD term's own
+    kd             + B n M 8 (teacher ids + log-probs) + B n V 4 (the KD term's own
                    log-softmax at temperature T); --kd: the store's shards, which stay in host
                    memory once read (the same pool on unified memory); an online --kd-teacher
-                   adds its weights (the folder's safetensors) and its forward's logits
+                   adds its weights (the folder's safetensors); its forward runs before the
+                   student's step (a peak of its own: 3 B n V_t 4 + 2 B T (d_t + f_t) 4)
     rollouts       --on-policy-fraction > 0: batches of prompt + --rollout-max-tokens, and
                    the generation's KV cache B (P + R) L 2 g e s
 
@@ -119,7 +120,7 @@ def activation_bytes(dims: Dims, b: int, t: int, n: int, trained_layers: int, s:
     else:
         saved = trained_layers * layer
     logits = 3 * b * n * v * 4
-    kd = (b * n * kd_slots * 8 + 2 * b * n * v * 4) if kd_slots else 0
+    kd = (b * n * kd_slots * 8 + b * n * v * 4) if kd_slots else 0
     return int(saved + work + logits + kd)
 
 
@@ -144,8 +145,9 @@ def estimate(cfg, dims: Dims, weights: int, trainable: int, act_dtype_bytes: int
     best = (0, (0, 0, 0))
     for b, t, n in shapes:
         a = activation_bytes(dims, b, t, n, layers, s, cfg.grad_checkpoint, kd_slots)
-        if teacher_dims is not None:  # online teacher: its forward (no gradient) on the same batch
-            a += b * n * teacher_dims.vocab * 4 * 2 + b * t * (teacher_dims.hidden + teacher_dims.intermediate) * 4 * 2
+        if teacher_dims is not None:  # online teacher: its forward (no gradient) runs before the step, not during it
+            tv, th, tf = teacher_dims.vocab, teacher_dims.hidden, teacher_dims.intermediate
+            a = max(a, 3 * b * n * tv * 4 + 2 * b * t * (th + tf) * 4)
         best = max(best, (a, (b, t, n)))
     est.parts["activations"] = best[0]
     est.batch = best[1]

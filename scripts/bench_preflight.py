@@ -2,6 +2,7 @@
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 python scripts/bench_preflight.py
     python scripts/bench_preflight.py --models smollm2 --configs "batch_size=4" "batch_size=4 grad_checkpoint=1"
+    python scripts/bench_preflight.py --models tiny --configs "kd_teacher=self" "kd_teacher=self on_policy_fraction=0.5"
 
 Each configuration trains a few steps on a corpus of nearly one length (so the first steps
 reach the run's longest batch), reads the peak from metrics.jsonl (`mx.get_peak_memory`, the
@@ -75,7 +76,7 @@ def main() -> None:
                       max_seq_length=1024, lora_layers=8)
             for item in spec.split():
                 k, v = item.split("=")
-                kw[k] = v
+                kw[k] = model if v == "self" else v  # kd_teacher=self: online KD from the model itself
             r = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw)], capture_output=True, text=True)
             if r.returncode:
                 print(f"{Path(model).name:<8} {spec or 'defaults':<32} failed: {r.stderr.strip().splitlines()[-1]}")
