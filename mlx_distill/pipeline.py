@@ -130,6 +130,8 @@ class Recipe:
 def load(path: str | Path, root: str | None = None, sets: list[str] = ()) -> Recipe:
     """Read, override (--set) and resolve a recipe; every error names the file and stage."""
     p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: recipe file not found (recipes/ lists the shipped ones)")
     raw = C.load_yaml(p)
     unknown = sorted(set(raw) - RECIPE_KEYS)
     if unknown:
@@ -329,8 +331,10 @@ def decide(st: Stage, state: dict, rebuilt: set[str], force: bool) -> Decision:
         return Decision(True, f"config changed: {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
     rec = state.get("stages", {}).get(st.name)
     if rec:
-        if rec.get("status") != "done" or rec.get("config_hash") != config_hash(st):
-            return Decision(True, f"last pipeline run of this stage: {rec.get('status')}")
+        # the manifest decides whether the config matches (config_hash is a record: it changes when a
+        # command gains an option); the record says whether the pipeline saw the stage finish
+        if rec.get("status") != "done":
+            return Decision(True, f"the last pipeline run of this stage ended {rec.get('status')}")
         now = {d: state["stages"].get(d, {}).get("stamp") for d in sorted(st.deps)}
         if rec.get("inputs", now) != now:
             changed = [d for d in now if (rec.get("inputs") or {}).get(d) != now[d]]
@@ -469,6 +473,7 @@ def run(recipe: Recipe, dry_run: bool = False, start: str | None = None, until: 
         finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         rec.update(status="done", finished=finished, stamp=f"{rec['config_hash'][:12]}@{finished}")
         rebuilt.add(st.name)
+        print(f"[done] {st.name} in {rec['seconds']} s", flush=True)
         _save_state(root, state)
         lines.append((st, dec))
     if dry_run:
@@ -557,7 +562,8 @@ def _stage_details(st: Stage, root: Path, rec: dict) -> list[str]:
         lines.append(f"- manifest: [{_rel(d / 'manifest.json', root)}]({_rel(d / 'manifest.json', root)})")
     if st.command == "train" and man.get("result"):
         r = man["result"]
-        lines.append(f"- best iteration {r.get('best_iter')} (val loss {r.get('best_val_loss')}), "
+        vl = r.get("best_val_loss")
+        lines.append(f"- best iteration {r.get('best_iter')} (val loss {'—' if vl is None else f'{vl:.4f}'}), "
                      f"{r.get('stop_reason')}: [{_rel(d / 'adapters.safetensors', root)}]"
                      f"({_rel(d / 'adapters.safetensors', root)}), metrics in "
                      f"[{_rel(d / 'metrics.jsonl', root)}]({_rel(d / 'metrics.jsonl', root)})")

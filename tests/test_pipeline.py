@@ -205,7 +205,7 @@ def test_run_skip_rerun_downstream_and_report(tmp_path, tiny_model, monkeypatch,
     assert json.loads((root / "sft" / "manifest.json").read_text())["config"]["learning_rate"] == 5e-4
 
     # a stage rebuilt by a partial run (--until) makes the stages after it stale for the next run
-    pipeline.main([str(f), "--set", "sft.learning_rate=5e-4", "--until", "sft", "--force"])
+    pipeline.main([str(f), "--set", "sft.learning_rate=5e-4", "--from", "sft", "--until", "sft", "--force"])
     capsys.readouterr()
     pipeline.main([str(f), "--set", "sft.learning_rate=5e-4", "--dry-run"])
     out = capsys.readouterr().out
@@ -248,3 +248,24 @@ def test_variant_writes_answer_only_and_mixed_copies(tmp_path, capsys):
     assert man["stage"] == "corpus-variant" and man["counts"]["train"]["answer_only"] == n_ao
     with pytest.raises(InputError, match="no train.jsonl"):
         pipeline.main(["variant", "--data", str(tmp_path), "--out", str(tmp_path / "x")])
+
+
+def test_manifest_decides_and_tolerates_new_options(tmp_path, monkeypatch, capsys):
+    """A command that gains an option (at its default) keeps old outputs valid; a changed value re-runs."""
+    monkeypatch.chdir(tmp_path)
+    f = write_recipe(tmp_path / "r.yaml", [{"name": "problems", "command": "synth", "args": {"n_train": 5}}],
+                     root=tmp_path / "root")
+    pipeline.main([str(f)])
+    man_path, state_path = tmp_path / "root" / "problems" / "manifest.json", tmp_path / "root" / "pipeline.json"
+    man, state = json.loads(man_path.read_text()), json.loads(state_path.read_text())
+    del man["config"]["min_ops"]  # as if written before the option existed (it is at its default)
+    man_path.write_text(json.dumps(man))
+    state["stages"]["problems"]["config_hash"] = "0" * 64  # the hash is a record, not the test
+    state_path.write_text(json.dumps(state))
+    capsys.readouterr()
+    pipeline.main([str(f)])
+    assert "[skip] problems (synth): output matches its config" in capsys.readouterr().out
+    man["config"]["max_ops"] = 2
+    man_path.write_text(json.dumps(man))
+    pipeline.main([str(f), "--dry-run"])
+    assert "[run ] problems (synth): config changed: max_ops" in capsys.readouterr().out
