@@ -15,17 +15,14 @@ from mlx_distill.backends.mlx import MLXBackend
 from mlx_distill.config import TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
 
-from helpers import arith_records, write_jsonl
+from helpers import arith_corpus, arith_records
 
 CURVE = ("train_loss", "val_loss", "learning_rate", "trained_tokens")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    write_jsonl(d / "train.jsonl", arith_records(32))
-    write_jsonl(d / "valid.jsonl", arith_records(8, seed=1, start=1000))
-    return d
+    return arith_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def cfg_for(model, corpus, out, **kw):

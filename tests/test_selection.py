@@ -14,15 +14,12 @@ from mlx_distill import selection, train
 from mlx_distill.config import TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
 
-from helpers import arith_records, write_jsonl
+from helpers import arith_corpus, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    write_jsonl(d / "train.jsonl", arith_records(32))
-    write_jsonl(d / "valid.jsonl", arith_records(8, seed=1, start=1000))
-    return d
+    return arith_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def cfg_for(model, corpus, out, **kw):

@@ -3,10 +3,7 @@ the summed gradients are all-reduced, so the adapter equals a single-process run
 writes the run folder."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,29 +13,18 @@ pytest.importorskip("peft")
 
 from mlx_distill.paths import REPO  # noqa: E402
 
+from helpers import ddp_corpus, run_one_and_torchrun_two  # noqa: E402
+
 
 def test_torchrun_two_ranks_equals_one_process(tiny_model, tmp_path):
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rows = [{"id": f"d{i}", "question": f"What is {i} + {i + 3}?", "reasoning": f"{i} + {i + 3} = {2 * i + 3}.",
-             "answer": str(2 * i + 3)} for i in range(12)]
-    (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
-    (corpus / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    corpus = ddp_corpus(tmp_path / "corpus")
     args = ["-m", "mlx_distill", "train", "--backend", "torch", "--model", str(tiny_model), "--data", str(corpus),
             "--iters", "3", "--batch-size", "4", "--grad-accumulation", "2", "--val-every", "3", "--report-every", "1",
             "--learning-rate", "3e-3", "--warmup", "1", "--lora-layers", "-1", "--lora-rank", "4",
             "--max-seq-length", "256"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29517", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_one_and_torchrun_two(args, tmp_path / "one", tmp_path / "two", 29517, REPO)
 
     from safetensors.numpy import load_file
 

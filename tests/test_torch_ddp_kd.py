@@ -3,9 +3,6 @@ a teacher target, `train.kd_step_scale`) is counted over the whole step before t
 split between the ranks, so the 2-rank KD run gives the single-process adapter and metrics."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,18 +14,15 @@ from mlx_distill.config import LogitsConfig, build  # noqa: E402
 from mlx_distill.logits import extract  # noqa: E402
 from mlx_distill.paths import REPO  # noqa: E402
 
+from helpers import ddp_corpus, run_one_and_torchrun_two  # noqa: E402
+
 
 @pytest.mark.slow  # three processes that import torch (~50 s on an idle 2-core CPU)
 def test_torchrun_two_ranks_kd_with_partial_coverage(tiny_model, tiny_llama, tmp_path):
     """Student tiny_llama, teacher tiny_model (same tokenizer, other weights)."""
     if not torch.distributed.is_available():
         pytest.skip("this torch build has no torch.distributed")
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    rows = [{"id": f"d{i}", "question": f"What is {i} + {i + 3}?", "reasoning": f"{i} + {i + 3} = {2 * i + 3}.",
-             "answer": str(2 * i + 3)} for i in range(12)]
-    (corpus / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
-    (corpus / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:]))
+    corpus = ddp_corpus(tmp_path / "corpus")
     # teacher logits for 5 of the 10 training examples only
     extract(build(LogitsConfig, dict(teacher=str(tiny_model), data=str(corpus), out=str(tmp_path / "kd"), top_m=6,
                                      limit=5, max_seq_length=256, backend="mlx")), quiet=True)
@@ -36,15 +30,7 @@ def test_torchrun_two_ranks_kd_with_partial_coverage(tiny_model, tiny_llama, tmp
             "--iters", "3", "--batch-size", "4", "--grad-accumulation", "2", "--val-every", "3", "--report-every", "1",
             "--learning-rate", "3e-3", "--warmup", "1", "--lora-layers", "-1", "--lora-rank", "4",
             "--max-seq-length", "256", "--kd", str(tmp_path / "kd"), "--kd-top-k", "4", "--kd-min-coverage", "0.2"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          "29523", *args, "--out", str(tmp_path / "two")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_one_and_torchrun_two(args, tmp_path / "one", tmp_path / "two", 29523, REPO)
 
     from safetensors.numpy import load_file
 
