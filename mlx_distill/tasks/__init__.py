@@ -95,11 +95,9 @@ NAMES = list(TASKS)
 
 def get(name: str) -> Task:
     """The task called `name`, or the task one of whose Hub datasets is `name`."""
-    if name in TASKS:
-        return TASKS[name]
-    hit = hub_source(name)
-    if hit:
-        return hit[0]
+    task = find(name)
+    if task is not None:
+        return task
     from ..io import InputError
 
     raise InputError(f"unknown dataset {name!r}: use one of {NAMES}, a Hugging Face dataset name "
@@ -116,10 +114,11 @@ def hub_source(name: str) -> Optional[tuple[Task, Hub]]:
 
 
 def find(name: str) -> Optional[Task]:
-    try:
-        return get(name)
-    except Exception:
-        return None
+    """The task called `name` (or whose Hub dataset is `name`), else None."""
+    if name in TASKS:
+        return TASKS[name]
+    hit = hub_source(name)
+    return hit[0] if hit else None
 
 
 def answer_kind(name: str, default: str = "math") -> str:
