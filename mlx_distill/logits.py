@@ -94,10 +94,13 @@ def teacher_fingerprint(path: str | Path) -> dict:
 class Teacher:
     """One forward pass per batch -> top-M ids and log-probabilities at every position."""
 
-    def __init__(self, name: str, backend: str = "auto", flag: str = "--teacher"):
+    def __init__(self, name: str, backend: str = "auto", flag: str = "--teacher", adapter: str = ""):
         from .models import resolve_model
 
         self.path = resolve_model(name, flag=flag)
+        self.adapter = str(adapter or "")
+        if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
+            raise InputError(f"--adapter {self.adapter}: no adapter_config.json there (give a `train` run folder)")
         if backend == "auto":
             from .backends import auto_backend
 
@@ -106,11 +109,11 @@ class Teacher:
         if self.backend == "mlx":
             from mlx_lm import load
 
-            self.model, self.tokenizer = load(self.path)
+            self.model, self.tokenizer = load(self.path, adapter_path=self.adapter or None)
         else:  # float32 on CPU, bfloat16 on CUDA (backends/torch.py)
             from .backends.torch import load_model
 
-            self.model, self.tokenizer = load_model(self.path)
+            self.model, self.tokenizer = load_model(self.path, adapter_path=self.adapter or None)
             self.model.eval()
         self.vocab_size = self._vocab_rows()
 
@@ -208,10 +211,13 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
     out = Path(cfg.out)
     mpath = out / MANIFEST
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    teacher = Teacher(cfg.teacher, cfg.backend)
+    teacher = Teacher(cfg.teacher, cfg.backend, adapter=cfg.adapter)
     t_vocab = vocab_strings(teacher.tokenizer)
     tok_fp = tokenizer_fingerprint(teacher.tokenizer, t_vocab)
     t_fp = teacher_fingerprint(teacher.path)
+    if teacher.adapter:  # a frozen fine-tuned teacher: its adapter is part of what scored the traces
+        a_fp = teacher_fingerprint(teacher.adapter)
+        t_fp = {**t_fp, "adapter": a_fp["path"], "weights": {**t_fp["weights"], "adapter": a_fp["weights"]}}
     if cfg.top_m > teacher.vocab_size:
         raise InputError(f"--top-m {cfg.top_m} exceeds the teacher's vocabulary ({teacher.vocab_size})")
 
