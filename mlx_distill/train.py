@@ -208,6 +208,9 @@ def fmt_row(row: dict) -> str:
 
 # ----------------------------------------------------------------------------- the loop
 def _check_options(cfg: TrainConfig) -> None:
+    if cfg.val_every < 1:
+        raise InputError(f"--val-every must be >= 1, got {cfg.val_every} (validation picks the kept adapter and "
+                         "drives early stopping; to validate only at the end, pass --val-every equal to --iters)")
     if cfg.select_by == "accuracy" and cfg.val_accuracy_every > 0 and cfg.val_accuracy_every % cfg.val_every:
         raise InputError(f"--val-accuracy-every {cfg.val_accuracy_every} must be a multiple of --val-every "
                          f"{cfg.val_every} (accuracy is measured at loss validations)")
