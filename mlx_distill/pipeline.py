@@ -467,8 +467,16 @@ def run(recipe: Recipe, dry_run: bool = False, start: str | None = None, until: 
             rec.update(status="failed", exit_code=rc)
             _save_state(root, state)
             write_report(recipe, state)
-            print(f"error: stage {st.name!r} failed (exit {rc}); its output is in {log}. Fix it and re-run the "
-                  "pipeline: finished stages are skipped.", file=sys.stderr)
+            if rc == 3 and st.command in ("corpus", "study"):  # EXIT_INCOMPLETE / a PARTIAL study assembly
+                why = ("problems whose teacher requests failed for good (the summary above says which kinds); "
+                       "re-running the pipeline retries only those, every finished request is reused"
+                       if st.command == "corpus" else
+                       "cells that are not finished; re-running the pipeline runs only the missing cells")
+                print(f"error: stage {st.name!r} ended incomplete (exit 3): {why}. Its output is in {log}; later "
+                      "stages were not run.", file=sys.stderr)
+            else:
+                print(f"error: stage {st.name!r} failed (exit {rc}); its output is in {log}. Fix it and re-run the "
+                      "pipeline: finished stages are skipped.", file=sys.stderr)
             raise SystemExit(rc if 0 < rc < 128 else 1)
         finished = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         rec.update(status="done", finished=finished, stamp=f"{rec['config_hash'][:12]}@{finished}")

@@ -269,3 +269,20 @@ def test_manifest_decides_and_tolerates_new_options(tmp_path, monkeypatch, capsy
     man_path.write_text(json.dumps(man))
     pipeline.main([str(f), "--dry-run"])
     assert "[run ] problems (synth): config changed: max_ops" in capsys.readouterr().out
+
+
+def test_incomplete_corpus_stage_says_a_rerun_retries_only_the_failures(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    f = write_recipe(tmp_path / "r.yaml", [
+        {"name": "corpus", "command": "corpus", "args": {"source": "gsm8k", "teacher": "api", "model": "m",
+                                                         "base_url": "http://127.0.0.1:9/v1"}},
+        {"name": "sft", "command": "train", "args": {"data": "${stages.corpus.out}"}},
+    ], root=tmp_path / "root")
+    monkeypatch.setattr(pipeline, "run_stage", lambda argv, log: 3)  # corpus build's EXIT_INCOMPLETE
+    with pytest.raises(SystemExit) as e:
+        pipeline.main([str(f)])
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "stage 'corpus' ended incomplete (exit 3)" in err and "retries only those" in err
+    state = json.loads((tmp_path / "root" / "pipeline.json").read_text())
+    assert state["stages"]["corpus"]["status"] == "failed" and "sft" not in state["stages"]
