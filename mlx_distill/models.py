@@ -161,4 +161,17 @@ def resolve_model(name, flag: str = "--model", cache: str | Path | None = None) 
     raise InputError(f"{flag} {name}: no such folder (looked for {looked}); {what_to_pass(flag)}")
 
 
-__all__ = ["resolve_model", "from_hub", "check_folder", "is_hub_id", "what_to_pass", "HUB_FILES"]
+def portable_name(name: str, resolved: str) -> str:
+    """What to record as a run's base model: the Hugging Face repo id the user gave (a shared adapter
+    then names a model anyone can download, not this machine's cache snapshot), else the resolved
+    local folder (a path, or the embedded model's converted folder)."""
+    from . import embedded
+
+    name = str(name or "").strip()
+    path = Path(name).expanduser()
+    if name and is_hub_id(name) and not path.exists() and name.lower() not in embedded.NAMES:
+        return name
+    return str(resolved)
+
+
+__all__ = ["resolve_model", "portable_name", "from_hub", "check_folder", "is_hub_id", "what_to_pass", "HUB_FILES"]

@@ -201,3 +201,15 @@ def test_help_prints_cleanly(command, capsys):
     assert out.strip().startswith("usage:") and not err
     # a literal % in a help string used to be %-formatted by argparse into the action's dict
     assert "option_strings" not in out and "Traceback" not in out
+
+
+def test_portable_name_keeps_a_hub_id_and_resolves_paths(tmp_path, monkeypatch):
+    from mlx_distill.models import portable_name
+
+    monkeypatch.chdir(tmp_path)
+    snap = "/cache/hub/models--Qwen--Qwen2.5-0.5B/snapshots/abc"
+    assert portable_name("Qwen/Qwen2.5-0.5B-Instruct", snap) == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert portable_name("smollm2", "/c/smollm2-135m-instruct") == "/c/smollm2-135m-instruct"
+    (tmp_path / "local").mkdir()
+    assert portable_name("local", str(tmp_path / "local")) == str(tmp_path / "local")  # a folder, not a repo id
+    assert portable_name("./x/y/z", "/abs/x/y/z") == "/abs/x/y/z"

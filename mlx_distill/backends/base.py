@@ -112,7 +112,10 @@ class BackendBase:
     def adapter_config(self) -> dict:
         """mlx-lm's adapter_config.json (read by `mlx_lm generate --adapter-path`, `mlx_lm fuse`),
         so a run folder from either backend loads in mlx-lm as it is."""
+        from ..models import portable_name
+
         cfg = self.cfg
-        return {"model": self.model_path, "fine_tune_type": cfg.fine_tune_type, "num_layers": self.num_layers,
+        return {"model": portable_name(cfg.model, self.model_path), "model_path": self.model_path,
+                "fine_tune_type": cfg.fine_tune_type, "num_layers": self.num_layers,
                 "lora_parameters": self.lora_parameters(), "data": cfg.data, "seed": cfg.seed,
                 "max_seq_length": cfg.max_seq_length, "trained_by": "mlx_distill"}
