@@ -175,6 +175,19 @@ class LogitsConfig:
                                  "prompt (as in train; see train --think-in-content).")
     long_examples: str = opt(TrainConfig.long_examples, "Examples longer than --max-seq-length: skip or fail.",
                              choices=["skip", "error"])
+    # a remote white-box teacher (--teacher api; issue 13): vLLM's prompt_logprobs (mlx_distill/remote_teacher.py)
+    base_url: str = opt("", "--teacher api: the vLLM server's OpenAI-compatible endpoint, e.g. "
+                        "http://gpu-box:8000/v1. Several (--base-url URL1 URL2 ..., or a YAML list) are one pool of "
+                        "servers of the same model (least busy first, a server that stops answering set aside).",
+                        nargs="+")
+    model: str = opt("", "--teacher api: the model name the server serves (empty: the first of its /models list).")
+    teacher_tokenizer: str = opt("", "--teacher api (required): a local folder or Hugging Face id holding the "
+                                 "teacher's tokenizer (no weights needed); checked against the server's token ids.")
+    api_key_env: str = opt("OPENAI_API_KEY", "--teacher api: environment variable holding the API key (never "
+                           "written anywhere; a loopback server needs none).")
+    concurrency: int = opt(8, "--teacher api: requests in flight per server (each request scores one example).")
+    max_retries: int = opt(6, "--teacher api: retries per request on 429, 5xx, timeouts and lost connections.")
+    timeout: float = opt(600.0, "--teacher api: seconds before one request times out (and is retried).")
 
 
 # ----------------------------------------------------------------------------- eval / grade / study (issue 5; owner: evaluator)
@@ -331,11 +344,11 @@ class CorpusConfig:
     thinking: str = opt("drop", "The teacher's separate reasoning (reasoning_content / <think>): drop it from "
                         "verified.jsonl, or keep it as `thinking` (trained inside <think>).", choices=["drop", "keep"])
     # rewriter agent (length levels)
-    rewrite_levels: list = opt([], "Length levels to write, e.g. R1 R2 R3 R4 (prompts/rewrite_<level>.txt); each "
+    rewrite_levels: list = opt([], "Length levels to write, e.g. R1 R2 R3 R4 (R1-R6 ship: prompts/rewrite_<level>.txt); each "
                                "becomes its own corpus in <out>/<level>/.")
-    rewrite_max_tokens: dict = opt({"R1": 1536, "R2": 1024, "R3": 768, "R4": 256},
+    rewrite_max_tokens: dict = opt({"R1": 1536, "R2": 1024, "R3": 768, "R4": 256, "R5": 192, "R6": 128},
                                    "Max tokens per rewrite level (levels not listed use --max-tokens).")
-    rewrite_ratios: dict = opt({"R1": 0.6, "R2": 0.5, "R3": 0.35, "R4": 0.1},
+    rewrite_ratios: dict = opt({"R1": 0.6, "R2": 0.5, "R3": 0.35, "R4": 0.1, "R5": 0.07, "R6": 0.05},
                                "Target length of each level as a fraction of the verified solution's words "
                                "(the prompts' {target_words}).")
     rewrite_model: str = opt("", "Model for the rewriter (empty = the teacher).")

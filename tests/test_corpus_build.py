@@ -360,3 +360,18 @@ def test_key_echoed_by_a_401_is_never_written(tmp_path, monkeypatch):
     for f in (tmp_path / "c").rglob("*"):
         if f.is_file():
             assert SECRET not in f.read_text(errors="ignore") and "sk-test-secret" not in f.read_text(errors="ignore")
+
+
+def test_shipped_length_levels_have_prompts_and_shrink():
+    from mlx_distill.config import CorpusConfig
+    from mlx_distill.paths import REPO
+
+    cfg = CorpusConfig()
+    levels = [f"R{i}" for i in range(1, 7)]
+    assert set(levels) <= set(cfg.rewrite_ratios) and set(levels) <= set(cfg.rewrite_max_tokens)
+    ratios = [cfg.rewrite_ratios[lv] for lv in levels]
+    assert ratios == sorted(ratios, reverse=True) and len(set(ratios)) == 6  # R1 longest ... R6 shortest
+    for lv in levels:
+        text = (REPO / "prompts" / f"rewrite_{lv.lower()}.txt").read_text()
+        for field in ("{target_words}", "{solution}", "{question}", "{answer_instruction}"):
+            assert field in text, (lv, field)
