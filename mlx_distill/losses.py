@@ -61,6 +61,10 @@ def _mlx_ops():
         logaddexp=mx.logaddexp,
         # indices of the k largest entries along the last axis (order among them unspecified)
         topk_idx=lambda x, k: mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k].astype(mx.int32),
+        cumsum=lambda x, axis: mx.cumsum(x, axis=axis),
+        sort_desc=lambda x: -mx.sort(-x, axis=-1),
+        arange=lambda n, like: mx.arange(n),
+        abs=mx.abs,
     )
 
 
@@ -88,6 +92,10 @@ def _torch_ops():
         expm1=torch.expm1,
         logaddexp=torch.logaddexp,
         topk_idx=lambda x, k: torch.topk(x, k, dim=-1).indices,
+        cumsum=lambda x, axis: torch.cumsum(x, dim=axis),
+        sort_desc=lambda x: torch.sort(x, dim=-1, descending=True).values,
+        arange=lambda n, like: torch.arange(n, device=like.device),
+        abs=torch.abs,
     )
 
 
@@ -138,7 +146,8 @@ def _log1mexp(o, x):
 
 
 def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: float = 2.0,
-            kind: str = "forward", tail: bool = False, top_k: int | None = None, beta: float = 0.5):
+            kind: str = "forward", tail: bool = False, top_k: int | None = None, beta: float = 0.5,
+            targets=None, span_logp=None, span_len=None, span_in=None, uld=None):
     """Top-K logit distillation against cached teacher tokens.
 
     Shapes: student_logits (B, T, V); teacher_ids (B, T, M) int; teacher_logits (B, T, M)
@@ -189,8 +198,40 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
 
     L_KD = T^2 * sum_{b,t} w[b,t] * D[b,t],   w = mask * [S non-empty]
 
-    Returns ``(L_KD, sum w)``: masked positions and positions with no teacher slot
-    contribute nothing and are not counted; an all-masked batch gives (0, 0), never NaN.
+    Across tokenizers (`mlx_distill.align`) two more signals, both optional (B, T) arrays:
+
+    spans (``targets``, ``span_logp``, ``span_len``, ``span_in``): a run of student positions
+    whose tokens do not line up one-to-one with the teacher's covers one text s, scored by both
+    models as a whole. At the span's last position t, ``span_len[t] = n`` (its n positions are
+    t-n+1 .. t, marked by ``span_in``) and ``span_logp[t] = a = log P_T(s)``, the teacher's
+    sequence log-probability (the sum of its own tokens' log-probabilities). The student's is
+    the chain rule over its tokens, b = log Q_S(s) = sum_{u=t-n+1..t} log q(targets[u]). The
+    term is the KL between the two Bernoulli distributions "the next text is s / is not":
+
+        D_span = P log(P / Q) + (1 - P) log((1 - P) / (1 - Q)),   P = e^a, Q = e^b
+
+    Why this one: it is defined whatever the vocabularies (both sides give s a probability);
+    it is a true divergence (0 iff Q = P, so it pulls the student's span probability to the
+    teacher's from either side, where a squared log-ratio would weigh a 1e-9 vs 1e-8 gap like
+    0.1 vs 1); by the data-processing inequality it lower-bounds the KL between the two
+    models' distributions over the span's continuations, so it never asks for more than the
+    per-token KL would; and it is the two-bucket form of the tail bucket above (s against the
+    rest). Its gradient in b is (Q - P) / (1 - Q): bounded as Q -> 0, large only when the
+    student is surer of s than the teacher. 1 - P and 1 - Q are clamped
+    to >= 1e-6. No temperature: the teacher's span probability is only known at T = 1. A span
+    counts its n positions in the returned count and adds D_span once (the KL of the joint).
+
+    ULD (``uld``, 1.0 where set): ULD's distance (Boizard et al. 2024) between sorted
+    probability vectors, for positions whose teacher distribution cannot be mapped id by id
+    (`teacher_ids` < 0 there; `teacher_logits` hold the teacher's top-K log-probabilities):
+        D_uld = sum_{k<K} | p_(k) - q_(k) |
+    with p_(k) the teacher's k-th largest probability and q_(k) the student's (softmax at
+    T = 1 over its whole vocabulary).
+
+    Returns ``(L_KD + sum w_span D_span + sum w_uld D_uld, count)``, the count being the
+    masked positions that carry any of the three signals. Masked positions and positions with
+    no teacher signal contribute nothing and are not counted; an all-masked batch gives
+    (0, 0), never NaN.
     """
     if kind not in KD_KINDS:
         raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
@@ -217,6 +258,7 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
         if top_k < m_slots:
             keep = o.topk_idx(a, top_k)
             a, ids = o.take(a, keep, -1), o.take(ids, keep, -1)
+    a_top = a  # the kept teacher slots, for ULD
     valid = (a > EMPTY_BELOW) & (ids >= 0) & (ids < vocab)
     ids = o.where(valid, ids, 0)
     b = o.f32(o.take(student_logits, ids, -1))
@@ -240,5 +282,47 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
     else:
         logm = o.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
         div = beta * o.sum(p * (logp - logm), -1) + (1.0 - beta) * o.sum(q * (logq - logm), -1)
-    w = o.f32(mask) * o.f32(o.sum(o.f32(valid), -1) > 0)
-    return (temperature * temperature) * o.sum(div * w), o.sum(w)
+    mask = o.f32(mask)
+    w = mask * o.f32(o.sum(o.f32(valid), -1) > 0)
+    total, covered = (temperature * temperature) * o.sum(div * w), w
+    if span_logp is not None or uld is not None:
+        lse = o.logsumexp(o.f32(student_logits), -1)  # (B, T, 1)
+    if span_logp is not None:
+        if targets is None:
+            raise ValueError("the span term needs the targets (the student's own tokens)")
+        d_span, at_end = _span_divergence(o, student_logits, lse, targets, span_logp, span_len, span_in)
+        total = total + o.sum(d_span * at_end * mask)
+        covered = o.maximum(covered, mask * o.f32(span_in))
+    if uld is not None:
+        d_uld = _uld_distance(o, student_logits, lse, a_top)
+        wu = mask * o.f32(uld)
+        total = total + o.sum(d_uld * wu)
+        covered = o.maximum(covered, wu)
+    return total, o.sum(covered)
+
+
+def _span_divergence(o, student_logits, lse, targets, span_logp, span_len, span_in):
+    """(D_span at each span's last position (B, T), 1.0 there): see `kd_loss`."""
+    tgt = o.squeeze(o.take(o.f32(student_logits), o.expand(o.as_index(targets), -1), -1), -1)
+    lq = (tgt - o.squeeze(lse, -1)) * o.f32(span_in)  # the student's log q of its own token, in spans only
+    c = o.cumsum(lq, 1)
+    n = o.as_index(span_len)
+    t = o.expand(o.as_index(o.arange(lq.shape[1], lq)), 0)
+    # the span's first position; t itself off span ends (n = 0), never out of range (MLX does not check)
+    first = o.maximum(t - o.maximum(n, o.full_like(n, 1)) + 1, o.full_like(n, 0))
+    b = c - o.take(c, first, 1) + o.take(lq, first, 1)  # sum of lq over first .. t
+    b = o.minimum(b, o.full_like(b, 0.0))
+    a = o.minimum(o.stop_gradient(o.f32(span_logp)), o.full_like(b, 0.0))
+    p = o.exp(a)
+    d = p * (a - b) + (1.0 - p) * (_log1mexp(o, a) - _log1mexp(o, b))
+    at_end = o.f32(n > 0)
+    return o.where(n > 0, d, o.full_like(d, 0.0)), at_end
+
+
+def _uld_distance(o, student_logits, lse, teacher_logp):
+    """ULD: sum_k |p_(k) - q_(k)| over the teacher's K slots (empty slots: p = 0)."""
+    k = teacher_logp.shape[-1]
+    z = o.f32(student_logits)
+    q = o.sort_desc(o.exp(o.take(z, o.topk_idx(z, k), -1) - lse))
+    p = o.sort_desc(o.exp(o.where(teacher_logp > EMPTY_BELOW, teacher_logp, o.full_like(teacher_logp, _FILL))))
+    return o.sum(o.abs(p - q), -1)

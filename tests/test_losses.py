@@ -274,3 +274,90 @@ def test_sft_hand_value_and_all_masked(lib):
     assert float(s) == pytest.approx(-math.log(0.75), rel=1e-6) and float(n) == 1
     s, n = sft_loss(conv(logits), conv(targets), conv(np.zeros_like(mask)))
     assert float(s) == 0.0 and float(n) == 0.0
+
+
+# ----------------------------------------------------------------------------- cross-tokenizer terms
+def _bkl(a, b):
+    """Binary KL between Bernoulli(e^a) and Bernoulli(e^b), float64, 1 - x clamped at 1e-6."""
+    p, q = math.exp(a), math.exp(b)
+    return p * (a - b) + (1 - p) * (math.log(max(1 - p, 1e-6)) - math.log(max(1 - q, 1e-6)))
+
+
+def span_case(seed=5, B=2, L=8, V=12, M=4):
+    """Random student logits; no id-mapped teacher slots; spans (first, last) per row with a
+    teacher span log-probability each; one span partly masked (row 1's first)."""
+    rng = np.random.default_rng(seed)
+    student = rng.normal(0, 2, (B, L, V)).astype(np.float32)
+    targets = rng.integers(0, V, (B, L)).astype(np.int32)
+    ids = np.zeros((B, L, M), np.int32)
+    logits = np.full((B, L, M), -np.inf, np.float32)
+    spans = {0: [(1, 3), (4, 4), (6, 7)], 1: [(0, 1), (3, 5)]}
+    span_logp = np.zeros((B, L), np.float32)
+    span_len = np.zeros((B, L), np.int32)
+    span_in = np.zeros((B, L), np.float32)
+    for b, ss in spans.items():
+        for f, l in ss:
+            span_len[b, l] = l - f + 1
+            span_logp[b, l] = -float(rng.uniform(0.05, 4.0))
+            span_in[b, f: l + 1] = 1.0
+    mask = np.ones((B, L), np.float32)
+    mask[1, 7] = 0.0
+    return student, targets, ids, logits, mask, spans, span_logp, span_len, span_in
+
+
+def test_span_term_hand_value():
+    """One span of two student tokens, each with q = 1/2 (logits [0, 0] over V = 2), so
+    Q = 1/4; the teacher's span log-probability is log(1/2): P = 1/2.
+    D = 1/2 ln(1/2 / 1/4) + 1/2 ln(1/2 / 3/4) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3)."""
+    s = np.zeros((1, 2, 2), np.float32)
+    tgt = np.array([[0, 1]], np.int32)
+    ids, t = np.zeros((1, 2, 1), np.int32), np.full((1, 2, 1), -np.inf, np.float32)
+    got, n = run_mlx(s, ids, t, np.ones((1, 2), np.float32), targets=mx.array(tgt),
+                     span_logp=mx.array(np.array([[0.0, math.log(0.5)]], np.float32)),
+                     span_len=mx.array(np.array([[0, 2]], np.int32)),
+                     span_in=mx.array(np.ones((1, 2), np.float32)))
+    assert n == 2 and got == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
+
+
+@pytest.mark.parametrize("lib", ["mlx", pytest.param("torch", marks=needs_torch)])
+def test_span_term_matches_numpy_reference(lib):
+    student, targets, ids, logits, mask, spans, span_logp, span_len, span_in = span_case()
+    ref, nref = 0.0, 0
+    for b, ss in spans.items():
+        lq = _lsm(student[b])[np.arange(student.shape[1]), targets[b]]
+        for f, l in ss:
+            nref += int(mask[b, f: l + 1].sum())
+            if mask[b, l]:
+                ref += _bkl(float(span_logp[b, l]), float(lq[f: l + 1].sum()))
+    conv = mx.array if lib == "mlx" else torch.tensor
+    s, n = kd_loss(conv(student), conv(ids), conv(logits), conv(mask), targets=conv(targets),
+                   span_logp=conv(span_logp), span_len=conv(span_len), span_in=conv(span_in))
+    assert float(n) == nref and float(s) == pytest.approx(ref, rel=1e-5)
+
+
+def test_span_term_gradient_pulls_q_to_p():
+    """d D / d(student logit of its own token) has the sign of Q - P: a student surer of the
+    span than the teacher is pushed down, a less sure one up; 0 at Q = P."""
+    def grad(p_teacher):
+        s = mx.zeros((1, 1, 2))
+        def f(x):
+            v, _ = kd_loss(x, mx.zeros((1, 1, 1), dtype=mx.int32), mx.full((1, 1, 1), -mx.inf), mx.ones((1, 1)),
+                           targets=mx.zeros((1, 1), dtype=mx.int32), span_logp=mx.array([[math.log(p_teacher)]]),
+                           span_len=mx.array([[1]]), span_in=mx.ones((1, 1)))
+            return v
+        return float(mx.grad(f)(s)[0, 0, 0])  # Q = 1/2 at zero logits
+    assert grad(0.9) < 0 < grad(0.1) and abs(grad(0.5)) < 1e-6
+
+
+@pytest.mark.parametrize("lib", ["mlx", pytest.param("torch", marks=needs_torch)])
+def test_uld_term_hand_value_and_reference(lib):
+    """ULD at one position: teacher top-2 probabilities (0.6, 0.3) (id-less, ids -1), student
+    softmax over V = 3 of logits (ln 1, ln 2, ln 7) -> sorted (0.7, 0.2, 0.1): |0.6 - 0.7| +
+    |0.3 - 0.2| = 0.2; a second position with a mapped id keeps the ordinary KL."""
+    conv = mx.array if lib == "mlx" else torch.tensor
+    s = np.log(np.array([[[1.0, 2.0, 7.0], [1.0, 1.0, 1.0]]], np.float32))
+    ids = np.array([[[-1, -1], [0, 1]]], np.int32)
+    t = np.log(np.array([[[0.6, 0.3], [0.5, 0.5]]], np.float32))
+    uld = np.array([[1.0, 0.0]], np.float32)
+    got, n = kd_loss(conv(s), conv(ids), conv(t), conv(np.ones((1, 2), np.float32)), uld=conv(uld), temperature=1.0)
+    assert float(n) == 2 and float(got) == pytest.approx(0.2, abs=1e-6)  # the KL at position 2 is 0
