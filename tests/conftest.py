@@ -53,3 +53,13 @@ def tiny_llama(tmp_path_factory, tiny_model) -> Path:
 
     return build_model(tmp_path_factory.mktemp("tiny_llama") / "model", tokenizer_dir=tiny_model,
                        model_type="llama", seed=1, tie=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_metaspace(tmp_path_factory) -> Path:
+    """A 2-layer llama (hidden 64) of the *other* tokenizer family: Unigram + Metaspace with byte
+    fallback (576 tokens, whole-number pieces) and a Gemma-like `<start_of_turn>` template, trained
+    on other text than `tiny_model`'s byte-level BPE: a cross-tokenizer student for it."""
+    from mlx_distill.tiny import build_model
+
+    return build_model(tmp_path_factory.mktemp("tiny_metaspace") / "model", kind="metaspace", seed=2)
