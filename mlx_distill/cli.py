@@ -8,7 +8,7 @@ COMMANDS = {
     "train": ("mlx_distill.train", "main", "LoRA/DoRA/full SFT (+ top-K logit KD) with validation early stopping"),
     "corpus": ("mlx_distill.corpus.build", "main", "build / inspect a verified chain-of-thought corpus (`corpus build`, `corpus stats`); "
                "the generated demo corpus (`corpus synth`)"),
-    "logits": ("mlx_distill.logits", "main", "re-score verified traces with a local teacher and store its top-M logits"),
+    "logits": ("mlx_distill.logits", "main", "re-score verified traces with a local or remote (vLLM) teacher and store its top-M logits"),
     "eval": ("mlx_distill.evaluate", "main", "generate answers for a benchmark and grade them"),
     "compare": ("mlx_distill.compare", "main", "two evals of the same problems side by side (accuracy, paired test, responses)"),
     "grade": ("mlx_distill.evaluate", "grade_main", "re-grade saved predictions without a model"),

@@ -152,7 +152,8 @@ class TrainConfig:
 @dataclass
 class LogitsConfig:
     teacher: str = opt("", "Teacher model: local MLX / Hugging Face folder or repo id (required), e.g. a 7B "
-                       "instruct model, quantized or not.")
+                       "instruct model, quantized or not; or 'api': a vLLM server scores the examples (--base-url, "
+                       "--model, --teacher-tokenizer).")
     adapter: str = opt("", "A `train` run folder whose LoRA/DoRA adapter is applied to the teacher (a fine-tuned, "
                        "frozen teacher); part of the store's teacher fingerprint.")
     data: str = opt(TrainConfig.data, "Corpus folder (train.jsonl/valid.jsonl) or one JSONL file; every "

@@ -23,6 +23,10 @@ T = 1): for the renormalised KD loss that is the same as raw logits, and it is w
 the "rest of vocabulary" bucket (`kd_loss(tail=True)`) computable. ``tokens`` holds the
 exact token ids scored for each example. 100 + 50 bytes per completion token for M = 25.
 
+A teacher too large for this machine can score remotely: ``--teacher api --base-url URL --model NAME
+--teacher-tokenizer TOK`` sends each example's token ids to a vLLM server and reads its
+``prompt_logprobs`` (`mlx_distill.remote_teacher`); the store is the same.
+
 `--resume` adds the examples not yet stored (a corpus that grew, or a run that was
 interrupted): the teacher, tokenizer and M must match, and an example whose tokens changed
 since it was scored is an error. Shards and the manifest are written atomically; a crash
@@ -126,9 +130,12 @@ class Teacher:
                 return int(v)
         return len(vocab_strings(self.tokenizer))
 
-    def top_m(self, inputs: np.ndarray, m: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    def top_m(self, inputs: np.ndarray, m: int, start: int = 0,
+              lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """inputs (B, L) int32 -> ids (B, L - start, M) int32, logprobs (B, L - start, M) float32,
-        sorted descending, for positions start.. (the prompt before `start` needs no top-M)."""
+        sorted descending, for positions start.. (the prompt before `start` needs no top-M).
+        `lengths` (each row's real length) is not needed here: right padding changes nothing before
+        it under causal attention (`remote_teacher.RemoteTeacher` uses it to send no padding)."""
         if self.backend == "mlx":
             import mlx.core as mx
 
@@ -203,18 +210,36 @@ def _bytes_per_token(shards: list) -> dict:
 
 
 def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
-    """Score every example not yet stored in cfg.out; return the run summary."""
+    """Score every example not yet stored in cfg.out; return the run summary (``failed`` > 0: a remote
+    teacher's requests failed for good for that many examples, the run is incomplete)."""
     if not cfg.teacher:
-        raise InputError("--teacher is required (a local model folder or a Hugging Face repo id)")
+        raise InputError("--teacher is required (a local model folder, a Hugging Face repo id, or api)")
     if cfg.top_m < 1:
         raise InputError(f"--top-m must be >= 1, got {cfg.top_m}")
+    if cfg.teacher == "api":  # a vLLM server (remote_teacher.py): connected and probed with M before any work
+        if cfg.adapter:
+            raise InputError("--adapter applies to a local teacher; with --teacher api the server applies any "
+                             "adapter (vLLM --lora-modules, then --model the adapter's name)")
+        from .remote_teacher import RemoteTeacher
+
+        teacher = RemoteTeacher.from_config(cfg)
+    else:
+        teacher = Teacher(cfg.teacher, cfg.backend, adapter=cfg.adapter)
+    try:
+        return _extract(cfg, teacher, quiet)
+    finally:
+        if cfg.teacher == "api":
+            teacher.close()
+
+
+def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
     out = Path(cfg.out)
     mpath = out / MANIFEST
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
-    teacher = Teacher(cfg.teacher, cfg.backend, adapter=cfg.adapter)
+    remote = cfg.teacher == "api"
     t_vocab = vocab_strings(teacher.tokenizer)
     tok_fp = tokenizer_fingerprint(teacher.tokenizer, t_vocab)
-    t_fp = teacher_fingerprint(teacher.path)
+    t_fp = teacher.fingerprint() if remote else teacher_fingerprint(teacher.path)
     if teacher.adapter:  # a frozen fine-tuned teacher: its adapter is part of what scored the traces
         a_fp = teacher_fingerprint(teacher.adapter)
         t_fp = {**t_fp, "adapter": a_fp["path"], "weights": {**t_fp["weights"], "adapter": a_fp["weights"]}}
@@ -257,9 +282,13 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
                        top_m=cfg.top_m,
                        dtype={"ids": "int32", "logprobs": "float16", "tokens": "int32",
                               "values": "teacher logit - logsumexp over the teacher vocabulary (T = 1)"},
-                       stats=_bytes_per_token(shards), shards=shards, examples=done)
+                       stats=_bytes_per_token(shards), shards=shards, examples=done,
+                       **({"status": "incomplete" if failed else "complete", "failures": failed,
+                           "servers": teacher.server_stats()} if remote else {}))
 
     buf: list[tuple[data.Example, np.ndarray, np.ndarray]] = []
+    failed: dict[str, str] = {}  # remote teacher: example id -> why its request failed for good
+    n_tried = 0
 
     def flush():
         if not buf:
@@ -294,14 +323,19 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
     # a plain line at least every ~10 s (from a thread: one teacher forward may take longer)
     beat = Heartbeat("logits", total=len(todo), unit="examples", enabled=not quiet).__enter__()
     try:
-        for idx in data.bucket(todo, cfg.batch_size):
+        # a remote teacher gets one request per example, as many at once as its servers take
+        for idx in data.bucket(todo, teacher.capacity if remote else cfg.batch_size):
             b = data.collate(todo, idx, pad)
             tic = time.perf_counter()
             start = min(first_target(todo[i].prompt_len) for i in idx)
-            ids, lps = teacher.top_m(b.tokens[:, :-1], cfg.top_m, start)
+            ids, lps = teacher.top_m(b.tokens[:, :-1], cfg.top_m, start, lengths=b.lengths - 1)
             t_model += time.perf_counter() - tic
+            lost = teacher.failures if remote else {}
             for r, i in enumerate(idx):
                 e = todo[i]
+                if r in lost:
+                    failed[e.id] = lost[r]
+                    continue
                 lo, hi = first_target(e.prompt_len) - start, len(e.tokens) - 1 - start
                 buf.append((e, ids[r, lo:hi], lps[r, lo:hi]))
                 n_pos += hi - lo
@@ -309,10 +343,15 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
             beat.update(advance=len(idx), positions=n_pos, shards=len(shards))
             if len(buf) >= cfg.shard_size:
                 flush()
+            n_tried += len(idx)
+            if remote and teacher.stalled:  # every request of the step spent its retries: the servers are unwell
+                say(f"every request of the last {len(idx)} failed after its retries (e.g. "
+                    f"{next(iter(lost.values()))}); stopping")
+                break
     finally:
         beat.__exit__()
         flush()
-    if not shards:
+    if not shards or remote:
         save_manifest()
     stats = _bytes_per_token(shards)
     summary = {"examples": len(done), "new_examples": len(todo), "new_positions": n_pos,
@@ -320,6 +359,13 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
                "file_bytes_per_token": stats["file_bytes_per_token"],
                "tokens_per_sec": round(n_pos / t_model, 1) if t_model else None,
                "forward_tokens_per_sec": round(n_fwd / t_model, 1) if t_model else None, "out": str(out)}
+    if remote:
+        import collections
+
+        kinds = collections.Counter(w.split(":")[0] for w in failed.values())
+        if len(todo) > n_tried:
+            kinds["not tried (stopped)"] = len(todo) - n_tried
+        summary.update(failed=sum(kinds.values()), failures=dict(kinds), servers=teacher.server_stats())
     say(f"stored {len(done)} examples, {stats['positions']} completion positions | "
         f"{stats['payload_bytes_per_token']:.0f} bytes/token (ids + float16 log-probs; "
         f"{stats['file_bytes_per_token']:.1f} with the scored token ids and headers) | "
@@ -328,7 +374,15 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
 
 
 def main(argv=None) -> None:
-    extract(config.from_cli(LogitsConfig, argv, "python -m mlx_distill logits", __doc__))
+    cfg = config.from_cli(LogitsConfig, argv, "python -m mlx_distill logits", __doc__)
+    summary = extract(cfg)
+    if summary.get("failed"):  # a remote teacher's requests failed for good: loud, like `corpus build`
+        from .remote_teacher import EXIT_INCOMPLETE
+
+        print(f"error: teacher logits in {cfg.out} are incomplete: {summary['failed']} example(s) could not be "
+              f"scored ({', '.join(f'{k}: {v}' for k, v in summary['failures'].items())}; reasons in "
+              f"{Path(cfg.out) / MANIFEST} 'failures'); fix the server and re-run with --resume", file=sys.stderr)
+        raise SystemExit(EXIT_INCOMPLETE)
 
 
 # ----------------------------------------------------------------------------- reading

@@ -35,7 +35,10 @@ Example::
     await client.aclose()
 
 ``messages`` may also be a plain string: a raw prompt with no chat template (the
-``/completions`` endpoint for API servers).
+``/completions`` endpoint for API servers), or a list of token ids (a prompt already
+tokenised, sent as is to ``/completions``; vLLM's ``prompt_logprobs`` and ``prompt_token_ids``
+of the answer are kept in ``Completion.prompt_logprobs`` / ``prompt_token_ids``: the remote
+white-box teacher, remote_teacher.py).
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ class Completion:
     attempts: int = 1           # requests it took (1 + retries)
     usage: Optional[dict] = None  # the server's full usage record (reasoning / cache-hit tokens ...)
     server: Optional[str] = None  # the base URL that answered (public form; several with a pool)
+    prompt_logprobs: Optional[list] = None  # /completions on vLLM: per prompt position None | {id: {logprob, rank, ...}}
+    prompt_token_ids: Optional[list] = None  # /completions on vLLM with return_token_ids: the prompt as it tokenised
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +128,11 @@ def base_urls(value) -> list[str]:
 def server_counts() -> dict:
     """The per-server counters every client reports (``server_stats()``), all present, in this order."""
     return {k: 0 for k in ("requests", "ok", "failed", "retries", "requeued", "marked_down")}
+
+
+def is_token_ids(messages) -> bool:
+    """A prompt given as token ids (a non-empty list of ints), not chat messages."""
+    return isinstance(messages, list) and bool(messages) and all(isinstance(t, int) for t in messages[:1])
 
 
 def think_fields(content: Optional[str]) -> tuple[Optional[str], str]:
@@ -329,7 +339,8 @@ class OpenAIClient:
         ``_Retryable`` (worth another try) / ``ClientError`` (not). ``complete`` and a pool retry around it."""
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.concurrency)
-        prompt_chars = len(messages) if isinstance(messages, str) else sum(len(str(m.get("content", ""))) for m in messages)
+        prompt_chars = (len(messages) if isinstance(messages, str) else 4 * len(messages) if is_token_ids(messages)
+                        else sum(len(str(m.get("content", ""))) for m in messages))
         ev = await self.limiter.acquire(prompt_chars // 4 + max_tokens)
         async with self._sem:
             self.stats["requests"] += 1
@@ -377,7 +388,7 @@ class OpenAIClient:
         if body:
             kw["extra_body"] = body
         try:
-            if isinstance(messages, str):
+            if isinstance(messages, str) or is_token_ids(messages):
                 if logprobs:
                     kw["logprobs"] = top_logprobs or 1
                 resp = await self._client.completions.create(prompt=messages, **kw)
@@ -406,7 +417,7 @@ class OpenAIClient:
             raise _Retryable("bad_response", _brief(e, self._client.api_key)) from None
         except ValueError as e:  # a 200 whose body is not JSON
             raise _Retryable("bad_response", redact(str(e), self._client.api_key)[:200]) from None
-        return self._parse(resp, isinstance(messages, str), logprobs)
+        return self._parse(resp, isinstance(messages, str) or is_token_ids(messages), logprobs)
 
     def _parse(self, resp, raw: bool, want_logprobs: bool) -> Completion:
         choices = getattr(resp, "choices", None) if not isinstance(resp, (str, bytes, dict)) else None
@@ -437,11 +448,13 @@ class OpenAIClient:
         if want_logprobs and getattr(ch, "logprobs", None) is not None:
             lp = ch.logprobs.model_dump()
             lp = lp.get("content", lp) if isinstance(lp, dict) else lp
+        extra = (getattr(ch, "model_extra", None) or {}) if raw else {}  # vLLM's fields beyond OpenAI's
         return Completion(text=text, reasoning=reasoning, finish_reason=ch.finish_reason or "unknown",
                           model=getattr(resp, "model", None) or self.model or "", logprobs=lp,
                           prompt_tokens=(usage or {}).get("prompt_tokens") or 0,
                           completion_tokens=(usage or {}).get("completion_tokens") or 0,
-                          latency_s=0.0, usage=usage)
+                          latency_s=0.0, usage=usage, prompt_logprobs=extra.get("prompt_logprobs"),
+                          prompt_token_ids=extra.get("prompt_token_ids"))
 
     async def aclose(self) -> None:
         await self._client.close()
