@@ -93,26 +93,51 @@ def _decoder_types(hf) -> set:
     return out
 
 
-_PIECES: dict = {}  # id(hf) -> (hf, pieces, special); the tokenizer is kept alive with its entry
+@dataclass
+class Pieces:
+    """A tokenizer's spelling, all alignment needs of it: the bytes of every id, which ids are
+    special, and the raw token strings (to match special tokens by name). `logits` stores the
+    teacher's (`to_json`) so `train` aligns without the teacher's tokenizer files."""
+
+    pieces: list
+    special: np.ndarray
+    strings: list
+
+    def to_json(self) -> dict:
+        return {"pieces": [p.hex() for p in self.pieces], "special": np.nonzero(self.special)[0].tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict, strings: list) -> "Pieces":
+        pieces = [bytes.fromhex(h) for h in d["pieces"]]
+        special = np.zeros(len(pieces), bool)
+        special[np.asarray(d["special"], np.int64)] = True
+        return cls(pieces, special, list(strings) + [""] * (len(pieces) - len(strings)))
 
 
-def _pieces_and_special(tokenizer) -> tuple[list[bytes], np.ndarray]:
+_PIECES: dict = {}  # id(hf) -> (hf, Pieces); the tokenizer is kept alive with its entry
+
+
+def pieces_of(tokenizer) -> Pieces:
+    """The `Pieces` of a tokenizer (transformers, mlx-lm's wrapper, or a `Pieces` itself);
+    computed once per tokenizer object."""
+    if isinstance(tokenizer, Pieces):
+        return tokenizer
     hf = _hf(tokenizer)
     hit = _PIECES.get(id(hf))
     if hit is not None and hit[0] is hf:
-        return hit[1], hit[2]
+        return hit[1]
     vocab = hf.get_vocab()
     n = max(vocab.values()) + 1
-    types = _decoder_types(hf)
-    bytelevel = "ByteLevel" in types
+    bytelevel = "ByteLevel" in _decoder_types(hf)
     bd = _byte_decoder()
-    pieces = [b""] * n
+    pieces, strings = [b""] * n, [""] * n
     for s, i in vocab.items():
+        strings[i] = s
         if bytelevel and all(c in bd for c in s):
             pieces[i] = bytes(bd[c] for c in s)
         elif not bytelevel and len(s) == 6 and s.startswith("<0x") and s.endswith(">"):
             try:
-                pieces[i] = bytes([int(s[3:5], 16)])
+                pieces[i] = bytes([int(s[3:5], 16)])  # SentencePiece byte fallback
             except ValueError:
                 pieces[i] = s.encode()
         elif not bytelevel:
@@ -131,18 +156,19 @@ def _pieces_and_special(tokenizer) -> tuple[list[bytes], np.ndarray]:
             special[i] = True
     for i in np.nonzero(special)[0]:
         pieces[i] = b""
-    _PIECES[id(hf)] = (hf, pieces, special)
-    return pieces, special
+    out = Pieces(pieces, special, strings)
+    _PIECES[id(hf)] = (hf, out)
+    return out
 
 
 def token_pieces(tokenizer) -> list[bytes]:
     """The bytes each id adds to the decoded text (b"" for special tokens)."""
-    return _pieces_and_special(tokenizer)[0]
+    return pieces_of(tokenizer).pieces
 
 
 def special_mask(tokenizer) -> np.ndarray:
     """(vocab,) bool: special tokens (chat-template markers, end of turn, padding)."""
-    return _pieces_and_special(tokenizer)[1]
+    return pieces_of(tokenizer).special
 
 
 # ----------------------------------------------------------------------------- offsets
@@ -220,7 +246,8 @@ def align(teacher_ends, student_ends) -> Alignment:
     two consecutive common boundaries lies one group: one student and one teacher token is a
     MATCHED pair, anything else a span. The token right after each side's last non-empty token
     (the end-of-turn marker, or whitespace the shared text strips) is MATCHED to its
-    counterpart: both predict it from the whole text. Vectorised; O(n log n)."""
+    counterpart, and so on in order (a template's end-of-turn marker, then its newline): the
+    first pair predicts the end of the text from the whole text. Vectorised; O(n log n)."""
     te, se = np.asarray(teacher_ends, np.int64), np.asarray(student_ends, np.int64)
     ts, ss = _starts(te), _starts(se)
     tw, sw = te > ts, se > ss
@@ -263,36 +290,35 @@ def align(teacher_ends, student_ends) -> Alignment:
         cls[members] = SPANS
         group[members] = owner
         partner[members] = t0[owner]
-    # the token after the text on both sides (end of turn): predicted from the whole text by both
-    s_after, t_after = s_idx[-1] + 1, t_idx[-1] + 1
-    if s_after < n and t_after < len(te) and se[s_idx[-1]] == te[t_idx[-1]] and cls[s_idx[-1]] != NONE:
-        cls[s_after] = MATCHED
-        partner[s_after] = t_after
+    # the tokens after the text (end-of-turn markers and what follows them), paired in order: the
+    # first pair is predicted from the whole text by both sides
+    if se[s_idx[-1]] == te[t_idx[-1]] and cls[s_idx[-1]] != NONE:
+        k = min(n - s_idx[-1] - 1, len(te) - t_idx[-1] - 1)
+        cls[s_idx[-1] + 1: s_idx[-1] + 1 + k] = MATCHED
+        partner[s_idx[-1] + 1: s_idx[-1] + 1 + k] = np.arange(t_idx[-1] + 1, t_idx[-1] + 1 + k)
     return Alignment(cls, partner, group, s0, s1, t0, t1)
 
 
 # ----------------------------------------------------------------------------- vocabularies
-def vocab_map(teacher_tokenizer, student_tokenizer, extra: dict | None = None) -> np.ndarray:
+def vocab_map(teacher, student, extra: dict | None = None) -> np.ndarray:
     """(teacher vocab,) int64: the student id spelling the same bytes as each teacher id, -1
-    when the student has no such single token. Special tokens map by their content (both
-    ChatML: ``<|im_end|>`` -> ``<|im_end|>``); `extra` adds pairs (teacher id -> student id),
-    e.g. one end-of-turn marker to the other. Where several student ids spell the same bytes,
-    a regular piece wins over a byte-fallback ``<0xNN>`` piece."""
-    tp, tspec = _pieces_and_special(teacher_tokenizer)
-    sp, sspec = _pieces_and_special(student_tokenizer)
-    s_hf, t_hf = _hf(student_tokenizer), _hf(teacher_tokenizer)
-    s_str = {i: s for s, i in s_hf.get_vocab().items()}
+    when the student has no such single token. `teacher` and `student` are tokenizers or
+    `Pieces`. Special tokens map by their name (both ChatML: ``<|im_end|>`` -> ``<|im_end|>``);
+    `extra` adds pairs (teacher id -> student id), e.g. one end-of-turn marker to the other.
+    Where several student ids spell the same bytes, a regular piece wins over a byte-fallback
+    ``<0xNN>`` piece."""
+    t, s = pieces_of(teacher), pieces_of(student)
     index: dict = {}
-    for i, p in enumerate(sp):
-        if p and not sspec[i]:
-            if p not in index or (len(s_str.get(index[p], "")) == 6 and s_str[index[p]].startswith("<0x")):
+    for i, p in enumerate(s.pieces):
+        if p and not s.special[i]:
+            j = index.get(p)
+            if j is None or (s.strings[j].startswith("<0x") and len(s.strings[j]) == 6):
                 index[p] = i
-    special_index = {s: i for s, i in s_hf.get_vocab().items() if i < len(sspec) and sspec[i]}
-    t_str = {i: s for s, i in t_hf.get_vocab().items()}
-    out = np.full(len(tp), -1, np.int64)
-    for i, p in enumerate(tp):
-        if tspec[i]:
-            out[i] = special_index.get(t_str.get(i, ""), -1)
+    special_index = {s.strings[i]: int(i) for i in np.nonzero(s.special)[0] if s.strings[i]}
+    out = np.full(len(t.pieces), -1, np.int64)
+    for i, p in enumerate(t.pieces):
+        if t.special[i]:
+            out[i] = special_index.get(t.strings[i], -1)
         elif p:
             out[i] = index.get(p, -1)
     for a, b in (extra or {}).items():

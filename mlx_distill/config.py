@@ -121,13 +121,21 @@ class TrainConfig:
     kd_warmup: int = opt(0, "Steps over which alpha rises linearly from 0.")
     kd_kind: str = opt("forward", "Divergence.", choices=["forward", "reverse", "jsd"])
     kd_tail: bool = opt(False, "Add a 'rest of vocabulary' bucket instead of renormalising over the K ids.")
-    kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher logits cover less than this share of the "
+    kd_align: str = opt("auto", "Teacher <-> student alignment (mlx_distill/align.py): exact (same tokenizer), "
+                        "matched (positions whose token spans the same text on both sides, teacher candidates "
+                        "mapped by their text), spans (matched + the probability of each span of text whose "
+                        "token boundaries disagree), uld (matched + ULD's sorted-probability distance on those "
+                        "spans). auto: exact when the tokenizers are equal, else spans. Across tokenizers the "
+                        "tail bucket is always used (teacher candidates the student cannot spell go there).",
+                        choices=["auto", "exact", "matched", "spans", "uld"])
+    kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher signal (any class: exact, matched, spans, uld) "
+                                 "covers less than this share of the "
                                  "student's completion positions (the error says why and how to fix it; see "
                                  "`mlx_distill.logits.TopMStore.check`). The KD loss is averaged over the covered "
                                  "positions only (kd_coverage in metrics.jsonl), and a run whose batches carry no "
                                  "teacher target for a whole --val-every interval stops whatever this threshold.")
     kd_teacher: str = opt("", "Online KD: a teacher model held in memory that scores each batch as it is trained "
-                          "(same tokenizer as the student; instead of --kd).")
+                          "(instead of --kd; another tokenizer is aligned as with --kd, see --kd-align).")
     # on-policy distillation, GKD (issue 11); kd_beta is `beta` in a YAML `kd:` section
     on_policy_fraction: float = opt(0.0, "Share lambda in [0, 1] of micro-batches built from the student's own "
                                     "rollouts (sampled from the corpus prompts by the model being trained, scored "

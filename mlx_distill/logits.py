@@ -12,9 +12,17 @@ sees the very token ids the teacher scored.
 Folder::
 
     manifest.json               teacher + tokenizer fingerprints, M, dtypes, config, and per example:
-                                shard, rows, first target index, length, prompt_len, sha256 of the tokens
-    vocab.json                  the teacher's token strings by id (for tokenizer alignment)
-    shard-00000.safetensors     ids (N, M) int32 | logprobs (N, M) float16 | tokens (n,) int32
+                                shard, rows, first target index, length, prompt_len, sha256 of the tokens,
+                                sha256 and length of the completion text (`align.completion_text`)
+    vocab.json                  the teacher's token strings by id
+    pieces.json                 the bytes each teacher token spells, and its special tokens (alignment)
+    shard-00000.safetensors     ids (N, M) int32 | logprobs (N, M) float16 | actual (N,) float32 |
+                                tokens (n,) int32 | ends (n,) int32
+
+``actual`` is the teacher's log-probability of the token actually there (row r), ``ends`` the
+byte offset where each scored token ends in the completion text: with them a student of
+another tokenizer family (and chat template) is aligned on the text (`mlx_distill.align`).
+Format 2; a format-1 folder (before cross-tokenizer alignment) is refused with the fix.
 
 Row r of a shard is one target index t of one example (the prediction of token t+1); its
 M slots are sorted by decreasing teacher log-probability. The stored values are the
@@ -41,14 +49,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config, data
+from . import align, config, data
 from .config import LogitsConfig, TrainConfig
 from .io import InputError, atomic_path, atomic_write_json, read_json, write_manifest
 from .losses import ops
 
-FORMAT = 1
+FORMAT = 2  # 2: + the teacher's completion offsets, text hash and token log-probabilities (cross-tokenizer)
 MANIFEST = "manifest.json"
 VOCAB = "vocab.json"
+PIECES = "pieces.json"
 
 
 # ----------------------------------------------------------------------------- fingerprints
@@ -131,11 +140,13 @@ class Teacher:
         return len(vocab_strings(self.tokenizer))
 
     def top_m(self, inputs: np.ndarray, m: int, start: int = 0,
-              lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+              lengths: np.ndarray | None = None, targets: np.ndarray | None = None) -> tuple:
         """inputs (B, L) int32 -> ids (B, L - start, M) int32, logprobs (B, L - start, M) float32,
         sorted descending, for positions start.. (the prompt before `start` needs no top-M).
         `lengths` (each row's real length) is not needed here: right padding changes nothing before
-        it under causal attention (`remote_teacher.RemoteTeacher` uses it to send no padding)."""
+        it under causal attention (`remote_teacher.RemoteTeacher` uses it to send no padding).
+        With `targets` (B, L), the tokens actually there (inputs shifted by one), a third array
+        (B, L - start) float32 holds their log-probabilities (the span signal across tokenizers)."""
         if self.backend == "mlx":
             import mlx.core as mx
 
@@ -146,15 +157,25 @@ class Teacher:
             val = mx.take_along_axis(z, idx, axis=-1)
             order = mx.argsort(-val, axis=-1)
             idx, val = mx.take_along_axis(idx, order, axis=-1), mx.take_along_axis(val, order, axis=-1) - lse
-            mx.eval(idx, val)
-            return np.array(idx), np.array(val)
+            if targets is None:
+                mx.eval(idx, val)
+                return np.array(idx), np.array(val)
+            tgt = mx.array(np.asarray(targets, np.int32)[:, start:, None])
+            tok = (mx.take_along_axis(z, tgt, axis=-1) - lse)[..., 0]
+            mx.eval(idx, val, tok)
+            return np.array(idx), np.array(val), np.array(tok)
         import torch
 
         with torch.no_grad():
             x = torch.from_numpy(inputs.astype(np.int64)).to(self.model.device)
             z = self.model(input_ids=x, use_cache=False).logits[:, start:].float()
             val, idx = torch.topk(z, m, dim=-1)  # sorted
-            val = val - torch.logsumexp(z, dim=-1, keepdim=True)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            val = val - lse
+            if targets is not None:
+                tgt = torch.from_numpy(np.asarray(targets, np.int64)[:, start:, None]).to(z.device)
+                tok = (torch.gather(z, -1, tgt) - lse)[..., 0]
+                return idx.int().cpu().numpy(), val.cpu().numpy(), tok.cpu().numpy()
         return idx.int().cpu().numpy(), val.cpu().numpy()
 
 
@@ -209,6 +230,21 @@ def _bytes_per_token(shards: list) -> dict:
             "file_bytes_per_token": round(files / pos, 2) if pos else 0.0}
 
 
+def _top_m_and_actual(teacher, b, m: int, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The teacher's top-M and the log-probability of each actual next token (the span signal
+    across tokenizers). A teacher whose `top_m` takes no ``targets`` gives it where the actual
+    token is in its top-M and NaN elsewhere (spans over an unknown token get no signal)."""
+    import inspect
+
+    if "targets" in inspect.signature(teacher.top_m).parameters:
+        return teacher.top_m(b.tokens[:, :-1], m, start, lengths=b.lengths - 1, targets=b.tokens[:, 1:])
+    ids, lps = teacher.top_m(b.tokens[:, :-1], m, start, lengths=b.lengths - 1)
+    nxt = b.tokens[:, start + 1:, None]
+    hit = ids == nxt
+    act = np.where(hit.any(-1), np.where(hit, lps, 0.0).sum(-1), np.nan).astype(np.float32)
+    return ids, lps, act
+
+
 def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
     """Score every example not yet stored in cfg.out; return the run summary (``failed`` > 0: a remote
     teacher's requests failed for good for that many examples, the run is incomplete)."""
@@ -251,6 +287,9 @@ def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
         if not cfg.resume:
             raise InputError(f"{out}: already holds teacher logits for {len(man.get('examples', {}))} example(s); "
                              "pass --resume to add the missing ones, or choose another --out")
+        if man.get("format") != FORMAT:
+            raise InputError(f"{mpath}: --resume into a logits folder of format {man.get('format')!r}; this version "
+                             f"writes format {FORMAT} (with what cross-tokenizer alignment needs); use another --out")
         for key, have, want in (("top_m", man.get("top_m"), cfg.top_m),
                                 ("tokenizer fingerprint", man.get("tokenizer", {}).get("fingerprint"), tok_fp),
                                 ("teacher", man.get("teacher", {}).get("weights"), t_fp["weights"])):
@@ -273,20 +312,23 @@ def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / VOCAB).is_file():
         atomic_write_json(out / VOCAB, t_vocab)
+    if not (out / PIECES).is_file():  # the bytes of every teacher token: alignment without its tokenizer
+        atomic_write_json(out / PIECES, align.pieces_of(teacher.tokenizer).to_json())
 
     def save_manifest():
         write_manifest(mpath, "logits", config.to_dict(cfg), format=FORMAT, teacher=t_fp,
                        teacher_vocab_size=teacher.vocab_size,
                        tokenizer={"fingerprint": tok_fp, "size": len(t_vocab),
-                                  "file": VOCAB},
+                                  "file": VOCAB, "pieces": PIECES},
                        top_m=cfg.top_m,
-                       dtype={"ids": "int32", "logprobs": "float16", "tokens": "int32",
+                       dtype={"ids": "int32", "logprobs": "float16", "tokens": "int32", "actual": "float32",
+                              "ends": "int32 (byte offsets in the completion text, align.completion_text)",
                               "values": "teacher logit - logsumexp over the teacher vocabulary (T = 1)"},
                        stats=_bytes_per_token(shards), shards=shards, examples=done,
                        **({"status": "incomplete" if failed else "complete", "failures": failed,
                            "servers": teacher.server_stats()} if remote else {}))
 
-    buf: list[tuple[data.Example, np.ndarray, np.ndarray]] = []
+    buf: list[tuple[data.Example, np.ndarray, np.ndarray, np.ndarray]] = []
     failed: dict[str, str] = {}  # remote teacher: example id -> why its request failed for good
     n_tried = 0
 
@@ -300,14 +342,19 @@ def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
         ids = np.concatenate([b[1] for b in items]).astype(np.int32)
         lps = np.concatenate([b[2] for b in items]).astype(np.float16)
         toks = np.concatenate([b[0].tokens for b in items]).astype(np.int32)
+        actual = np.concatenate([b[3] for b in items]).astype(np.float32)
         row = tok = 0
-        entries = {}
-        for e, i, _ in items:
+        entries, ends = {}, []
+        for e, i, _, _ in items:
+            text, e_ends = align.completion_text(teacher.tokenizer, e.tokens[e.prompt_len:])
+            ends.append(np.concatenate([np.zeros(e.prompt_len, np.int64), e_ends]))
             entries[e.id] = {"shard": k, "row": row, "n": int(len(i)), "first": first_target(e.prompt_len),
                              "tok": tok, "length": int(len(e.tokens)), "prompt_len": int(e.prompt_len),
-                             "sha256": tokens_sha(e.tokens)}
+                             "sha256": tokens_sha(e.tokens), "text_sha256": align.text_sha(text),
+                             "text_bytes": len(text)}
             row, tok = row + len(i), tok + len(e.tokens)
-        nbytes = _write_shard(out / name, {"ids": ids, "logprobs": lps, "tokens": toks})
+        nbytes = _write_shard(out / name, {"ids": ids, "logprobs": lps, "tokens": toks, "actual": actual,
+                                           "ends": np.concatenate(ends).astype(np.int32)})
         shards.append({"file": name, "examples": len(items), "positions": int(len(ids)),
                        "payload_bytes": int(ids.nbytes + lps.nbytes), "bytes": nbytes})
         done.update(entries)
@@ -328,7 +375,7 @@ def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
             b = data.collate(todo, idx, pad)
             tic = time.perf_counter()
             start = min(first_target(todo[i].prompt_len) for i in idx)
-            ids, lps = teacher.top_m(b.tokens[:, :-1], cfg.top_m, start, lengths=b.lengths - 1)
+            ids, lps, act = _top_m_and_actual(teacher, b, cfg.top_m, start)
             t_model += time.perf_counter() - tic
             lost = teacher.failures if remote else {}
             for r, i in enumerate(idx):
@@ -337,7 +384,7 @@ def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
                     failed[e.id] = lost[r]
                     continue
                 lo, hi = first_target(e.prompt_len) - start, len(e.tokens) - 1 - start
-                buf.append((e, ids[r, lo:hi], lps[r, lo:hi]))
+                buf.append((e, ids[r, lo:hi], lps[r, lo:hi], act[r, lo:hi]))
                 n_pos += hi - lo
                 n_fwd += len(e.tokens) - 1
             beat.update(advance=len(idx), positions=n_pos, shards=len(shards))
@@ -389,26 +436,25 @@ def main(argv=None) -> None:
 class TopMStore:
     """Read a logits folder, check it against the student's examples, serve KD batch arrays.
 
-    `check` must see an example before `batch_arrays` serves it. Two alignment modes:
+    `check` must see an example before `batch_arrays` serves it; it plans, once per example,
+    which teacher row (or span of rows) each student loss position reads, so serving is array
+    indexing. The alignment mode (``--kd-align``, `mlx_distill.align` for the classes):
 
     - ``exact``: the student's tokenizer has the teacher's fingerprint (same id -> string
       table). The student's token ids of every stored example must equal the scored ones,
       else `check` refuses, naming the example and the first differing token.
-    - ``string``: the tokenizers differ. Teacher ids are mapped to student ids through their
-      token strings (ids with no student token are dropped), and positions are aligned by
-      character offset: a student position t (context = its tokens[:t+1]) receives the
-      teacher position whose context ends at the same offset of the concatenated token
-      strings. Identical tokenisations align everywhere; different ones only where their
-      token boundaries coincide. This needs both tokenizers to spell tokens in one alphabet
-      (both byte-level BPE like Qwen2.5/Llama-3/SmolLM2, or both SentencePiece); examples
-      whose concatenated token strings differ (another alphabet, chat template or system
-      prompt) are not covered. Not implemented: a distribution over teacher tokens that
-      span several student tokens is not split into per-token probabilities; such
-      positions are simply left without a teacher.
+    - ``matched`` / ``spans`` / ``uld`` (``auto`` picks ``spans`` when the tokenizers differ):
+      alignment on the completion text both sides share (the chat templates may differ). The
+      student's completion text must hash to the teacher's (`align.completion_text`; else the
+      example is ``text_differs``). Positions whose token spans the same text as a teacher
+      token read that teacher row with its ids mapped by their bytes (`align.vocab_map`; ids
+      the student cannot spell are dropped into the tail bucket, which cross-tokenizer KD
+      always uses, and counted); the rest are spans (the teacher's sequence log-probability
+      of the span's text) or, with ``uld``, position pairs compared by sorted probabilities.
 
-    In both modes teacher ids >= the student's vocabulary size are dropped and counted
-    (a 152064-row teacher vs a 151936-row student), and `check` refuses when the covered
-    share of the student's completion positions is below `min_coverage`.
+    In every mode teacher ids >= the student's vocabulary size are dropped and counted (a
+    152064-row teacher vs a 151936-row student), and `check` refuses when the share of the
+    student's completion positions with ANY teacher signal is below `min_coverage`.
     """
 
     def __init__(self, folder: str | Path):
@@ -419,16 +465,23 @@ class TopMStore:
                              "`python -m mlx_distill logits --teacher MODEL --data CORPUS --out DIR`")
         man = read_json(mpath)
         if man.get("stage") != "logits" or man.get("format") != FORMAT:
-            raise InputError(f"{mpath}: not a logits folder of format {FORMAT} (stage {man.get('stage')!r}, "
-                             f"format {man.get('format')!r}); re-extract with this version")
+            old = man.get("stage") == "logits" and isinstance(man.get("format"), int) and man["format"] < FORMAT
+            raise InputError(f"{mpath}: not a logits folder of format {FORMAT} (stage {man.get('stage')!r}, format "
+                             f"{man.get('format')!r})" + ("; it was written before cross-tokenizer alignment "
+                                                         "(format 2 adds the teacher's text offsets and token "
+                                                         "log-probabilities)" if old else "")
+                             + "; re-extract with this version: `python -m mlx_distill logits ... --out NEW_DIR`")
         self.manifest = man
         self.m = int(man["top_m"])
         self.entries = man["examples"]
         self._shards: dict[int, dict] = {}
-        self._plans: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # id -> (target indices, global rows)
+        self._plans: dict[str, dict] = {}  # id -> arrays (see _plan_exact / _plan_cross)
         self._remap: np.ndarray | None = None  # teacher id -> student id (-1: none); None = identity
         self.student_vocab: int | None = None
+        self.mode = ""  # the resolved --kd-align of the last check
+        self.cross = False  # a cross-tokenizer mode: the KD loss uses the tail bucket
         self.report: dict = {}
+        self.reports: dict = {}  # split -> report
 
     # -------------------------------------------------------------- storage
     def shard(self, k: int) -> dict:
@@ -446,27 +499,53 @@ class TopMStore:
         e = self.entries[example_id]
         return self.shard(e["shard"])["tokens"][e["tok"]: e["tok"] + e["length"]]
 
+    def teacher_ends(self, example_id: str) -> np.ndarray:
+        """End offset (bytes of the shared completion text) of every scored token."""
+        e = self.entries[example_id]
+        return self.shard(e["shard"])["ends"][e["tok"]: e["tok"] + e["length"]].astype(np.int64)
+
     def rows(self, example_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(ids (n, M) int32, logprobs (n, M) float16) of one example, target indices first..first+n-1."""
         e = self.entries[example_id]
         s = self.shard(e["shard"])
         return s["ids"][e["row"]: e["row"] + e["n"]], s["logprobs"][e["row"]: e["row"] + e["n"]]
 
+    def token_logprobs(self, example_id: str) -> np.ndarray:
+        """(n,) float32: the teacher's log-probability of the token actually there (NaN: unknown)."""
+        e = self.entries[example_id]
+        return self.shard(e["shard"])["actual"][e["row"]: e["row"] + e["n"]].astype(np.float32)
+
+    def teacher_pieces(self) -> "align.Pieces":
+        strings = read_json(self.dir / self.manifest["tokenizer"]["file"])
+        return align.Pieces.from_json(read_json(self.dir / PIECES), strings)
+
     # -------------------------------------------------------------- checking
+    def resolve_mode(self, tokenizer, mode: str = "auto") -> str:
+        """--kd-align -> the mode used with this student tokenizer (refuses `exact` across tokenizers)."""
+        if mode not in align.MODES:
+            raise InputError(f"--kd-align must be one of {', '.join(align.MODES)}, got {mode!r}")
+        same = tokenizer_fingerprint(tokenizer) == self.manifest["tokenizer"]["fingerprint"]
+        if mode == "exact" and not same:
+            raise InputError(f"--kd-align exact: the student's tokenizer differs from the teacher's ({self.dir}); "
+                             "use --kd-align auto (aligns the two tokenizers on the shared completion text)")
+        return ("exact" if same else "spans") if mode == "auto" else mode
+
     def check(self, examples: list, student_vocab_size: int, tokenizer, min_coverage: float = 0.95,
-              where: str = "train") -> dict:
+              where: str = "train", mode: str = "auto") -> dict:
         """Plan how every example's loss positions read the cache; report and enforce coverage."""
         self.student_vocab = int(student_vocab_size)
-        s_strings = vocab_strings(tokenizer)
-        exact = tokenizer_fingerprint(tokenizer, s_strings) == self.manifest["tokenizer"]["fingerprint"]
-        if not exact:
-            t_strings = read_json(self.dir / self.manifest["tokenizer"]["file"])
-            s_index = {s: i for i, s in enumerate(s_strings) if s}
-            self._remap = np.array([s_index.get(s, -1) if s else -1 for s in t_strings], dtype=np.int64)
-        total = covered = missing = text_differs = 0
+        mode = self.mode = self.resolve_mode(tokenizer, mode)
+        self.cross = mode != "exact"
+        if self.cross and self._remap is None:
+            self._t_pieces = self.teacher_pieces()
+            self._remap = align.vocab_map(self._t_pieces, tokenizer)
+        total = missing = text_differs = 0
+        classes = dict.fromkeys(("exact", "matched", "spans", "uld", "none"), 0)
+        if mode != "uld":
+            classes.pop("uld")
         # completion positions left without a teacher, by cause (each cause has its own fix)
         lost = {"not_extracted": 0, "text_differs": 0, "unscored_range": 0, "token_boundaries": 0}
-        mismatched = []
+        mismatched, eot_pairs = [], {}
         for ex in examples:
             lo, hi = first_target(ex.prompt_len), len(ex.tokens) - 1
             want = np.arange(lo, hi)
@@ -475,50 +554,117 @@ class TopMStore:
             if ent is None:
                 missing += 1
                 lost["not_extracted"] += len(want)
-                self._plans[ex.id] = (want[:0], want[:0])
+                self._plans[ex.id] = _empty_plan()
                 continue
-            if exact:
+            if not self.cross:
                 if ent["sha256"] != tokens_sha(ex.tokens):
                     mismatched.append(ex)
                     continue
                 t = want[(want >= ent["first"]) & (want < ent["first"] + ent["n"])]
-                rows = t - ent["first"]
                 lost["unscored_range"] += len(want) - len(t)
-            else:
-                t, rows = self._align_by_offsets(ex, ent, want, t_strings, s_strings)
-                if t is None:
-                    text_differs += 1
-                    lost["text_differs"] += len(want)
-                    t = rows = want[:0]
-                else:
-                    lost["token_boundaries"] += len(want) - len(t)
-            self._plans[ex.id] = (t.astype(np.int64), rows.astype(np.int64))
-            covered += len(t)
+                self._plans[ex.id] = plan = {**_empty_plan(), "t": t.astype(np.int64),
+                                             "rows": (t - ent["first"]).astype(np.int64)}
+                classes["exact"] += len(t)
+                continue
+            plan = self._plan_cross(ex, ent, want, tokenizer, mode, eot_pairs)
+            if plan is None:
+                text_differs += 1
+                lost["text_differs"] += len(want)
+                self._plans[ex.id] = _empty_plan()
+                continue
+            self._plans[ex.id] = plan
+            n_sig = len(plan["t"]) + int(plan["span_len"].sum()) + len(plan["uld_t"])
+            classes["matched"] += len(plan["t"])
+            classes["spans"] += int(plan["span_len"].sum())
+            if mode == "uld":
+                classes["uld"] += len(plan["uld_t"])
+            lost["token_boundaries"] += len(want) - n_sig
         if mismatched:
             raise InputError(self._mismatch_message(mismatched, len(examples), where))
+        if eot_pairs:  # the teacher's end-of-turn marker stands for the student's (another name, another id)
+            for a, b in eot_pairs.items():
+                if self._remap[a] < 0:
+                    self._remap[a] = b
+        covered = sum(v for k, v in classes.items() if k != "none")
+        classes["none"] = total - covered
         dropped, slots = self._count_dropped(examples)
         cov = covered / total if total else 1.0
         self.report = rep = {
-            "split": where, "mode": "exact" if exact else "string", "examples": len(examples),
+            "split": where, "mode": mode, "examples": len(examples),
             "missing_examples": missing, "text_differs": text_differs, "positions": total,
-            "covered_positions": covered, "coverage": round(cov, 4), "dropped_teacher_ids": dropped,
-            "teacher_slots": slots, "dropped_fraction": round(dropped / slots, 6) if slots else 0.0,
-            "uncovered_by_cause": lost}
+            "covered_positions": covered, "coverage": round(cov, 4), "classes": classes,
+            "dropped_teacher_ids": dropped, "teacher_slots": slots,
+            "dropped_fraction": round(dropped / slots, 6) if slots else 0.0, "uncovered_by_cause": lost}
+        self.reports[where] = rep
         if cov < min_coverage:
             raise InputError(self._coverage_message(rep, lost, min_coverage))
         return rep
+
+    def _unknown_logprobs(self, example_id: str) -> np.ndarray | None:
+        """Cumulative count of rows whose token log-probability is unknown (NaN), length n + 1."""
+        return np.concatenate([[0], np.cumsum(np.isnan(self.token_logprobs(example_id)))])
+
+    def _plan_cross(self, ex, ent, want, tokenizer, mode, eot_pairs):
+        """Align one example on its completion text; None when the texts differ."""
+        if not len(want):
+            return _empty_plan()
+        s_plen, t_plen = int(ex.prompt_len), int(ent["prompt_len"])
+        s_text, s_ends = align.completion_text(tokenizer, ex.tokens[s_plen:])
+        if align.text_sha(s_text) != ent.get("text_sha256"):
+            return None
+        t_ends = self.teacher_ends(ex.id)[t_plen:]
+        al = align.align(t_ends, s_ends)
+        first, n = int(ent["first"]), int(ent["n"])
+        k = np.arange(len(al.cls))
+        pos = s_plen + k - 1  # the student position predicting completion token k
+        ok = (pos >= want[0]) & (pos < want[-1] + 1) if len(want) else np.zeros(len(k), bool)
+
+        def row(i):  # teacher row predicting teacher completion token i (-1: not scored)
+            r = t_plen + np.asarray(i, np.int64) - 1 - first
+            return np.where((r >= 0) & (r < n), r, -1)
+
+        m = ok & (al.cls == align.MATCHED)
+        r = row(al.partner[m])
+        t, rows = pos[m][r >= 0], r[r >= 0]
+        # end-of-turn: matched pairs of special tokens (after the text) name each other's marker
+        if not eot_pairs:
+            ti = self.scored_tokens(ex.id)[t_plen + al.partner[m]]
+            si = ex.tokens[s_plen + k[m]]
+            both = self._t_pieces.special[ti] & align.special_mask(tokenizer)[si]
+            eot_pairs.update(zip(ti[both].tolist(), si[both].tolist()))
+        plan = {**_empty_plan(), "t": t.astype(np.int64), "rows": rows.astype(np.int64)}
+        if mode == "matched" or not len(al.s0):
+            return plan
+        s_first, s_last = s_plen + al.s0 - 1, s_plen + al.s1 - 1
+        r0, r1 = row(al.t0), row(al.t1)
+        keep = (s_first >= want[0]) & (s_last <= want[-1]) & (r0 >= 0) & (r1 >= 0)
+        if mode == "spans":
+            unknown = self._unknown_logprobs(ex.id)  # a teacher that gave no token log-probability there
+            if unknown is not None:
+                keep &= (unknown[np.maximum(r1, 0) + 1] - unknown[np.maximum(r0, 0)]) == 0
+            s_first, s_last, r0, r1 = s_first[keep], s_last[keep], r0[keep], r1[keep]
+            plan.update(span_end=s_last.astype(np.int64), span_len=(s_last - s_first + 1).astype(np.int64),
+                        span_r0=r0.astype(np.int64), span_r1=r1.astype(np.int64))
+            return plan
+        # uld: the span's positions paired in order with the teacher's (ULD pairs by position)
+        s_first, s_last, r0, r1 = s_first[keep], s_last[keep], r0[keep], r1[keep]
+        npair = np.minimum(s_last - s_first, r1 - r0) + 1
+        off = np.arange(npair.sum()) - np.repeat(np.cumsum(npair) - npair, npair)
+        plan.update(uld_t=(np.repeat(s_first, npair) + off).astype(np.int64),
+                    uld_rows=(np.repeat(r0, npair) + off).astype(np.int64))
+        return plan
 
     # the fix for each cause of low coverage, most positions lost first in the message
     _FIXES = {
         "not_extracted": "{n} example(s) of this split were never extracted (their ids are not in the store: "
                          "`logits --limit`, an interrupted run, or a corpus that grew); add them with "
                          "`python -m mlx_distill logits --resume --teacher {teacher} --data {data} --out {dir}`",
-        "text_differs": "{n} example(s) render to different text than the teacher scored (the tokenizers differ "
-                        "AND so does the rendered string: another chat template, --system-prompt or "
-                        "--prompt-template); render them alike, or extract with a teacher whose tokenizer the "
-                        "student shares",
-        "token_boundaries": "the tokenizers differ (mode string): only positions where both tokenizers end a token "
-                            "at the same character get a teacher; use a student that shares the teacher's "
+        "text_differs": "{n} example(s) have another completion text than the teacher scored (the tokenizers "
+                        "differ, so the completions are compared as text, chat-template markers left out: the "
+                        "record changed, or --think-in-content / the template rewrites the assistant turn on one "
+                        "side only); render them alike, or re-extract",
+        "token_boundaries": "the tokenizers differ (--kd-align {mode}): positions whose tokens do not line up with "
+                            "the teacher's get no teacher signal{hint}; use a student that shares the teacher's "
                             "tokenizer (same family) for full coverage",
         "unscored_range": "same tokenizer and tokens, but the student trains on positions the teacher did not "
                           "score (e.g. --no-mask-prompt here, not in `logits`); use the same --mask-prompt as "
@@ -528,14 +674,18 @@ class TopMStore:
     def _coverage_message(self, rep: dict, lost: dict, min_coverage: float) -> str:
         man = self.manifest.get("config", {})
         causes = [c for c in sorted(lost, key=lost.get, reverse=True) if lost[c]]
+        hint = {"matched": " (--kd-align spans gives the rest the span signal)",
+                "uld": " (ULD pairs a span's positions in order; the extra ones on the longer side have none)"}
         fixes = []
         for c in causes:
             n = rep["missing_examples"] if c == "not_extracted" else rep["text_differs"]
             fixes.append(f"[{lost[c]} positions] " + self._FIXES[c].format(
-                n=n, teacher=man.get("teacher", "TEACHER"), data=man.get("data", "CORPUS"), dir=self.dir))
+                n=n, teacher=man.get("teacher", "TEACHER"), data=man.get("data", "CORPUS"), dir=self.dir,
+                mode=rep["mode"], hint=hint.get(rep["mode"], "")))
+        by_class = ", ".join(f"{k} {v}" for k, v in rep["classes"].items())
         return (f"{self.dir}: teacher logits cover {rep['coverage']:.1%} of the {rep['positions']} {rep['split']} "
                 f"completion positions < --kd-min-coverage {min_coverage:.0%} ({rep['mode']} alignment: "
-                f"{'same' if rep['mode'] == 'exact' else 'different'} tokenizer as the teacher). Why: "
+                f"{'same' if rep['mode'] == 'exact' else 'different'} tokenizer as the teacher; {by_class}). Why: "
                 + "; ".join(fixes) + ". Or lower --kd-min-coverage to train with what is covered "
                 "(the KD loss is averaged over the covered positions only).")
 
@@ -559,23 +709,6 @@ class TopMStore:
                 f"{b}; {len(mismatched)} of {n_examples} {where} example(s) differ); {why}, or re-extract into a "
                 "new --out.")
 
-    def _align_by_offsets(self, ex, ent, want, t_strings, s_strings):
-        scored = self.scored_tokens(ex.id)
-        t_tok = [t_strings[i] for i in scored]
-        s_tok = [s_strings[i] if i < len(s_strings) else "" for i in ex.tokens]
-        if "".join(t_tok) != "".join(s_tok):
-            return None, None
-        t_end = np.cumsum([len(s) for s in t_tok])  # offset after token j
-        s_end = np.cumsum([len(s) for s in s_tok])
-        # teacher target u has context tokens[:u+1], i.e. ends at t_end[u]
-        u = np.arange(ent["first"], ent["first"] + ent["n"])
-        at = {int(t_end[k]): k for k in u}
-        pairs = [(t, at[int(s_end[t])]) for t in want if int(s_end[t]) in at]
-        if not pairs:
-            return want[:0], want[:0]
-        t, uu = np.array(pairs).T
-        return t, uu - ent["first"]
-
     def _map_ids(self, ids: np.ndarray) -> np.ndarray:
         """Teacher ids -> student ids; -1 where the student has no such token."""
         ids = ids.astype(np.int64)
@@ -587,21 +720,29 @@ class TopMStore:
     def _count_dropped(self, examples) -> tuple[int, int]:
         dropped = slots = 0
         for ex in examples:
-            t, rows = self._plans.get(ex.id, (None, None))
-            if t is None or not len(t):
+            p = self._plans.get(ex.id)
+            if p is None or not len(p["t"]):
                 continue
             ids, _ = self.rows(ex.id)
-            mapped = self._map_ids(ids[rows])
+            mapped = self._map_ids(ids[p["rows"]])
             dropped += int(np.sum(mapped < 0))
             slots += mapped.size
         return dropped, slots
+
+    def alignment_summary(self) -> dict:
+        """{split: {mode, positions, classes, coverage}} for the train run's manifest (`kd_alignment`)."""
+        return {s: {"mode": r["mode"], "positions": r["positions"], "classes": dict(r["classes"]),
+                    "coverage": r["coverage"]} for s, r in self.reports.items()}
 
     # -------------------------------------------------------------- serving
     def batch_arrays(self, batch, top_k: int | None = None) -> dict:
         """kd_ids (B, L-1, K) int32 and kd_logits (B, L-1, K) float32 aligned with
         `data.loss_mask(batch)`: position t of row b is the teacher's top-K (after dropping
         ids the student lacks) for predicting token t+1; slots without a teacher token hold
-        id 0 and logit -inf (an empty slot for `kd_loss`)."""
+        id 0 and logit -inf (an empty slot for `kd_loss`). Across tokenizers also, as
+        `losses.kd_loss` reads them: ``spans``: kd_span_logp, kd_span_len (at each span's last
+        position) and kd_span_in (B, L-1); ``uld``: kd_uld (B, L-1), its positions holding the
+        teacher's sorted top-K log-probabilities with id -1."""
         k = self.m if top_k is None else int(top_k)
         if k > self.m:
             raise InputError(f"--kd-top-k {k} > M={self.m} stored in {self.dir}; lower --kd-top-k or re-extract "
@@ -611,21 +752,57 @@ class TopMStore:
         B, L = batch.tokens.shape
         out_ids = np.zeros((B, L - 1, k), np.int32)
         out_lp = np.full((B, L - 1, k), -np.inf, np.float32)
+        spans, uld = self.mode == "spans", self.mode == "uld"
+        if spans:
+            s_logp, s_len, s_in = np.zeros((B, L - 1), np.float32), np.zeros((B, L - 1), np.int32), \
+                np.zeros((B, L - 1), np.float32)
+        if uld:
+            u_in = np.zeros((B, L - 1), np.float32)
         for r, eid in enumerate(batch.ids):
             if eid not in self._plans:
                 raise RuntimeError(f"example {eid!r} was not passed to TopMStore.check")
-            t, rows = self._plans[eid]
-            t_ok = t < batch.lengths[r] - 1
+            p = self._plans[eid]
+            lim = batch.lengths[r] - 1
+            t, rows = p["t"], p["rows"]
+            t_ok = t < lim
             t, rows = t[t_ok], rows[t_ok]
-            if not len(t):
-                continue
-            ids, lps = self.rows(eid)
-            ids, lps = self._map_ids(ids[rows]), lps[rows].astype(np.float32)
-            lps = np.where(ids >= 0, lps, -np.inf)
-            order = np.argsort(-lps, axis=-1, kind="stable")[:, :k]  # slots are sorted; re-sort after drops
-            out_ids[r, t] = np.maximum(np.take_along_axis(ids, order, -1), 0)
-            out_lp[r, t] = np.take_along_axis(lps, order, -1)
-        return {"kd_ids": out_ids, "kd_logits": out_lp}
+            if len(t):
+                ids, lps = self.rows(eid)
+                ids, lps = self._map_ids(ids[rows]), lps[rows].astype(np.float32)
+                lps = np.where(ids >= 0, lps, -np.inf)
+                order = np.argsort(-lps, axis=-1, kind="stable")[:, :k]  # slots are sorted; re-sort after drops
+                out_ids[r, t] = np.maximum(np.take_along_axis(ids, order, -1), 0)
+                out_lp[r, t] = np.take_along_axis(lps, order, -1)
+            if spans and len(p["span_end"]):
+                # the teacher's sequence log-probability of each span's text: its tokens' sum
+                act = self.token_logprobs(eid).astype(np.float64)
+                cs = np.concatenate([[0.0], np.cumsum(act)])
+                keep = p["span_end"] < lim
+                e, n = p["span_end"][keep], p["span_len"][keep]
+                lp = (cs[p["span_r1"][keep] + 1] - cs[p["span_r0"][keep]]).astype(np.float32)
+                keep = np.isfinite(lp)
+                e, n, lp = e[keep], n[keep], lp[keep]
+                s_logp[r, e], s_len[r, e] = lp, n
+                inside = np.repeat(e - n + 1, n) + (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n))
+                s_in[r, inside] = 1.0
+            if uld and len(p["uld_t"]):
+                keep = p["uld_t"] < lim
+                ut, ur = p["uld_t"][keep], p["uld_rows"][keep]
+                _, lps = self.rows(eid)
+                out_ids[r, ut] = -1
+                out_lp[r, ut] = lps[ur, :k].astype(np.float32)  # stored sorted: the top-K as they are
+                u_in[r, ut] = 1.0
+        out = {"kd_ids": out_ids, "kd_logits": out_lp}
+        if spans:
+            out.update(kd_span_logp=s_logp, kd_span_len=s_len, kd_span_in=s_in)
+        if uld:
+            out["kd_uld"] = u_in
+        return out
+
+
+def _empty_plan() -> dict:
+    z = np.zeros(0, np.int64)
+    return {"t": z, "rows": z, "span_end": z, "span_len": z, "span_r0": z, "span_r1": z, "uld_t": z, "uld_rows": z}
 
 
 # ----------------------------------------------------------------------------- train hook
@@ -646,16 +823,28 @@ def student_vocab_size(cfg: TrainConfig, tokenizer) -> int:
 class OnlineTeacher:
     """Online KD: the teacher, held in memory beside the student, scores every batch as it is
     trained (one extra forward pass per step, no cache on disk). Same batch_arrays contract as
-    `TopMStore`. Needs the student's tokenizer (the student's token ids are the teacher's input);
-    teacher ids beyond the student's embedding rows become empty slots, as in the offline path."""
+    `TopMStore`, for a teacher with the student's tokenizer: the student's token ids are the
+    teacher's input; teacher ids beyond the student's embedding rows become empty slots, as in
+    the offline path. A teacher with another tokenizer is `OnlineCrossTeacher`."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, vocab_size: int):
-        self.teacher = Teacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
+    mode, cross = "exact", False
+
+    def __init__(self, cfg: TrainConfig, tokenizer, vocab_size: int, teacher: "Teacher | None" = None):
+        self.teacher = teacher or Teacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
         mine, theirs = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(self.teacher.tokenizer)
         if mine != theirs:
-            raise InputError(f"--kd-teacher {cfg.kd_teacher}: its tokenizer differs from the student's; online KD "
-                             "needs the same vocabulary (extract with `mlx_distill logits` for aligned offline KD)")
+            raise InputError(f"--kd-teacher {cfg.kd_teacher}: its tokenizer differs from the student's; use "
+                             "`kd_setup` (it aligns the two, `OnlineCrossTeacher`)")
         self.vocab_size = vocab_size
+        self.reports: dict = {}
+
+    def check(self, examples: list, where: str) -> dict:
+        n = sum(len(e.tokens) - 1 - first_target(e.prompt_len) for e in examples)
+        self.reports[where] = rep = {"split": where, "mode": "exact", "positions": n, "coverage": 1.0,
+                                     "classes": {"exact": n, "matched": 0, "spans": 0, "none": 0}}
+        return rep
+
+    alignment_summary = TopMStore.alignment_summary
 
     def batch_arrays(self, batch, top_k: int) -> dict:
         ids, lps = self.teacher.top_m(batch.tokens[:, :-1], top_k)
@@ -664,25 +853,130 @@ class OnlineTeacher:
                 "kd_logits": np.where(outside, -np.inf, lps).astype(np.float32)}
 
 
+class OnlineCrossTeacher(TopMStore):
+    """Online KD across tokenizers: a `TopMStore` whose rows the teacher computes for each batch.
+
+    The corpus is rendered a second time with the teacher's tokenizer and chat template (the
+    same records, ids and options), so every example has the teacher's tokens and completion
+    offsets up front: `check` plans the alignment once, exactly as for a stored teacher; each
+    `batch_arrays` call runs the teacher on the batch's examples in the teacher's tokens (one
+    forward, top-K and the actual tokens' log-probabilities) and serves them through the plans.
+    Teacher ids the student cannot spell are counted per batch in `dropped`/`slots`.
+
+    On-policy KD (`sources.OnPolicySource`) across tokenizers is not built: a rollout exists only
+    in the student's tokens, and would have to be decoded, re-rendered in the teacher's template
+    and aligned per step; the `sources.Teacher` protocol allows it (a Teacher that does so), the
+    source refuses it for now."""
+
+    def __init__(self, cfg: TrainConfig, teacher: "Teacher", teacher_examples: dict, top_k: int):
+        self.teacher, self.dir = teacher, Path(cfg.kd_teacher)
+        self.m = int(top_k)
+        self.vocab_size = None
+        self._t_pieces = align.pieces_of(teacher.tokenizer)
+        self._ex = teacher_examples
+        self.entries, self._ends = {}, {}
+        for e in teacher_examples.values():
+            text, ends = align.completion_text(teacher.tokenizer, e.tokens[e.prompt_len:])
+            first = first_target(e.prompt_len)
+            self.entries[e.id] = {"first": first, "n": len(e.tokens) - 1 - first, "prompt_len": int(e.prompt_len),
+                                  "length": len(e.tokens), "text_sha256": align.text_sha(text)}
+            self._ends[e.id] = np.concatenate([np.zeros(e.prompt_len, np.int64), ends])
+        self.manifest = {"tokenizer": {"fingerprint": tokenizer_fingerprint(teacher.tokenizer)},
+                         "config": {"teacher": cfg.kd_teacher, "data": cfg.data}}
+        self._shards, self._plans, self._remap = {}, {}, None
+        self.student_vocab, self.mode, self.cross = None, "", True
+        self.report, self.reports = {}, {}
+        self._scores: dict = {}
+        self.dropped = self.slots = 0
+        self._pad = data.pad_id_of(teacher.tokenizer)
+
+    def teacher_pieces(self):
+        return self._t_pieces
+
+    def scored_tokens(self, example_id: str) -> np.ndarray:
+        return self._ex[example_id].tokens
+
+    def teacher_ends(self, example_id: str) -> np.ndarray:
+        return self._ends[example_id]
+
+    def rows(self, example_id: str):
+        return self._scores[example_id][:2]
+
+    def token_logprobs(self, example_id: str) -> np.ndarray:
+        return self._scores[example_id][2]
+
+    def _unknown_logprobs(self, example_id: str):
+        return None  # scored per batch, always with the actual tokens' log-probabilities
+
+    def _count_dropped(self, examples) -> tuple[int, int]:
+        return 0, 0  # nothing scored yet: counted per batch
+
+    def batch_arrays(self, batch, top_k: int | None = None) -> dict:
+        ids = [i for i in batch.ids if i in self._ex]
+        self._scores = {}
+        if ids:
+            exs = [self._ex[i] for i in ids]
+            b = data.collate(exs, list(range(len(exs))), self._pad)
+            start = min(first_target(e.prompt_len) for e in exs)
+            tids, tlps, act = self.teacher.top_m(b.tokens[:, :-1], self.m, start, targets=b.tokens[:, 1:])
+            for r, e in enumerate(exs):
+                lo, hi = first_target(e.prompt_len) - start, len(e.tokens) - 1 - start
+                self._scores[e.id] = (tids[r, lo:hi], tlps[r, lo:hi], act[r, lo:hi])
+                p = self._plans.get(e.id)
+                if p is not None and len(p["t"]):
+                    mapped = self._map_ids(tids[r, lo:hi][p["rows"]])
+                    self.dropped += int(np.sum(mapped < 0))
+                    self.slots += mapped.size
+        empty = [i for i in batch.ids if i not in self._ex]
+        for i in empty:  # not rendered for the teacher (e.g. longer than --max-seq-length in its tokens)
+            self._plans.setdefault(i, _empty_plan())
+        return super().batch_arrays(batch, top_k)
+
+
 def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: int | None = None):
     """Open cfg.kd_dir and check it against the student's examples (called by `train`), or
     load the online teacher (cfg.kd_teacher). Coverage is enforced on the train split; other
-    splits are planned and reported."""
+    splits are planned and reported. The returned source's `alignment_summary()` is the
+    train manifest's ``kd_alignment``."""
     if cfg.kd_dir and cfg.kd_teacher:
         raise InputError("give either --kd (offline top-M logits) or --kd-teacher (online), not both")
     if cfg.kd_top_k < 1:
         raise InputError(f"--kd-top-k must be >= 1, got {cfg.kd_top_k}")
-    if cfg.kd_teacher:
-        print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k})", file=sys.stderr)
-        return OnlineTeacher(cfg, tokenizer, vocab_size or student_vocab_size(cfg, tokenizer))
-    store = TopMStore(cfg.kd_dir)
-    if cfg.kd_top_k > store.m:
-        raise InputError(f"--kd-top-k {cfg.kd_top_k} > M={store.m} stored in {cfg.kd_dir}; lower --kd-top-k "
-                         f"or re-extract with --top-m >= {cfg.kd_top_k}")
+    if cfg.kd_align not in align.MODES:
+        raise InputError(f"--kd-align must be one of {', '.join(align.MODES)}, got {cfg.kd_align!r}")
     v = vocab_size or student_vocab_size(cfg, tokenizer)
+    if cfg.kd_teacher:
+        teacher = Teacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
+        same = tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher.tokenizer)
+        if cfg.kd_align == "exact" and not same:
+            raise InputError(f"--kd-align exact: the tokenizer of --kd-teacher {cfg.kd_teacher} differs from the "
+                             "student's; use --kd-align auto (aligns the two on the shared completion text)")
+        if same and cfg.kd_align in ("auto", "exact"):
+            print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, same tokenizer)", file=sys.stderr)
+            src = OnlineTeacher(cfg, tokenizer, v, teacher)
+            for split, exs in examples_by_split.items():
+                src.check(exs, split)
+            return src
+        t_ex = {}
+        for split, exs in examples_by_split.items():
+            if exs:
+                t_ex.update({e.id: e for e in data.load_examples(cfg, teacher.tokenizer, split)})
+        src = OnlineCrossTeacher(cfg, teacher, t_ex, cfg.kd_top_k)
+        src.vocab_size = v
+        print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, another tokenizer: the corpus rendered in "
+              f"its chat template too, aligned on the completion text)", file=sys.stderr)
+    else:
+        src = TopMStore(cfg.kd_dir)
+        if cfg.kd_top_k > src.m:
+            raise InputError(f"--kd-top-k {cfg.kd_top_k} > M={src.m} stored in {cfg.kd_dir}; lower --kd-top-k "
+                             f"or re-extract with --top-m >= {cfg.kd_top_k}")
     for split, exs in examples_by_split.items():
-        rep = store.check(exs, v, tokenizer, cfg.kd_min_coverage if split == "train" else 0.0, where=split)
-        print(f"kd {split}: {rep['mode']} alignment, coverage {rep['coverage']:.1%} of {rep['positions']} positions, "
-              f"{rep['missing_examples']} example(s) without logits, {rep['dropped_teacher_ids']} teacher id(s) "
-              f"dropped ({rep['dropped_fraction']:.3%} of slots) | M={store.m} K={cfg.kd_top_k}", file=sys.stderr)
-    return store
+        rep = src.check(exs, v, tokenizer, cfg.kd_min_coverage if split == "train" else 0.0, where=split,
+                        mode=cfg.kd_align)
+        print(f"kd {split}: {rep['mode']} alignment, coverage {rep['coverage']:.1%} of {rep['positions']} positions ("
+              + ", ".join(f"{c} {n / max(rep['positions'], 1):.1%}" for c, n in rep["classes"].items())
+              + f"), {rep['missing_examples']} example(s) without logits"
+              + (f", {rep['text_differs']} with another completion text" if rep["text_differs"] else "")
+              + f", {rep['dropped_teacher_ids']} teacher id(s) dropped ({rep['dropped_fraction']:.3%} of slots) "
+              f"| M={src.m} K={cfg.kd_top_k}", file=sys.stderr)
+    return src

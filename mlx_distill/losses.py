@@ -323,6 +323,6 @@ def _uld_distance(o, student_logits, lse, teacher_logp):
     """ULD: sum_k |p_(k) - q_(k)| over the teacher's K slots (empty slots: p = 0)."""
     k = teacher_logp.shape[-1]
     z = o.f32(student_logits)
-    q = o.sort_desc(o.exp(o.take(z, o.topk_idx(z, k), -1) - lse))
+    q = o.sort_desc(o.exp(o.take(z, o.topk_idx(o.stop_gradient(z), k), -1) - lse))
     p = o.sort_desc(o.exp(o.where(teacher_logp > EMPTY_BELOW, teacher_logp, o.full_like(teacher_logp, _FILL))))
     return o.sum(o.abs(p - q), -1)

@@ -315,6 +315,12 @@ def make_source(cfg, backend, stream: data.BatchStream, store, tokenizer, dry_ch
     if cfg.on_policy_fraction <= 0.0:
         return KDSource(stream, cfg, store, dry_check)
     teacher = getattr(store, "teacher", None)
+    if getattr(store, "cross", False):
+        raise InputError(f"--on-policy-fraction {cfg.on_policy_fraction}: the teacher {cfg.kd_teacher} has another "
+                         "tokenizer than the student; on-policy KD across tokenizers is not built yet (each rollout "
+                         "would be re-rendered in the teacher's chat template and aligned per step). Use "
+                         "--on-policy-fraction 0 (online KD across tokenizers works), or a teacher of the "
+                         "student's family")
     if teacher is None or getattr(teacher, "backend", "mlx") != "mlx":
         raise InputError(f"--on-policy-fraction: the teacher {cfg.kd_teacher} must run on MLX")
     print(f"on-policy: {cfg.on_policy_fraction:.0%} of micro-batches are student rollouts (<= {cfg.rollout_max_tokens} "

@@ -89,7 +89,7 @@ def sft_objective(forward):
     return objective
 
 
-def kd_objective(forward, cfg: TrainConfig):
+def kd_objective(forward, cfg: TrainConfig, tail: bool = False):
     """Per optimizer step, L = S / N + alpha_t * K / N_KD: the SFT sum S over its N completion
     tokens, the KD sum K over the N_KD positions that carry teacher targets (never over SFT
     tokens, so positions without a teacher do not dilute it); alpha_t rises linearly to
@@ -103,16 +103,24 @@ def kd_objective(forward, cfg: TrainConfig):
     The SFT term is weighted by ``sft_weight`` (1 = the formula above). On-policy runs
     (`sources.OnPolicySource`) mark each batch with ``gold``: a rollout batch (gold 0) is the
     student's own sample and carries no SFT term; ``sft_loss`` is then averaged over the gold
-    batches' tokens (``sft_tokens``). They always use the tail bucket (see `losses.kd_loss`)."""
+    batches' tokens (``sft_tokens``). They always use the tail bucket (see `losses.kd_loss`), as
+    does KD across tokenizers (``tail=True``: teacher candidates the student cannot spell).
+    Batches aligned across tokenizers also carry the span / ULD arrays (`logits.TopMStore`)."""
     from .losses import kd_loss, ops
 
-    tail = cfg.kd_tail or cfg.on_policy_fraction > 0
+    tail = cfg.kd_tail or cfg.on_policy_fraction > 0 or tail
 
     def objective(model, b):
         logits = forward(model, b["inputs"], b["targets"].shape[1])
         s, n = sft_loss(logits, b["targets"], b["mask"])
+        cross = {}
+        if "kd_span_len" in b:
+            cross = {"targets": b["targets"], "span_logp": b["kd_span_logp"], "span_len": b["kd_span_len"],
+                     "span_in": b["kd_span_in"]}
+        if "kd_uld" in b:
+            cross["uld"] = b["kd_uld"]
         k, nk = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
-                        kind=cfg.kd_kind, tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta)
+                        kind=cfg.kd_kind, tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta, **cross)
         if "kd_scale" in b:
             scale = b["kd_scale"]
         else:
@@ -135,7 +143,8 @@ def kd_step_scale(step_arrays: list[dict]) -> tuple[float, float, float]:
     from .losses import EMPTY_BELOW
 
     n = sum(float(a["mask"].sum()) for a in step_arrays)
-    nk = sum(float((a["mask"] * (a["kd_logits"] > EMPTY_BELOW).any(-1)).sum()) for a in step_arrays)
+    nk = sum(float((a["mask"] * np.maximum((a["kd_logits"] > EMPTY_BELOW).any(-1), a.get("kd_span_in", 0.0))).sum())
+             for a in step_arrays)
     return (n / nk if nk else 0.0), n, nk
 
 
@@ -312,7 +321,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         from .logits import kd_setup
 
         kd_store = kd_setup(cfg, {"train": train_ex, "valid": val_ex}, tokenizer)
-        train_objective = kd_objective(backend.forward, cfg)
+        train_objective = kd_objective(backend.forward, cfg, tail=getattr(kd_store, "cross", False))
     else:
         train_objective = sft_objective(backend.forward)
     val_objective = sft_objective(backend.forward)  # early stopping watches the data's own cross-entropy
@@ -357,6 +366,8 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         rows = [r for r in read_jsonl(out / "metrics.jsonl", tolerate_torn_tail=True) if r["iter"] <= st.step]
         from .io import write_jsonl
 
+    if kd_store is not None:  # per split: the resolved --kd-align and the positions of each alignment class
+        manifest_extra["kd_alignment"] = kd_store.alignment_summary()
         write_jsonl(out / "metrics.jsonl", rows)
         if (out / "rollouts.jsonl").exists():  # --save-rollouts: the same cut (the resumed run writes them again)
             write_jsonl(out / "rollouts.jsonl", [r for r in read_jsonl(out / "rollouts.jsonl", tolerate_torn_tail=True)

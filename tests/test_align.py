@@ -99,10 +99,21 @@ def test_align_real_pair_has_every_class(toks):
     for g in range(len(al.s0)):
         assert ss[al.s0[g]] == ts[al.t0[g]] and s_ends[al.s1[g]] == t_ends[al.t1[g]]
     tp, sp = A.token_pieces(bpe), A.token_pieces(spm)
-    for k in np.nonzero(al.cls == A.MATCHED)[0][:-1]:
+    for k in np.nonzero(al.cls == A.MATCHED)[0][:-2]:
         assert sp[s_ids[s_plen + k]].strip() == tp[t_ids[t_plen + al.partner[k]]].strip()
-    # the last student token (end of turn) is matched to the teacher's end of turn
-    assert al.cls[-2] == A.MATCHED and bpe.convert_ids_to_tokens(int(t_ids[t_plen + al.partner[-2]])) == "<|im_end|>"
+    # after the text, in order: <end_of_turn> with <|im_end|>, then the templates' newlines
+    after = [bpe.convert_ids_to_tokens(int(t_ids[t_plen + al.partner[k]])) for k in (-2, -1)]
+    assert al.cls[-2] == al.cls[-1] == A.MATCHED and after == ["<|im_end|>", "Ċ"]
+
+
+def test_pieces_round_trip_through_json(toks):
+    """What `logits` stores (pieces.json + vocab.json) maps vocabularies like the tokenizer."""
+    from mlx_distill.logits import vocab_strings
+
+    bpe, spm = toks
+    stored = A.Pieces.from_json(A.pieces_of(bpe).to_json(), vocab_strings(bpe))
+    assert stored.pieces == A.token_pieces(bpe) and np.array_equal(stored.special, A.special_mask(bpe))
+    assert np.array_equal(A.vocab_map(stored, spm), A.vocab_map(bpe, spm))
 
 
 def test_vocab_map(toks):

@@ -205,38 +205,105 @@ def test_top_k_larger_than_m_and_missing_folder(teacher, corpus, store_dir, tiny
         TopMStore(tmp_path / "nothing")
 
 
-def test_string_alignment_with_a_different_tokenizer(teacher, corpus, store_dir, tmp_path):
-    """A student whose BPE has fewer merges: ids are remapped through token strings and
-    positions aligned by character offset; every served id spells the teacher's token."""
+def test_cross_alignment_with_a_different_tokenizer(teacher, corpus, store_dir, tmp_path):
+    """A student whose BPE has fewer merges (another tokenizer, same template): aligned on the
+    completion text, every completion position gets a signal (matched or spans); every served
+    matched id spells the bytes of a teacher top-M token with its log-probability; each span's
+    served log-probability is the sum of the teacher's own token log-probabilities over it."""
     from transformers import AutoTokenizer
 
+    from mlx_distill import align
     from mlx_distill.tiny import build_tokenizer
-    from mlx_distill.logits import vocab_strings
 
     build_tokenizer(tmp_path / "stok", vocab_size=300)
     stok = AutoTokenizer.from_pretrained(str(tmp_path / "stok"))
     exs = load_all_examples(lcfg("x", corpus, "unused"), stok)
     store = TopMStore(store_dir)
-    rep = store.check(exs, len(stok), stok, min_coverage=0.2)
-    assert rep["mode"] == "string" and rep["text_differs"] == 0 and 0.2 < rep["coverage"] <= 1.0
-    t_str, s_str = vocab_strings(teacher[1]), vocab_strings(stok)
+    rep = store.check(exs, len(stok), stok, min_coverage=0.95)
+    c = rep["classes"]
+    assert rep["mode"] == "spans" and rep["text_differs"] == 0 and rep["coverage"] == 1.0
+    assert c["matched"] > 0 and c["spans"] > 0 and c["none"] == 0 and sum(c.values()) == rep["positions"]
+    tp, sp = align.token_pieces(teacher[1]), align.token_pieces(stok)
     b = data.collate(exs, [0, 1, 2], data.pad_id_of(stok))
     arr = store.batch_arrays(b, M)
+    assert set(arr) == {"kd_ids", "kd_logits", "kd_span_logp", "kd_span_len", "kd_span_in"}
+    mask = data.loss_mask(b)
+    covered = np.isfinite(arr["kd_logits"][..., 0]) | (arr["kd_span_in"] > 0)
+    assert np.array_equal(covered, mask > 0)  # every loss position, nothing else
     for r, eid in enumerate(b.ids):
         ids, lps = store.rows(eid)
-        ent = store.entries[eid]
-        scored = store.scored_tokens(eid)
-        s_tok = [s_str[i] for i in exs[[e.id for e in exs].index(eid)].tokens]
-        s_end = np.cumsum([len(s) for s in s_tok])
-        t_end = np.cumsum([len(t_str[i]) for i in scored])
+        ex = exs[[e.id for e in exs].index(eid)]
         for t in np.nonzero(np.isfinite(arr["kd_logits"][r, :, 0]))[0]:
-            u = int(np.nonzero(t_end == s_end[t])[0][0])  # teacher position with the same context
-            kept = [(t_str[i], float(v)) for i, v in zip(ids[u - ent["first"]], lps[u - ent["first"]])
-                    if t_str[i] in set(s_str)]
-            got = [(s_str[i], float(v)) for i, v in zip(arr["kd_ids"][r, t], arr["kd_logits"][r, t]) if np.isfinite(v)]
-            assert got == kept[:M]
-    # a student with the same tokenizer aligns exactly
+            # the teacher row serving t spells the student's next token's text at the same offset
+            got = {(sp[i], round(float(v), 3)) for i, v in zip(arr["kd_ids"][r, t], arr["kd_logits"][r, t])
+                   if np.isfinite(v)}
+            rows = [{(tp[i], round(float(v), 3)) for i, v in zip(ids[u], lps[u])} for u in range(len(ids))]
+            assert any(got <= row for row in rows)
+        ends = np.nonzero(arr["kd_span_len"][r])[0]
+        assert len(ends) and np.all(arr["kd_span_logp"][r, ends] < 0)
+        assert arr["kd_span_len"][r].sum() == arr["kd_span_in"][r].sum()
+        # a span's log-probability: the stored token log-probabilities of the teacher tokens it covers
+        act = store.token_logprobs(eid)
+        assert np.all(act <= 0) and np.isfinite(act).all()
+        hit = ids == store.scored_tokens(eid)[store.entries[eid]["first"] + 1:][:, None]
+        assert np.allclose(act[hit.any(-1)], lps[hit].astype(np.float32), atol=2e-3)  # float16 top-M
+    # --kd-align matched leaves the spans without a signal; uld pairs them by position
+    m = TopMStore(store_dir).check(exs, len(stok), stok, min_coverage=0.0, mode="matched")
+    assert m["classes"]["spans"] == 0 and m["classes"]["none"] == c["spans"] and m["coverage"] < 1.0
+    u = TopMStore(store_dir)
+    ru = u.check(exs, len(stok), stok, min_coverage=0.0, mode="uld")
+    assert ru["classes"]["uld"] > 0 and ru["classes"]["matched"] == c["matched"]
+    ua = u.batch_arrays(b, M)
+    at = ua["kd_uld"] > 0
+    assert at.any() and np.all(ua["kd_ids"][at] == -1) and np.all(np.isfinite(ua["kd_logits"][at]))
+    # a student with the same tokenizer aligns exactly; exact is refused across tokenizers
     assert store.check(all_examples(teacher, corpus), len(teacher[1]), teacher[1])["mode"] == "exact"
+    with pytest.raises(InputError, match="--kd-align exact: the student's tokenizer differs"):
+        TopMStore(store_dir).check(exs, len(stok), stok, mode="exact")
+
+
+def test_old_store_format_is_refused(store_dir, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(store_dir, old)
+    man = json.loads((old / "manifest.json").read_text())
+    man["format"] = 1
+    (old / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(InputError, match="format 1.*before cross-tokenizer alignment.*re-extract"):
+        TopMStore(old)
+
+
+def test_cross_family_logits_then_train_with_no_extra_flags(tiny_model, tiny_metaspace, corpus, tmp_path, capsys):
+    """Teacher: byte-level BPE, ChatML template. Student: another family (Metaspace, byte
+    fallback) with a Gemma-like template. `logits` then `train --kd` with default flags: the
+    run aligns on the completion text, reports coverage by class (stderr and manifest), logs
+    kd_coverage, and its KD loss falls."""
+    from mlx_distill import train
+    from mlx_distill.io import read_json, read_jsonl
+
+    out = tmp_path / "logits"
+    extract(lcfg(tiny_model, corpus, out), quiet=True)
+    cfg = tcfg(tiny_metaspace, corpus, out, out=str(tmp_path / "run"), iters=16, batch_size=4, val_every=8,
+               report_every=4, save_every=100, learning_rate=1e-2, warmup=0, lora_layers=-1, seed=0, kd_alpha=0.5)
+    assert cfg.kd_align == "auto" and cfg.kd_min_coverage == 0.95
+    train.run(cfg, quiet=True)
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("kd train:"))
+    assert "spans alignment" in line and "matched" in line and "spans" in line and "none" in line, line
+    man = read_json(tmp_path / "run" / "manifest.json")
+    ka = man["kd_alignment"]
+    assert set(ka) == {"train", "valid"}
+    for split, v in ka.items():
+        assert v["mode"] == "spans" and set(v["classes"]) == {"exact", "matched", "spans", "none"}
+        assert sum(v["classes"].values()) == v["positions"] > 0 and v["classes"]["exact"] == 0
+        assert v["classes"]["matched"] > 0 and v["classes"]["spans"] > 0
+        assert v["coverage"] == pytest.approx(1 - v["classes"]["none"] / v["positions"], abs=1e-4)
+    assert ka["train"]["coverage"] >= 0.95
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
+    assert all(r["kd_coverage"] >= 0.95 for r in rows)
+    kd = [r["kd_loss"] for r in rows]
+    assert len(kd) == 4 and kd[-1] < 0.85 * kd[0], kd  # measured: 0.644 -> 0.505
 
 
 def test_torch_teacher_stores_the_same_top_m(tiny_model, corpus, store_dir, tmp_path):
