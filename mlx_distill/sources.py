@@ -23,9 +23,9 @@ loop state (`state_dict` / `load_state_dict`).
 
 The teacher interface (`Teacher`) takes token ids and returns, at every position, the top-K
 ids and log-probabilities, the log of the mass outside them (the tail bucket) and the
-log-probability of the token actually there: `MLXTeacher` runs a local model; a remote
-teacher (an OpenAI-compatible server returning per-token log-probs for echoed prompts) fills
-the same `TeacherScores`.
+log-probability of the token actually there: `MLXTeacher` runs a local model;
+`remote_teacher.RemoteTeacher` asks a vLLM server (``prompt_logprobs`` of the rollout's token
+ids; the student's tokenizer must be the served model's) and fills the same `TeacherScores`.
 """
 
 import math
@@ -321,11 +321,14 @@ def make_source(cfg, backend, stream: data.BatchStream, store, tokenizer, dry_ch
                          "would be re-rendered in the teacher's chat template and aligned per step). Use "
                          "--on-policy-fraction 0 (online KD across tokenizers works), or a teacher of the "
                          "student's family")
-    if teacher is None or getattr(teacher, "backend", "mlx") != "mlx":
-        raise InputError(f"--on-policy-fraction: the teacher {cfg.kd_teacher} must run on MLX")
+    remote = getattr(teacher, "backend", None) == "api"  # remote_teacher.RemoteTeacher: a `Teacher` itself
+    if teacher is None or getattr(teacher, "backend", "mlx") not in ("mlx", "api"):
+        raise InputError(f"--on-policy-fraction: the teacher {cfg.kd_teacher} must run on MLX or a vLLM server")
     print(f"on-policy: {cfg.on_policy_fraction:.0%} of micro-batches are student rollouts (<= {cfg.rollout_max_tokens} "
           f"tokens, temperature {cfg.rollout_temperature}, top-p {cfg.rollout_top_p}) scored by {cfg.kd_teacher}; "
           f"KD {cfg.kd_kind}{f' beta {cfg.kd_beta}' if cfg.kd_kind == 'jsd' else ''} with the tail bucket",
           file=sys.stderr)
-    return OnPolicySource(stream, cfg, store, MLXTeacher(teacher.model, cfg.kd_teacher, store.vocab_size), backend,
-                          tokenizer, dry_check)
+    if remote:
+        teacher.score_vocab = store.vocab_size  # ids beyond the student's rows become empty slots
+    scorer = teacher if remote else MLXTeacher(teacher.model, cfg.kd_teacher, store.vocab_size)
+    return OnPolicySource(stream, cfg, store, scorer, backend, tokenizer, dry_check)

@@ -316,6 +316,43 @@ def test_remote_score_equals_the_mlx_teacher_for_on_policy(tiny_model):
     np.testing.assert_allclose(got.tail, want.tail, atol=1e-3)
 
 
+def test_on_policy_rollouts_scored_by_a_remote_teacher(tiny_model):
+    """`sources.make_source` takes a remote teacher for on-policy KD: the rollout batch's KD targets are the
+    server's scores of the rolled-out tokens (equal to the in-memory MLX teacher's)."""
+    from types import SimpleNamespace
+
+    from mlx_lm import load
+
+    from mlx_distill.remote_teacher import RemoteTeacher
+    from mlx_distill.sources import MLXTeacher, OnPolicySource, make_source
+
+    model, tok = load(str(tiny_model))
+    prompts = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]], np.int32)  # right-padded prompts
+    stream = SimpleNamespace(at=lambda j: data.Batch(prompts, np.array([4, 6]), np.array([4, 6]), ["a", "b"]))
+
+    class Backend:  # the student's sampler, fixed: the test is about who scores the rollouts
+        def train_mode(self, on):
+            pass
+
+        def sample(self, prompts, caps, temperature, top_p, key):
+            return [SimpleNamespace(tokens=[20 + i, 30, 40], finished=True) for i in range(len(prompts))]
+
+    cfg = build(TrainConfig, dict(on_policy_fraction=1.0, kd_teacher="api", kd_top_k=6, max_seq_length=64,
+                                  rollout_max_tokens=3))
+    with VLLMStandIn(tiny_model) as srv:
+        t = RemoteTeacher(srv.base_url, "tiny", str(tiny_model), concurrency=2)
+        try:
+            src = make_source(cfg, Backend(), stream, SimpleNamespace(teacher=t, vocab_size=400, cross=False), tok)
+            assert isinstance(src, OnPolicySource) and src.teacher is t and t.score_vocab == 400
+            a, b = src.rollout_batch(0)
+        finally:
+            t.close()
+    assert srv.requests == 2  # one request per rollout
+    want = MLXTeacher(model, "local", 400).score(b.tokens, 6)
+    assert (a["kd_ids"] == want.ids).mean() > 0.98
+    np.testing.assert_allclose(a["kd_logits"], want.logprobs, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- a real vLLM server (slow)
 VLLM_PYTHON = os.environ.get("MLX_DISTILL_VLLM_PYTHON", "")
 VLLM_URL = os.environ.get("MLX_DISTILL_VLLM_URL", "")
