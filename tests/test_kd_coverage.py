@@ -162,12 +162,15 @@ def test_coverage_error_mask_prompt_and_tokenizer_differs(tiny_model, corpus, tm
     store = TopMStore(corpus / "partial")
     with pytest.raises(InputError, match=r"did not score .*--mask-prompt"):
         store.check([e for e in exs if e.id in store.entries], len(tok), tok, min_coverage=0.95)
-    # another tokenizer (string alignment; nearly one token per byte, so many of the student's
-    # token ends fall inside a teacher token): the fix is a student sharing the teacher's tokenizer
+    # another tokenizer (nearly one token per byte, so many of the student's token ends fall
+    # inside a teacher token): the default (spans) gives every position a signal; --kd-align
+    # matched leaves those without one, and says so, with the fix
     other = build_tokenizer(tmp_path / "tok", texts=["user assistant system"], vocab_size=270)
     exs = [e for e in _examples(other, corpus / "corpus") if e.id in store.entries]
+    rep = TopMStore(corpus / "partial").check(exs, len(other), other, min_coverage=0.99)
+    assert rep["mode"] == "spans" and rep["coverage"] == 1.0 and rep["classes"]["spans"] > 0
     with pytest.raises(InputError) as e:
-        TopMStore(corpus / "partial").check(exs, len(other), other, min_coverage=0.99)
+        TopMStore(corpus / "partial").check(exs, len(other), other, min_coverage=0.99, mode="matched")
     msg = str(e.value)
-    assert "string alignment: different tokenizer" in msg and "the tokenizers differ" in msg
-    assert "never extracted" not in msg
+    assert "matched alignment: different tokenizer" in msg and "the tokenizers differ (--kd-align matched)" in msg
+    assert "--kd-align spans gives the rest the span signal" in msg and "never extracted" not in msg
