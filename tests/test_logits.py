@@ -317,3 +317,40 @@ def test_torch_teacher_stores_the_same_top_m(tiny_model, corpus, store_dir, tmp_
         ib, lb = b.rows(eid)
         assert (ia == ib).mean() > 0.98  # float noise may swap near-ties
         np.testing.assert_allclose(la.astype(np.float32), lb.astype(np.float32), atol=2e-2)
+
+
+def test_online_teacher_across_tokenizers_matches_the_offline_store(tiny_model, tiny_metaspace, corpus, tmp_path):
+    """--kd-teacher of another family: the corpus is rendered in the teacher's template too and
+    aligned as the stored path does, so a batch gets the offline store's arrays (ids, spans
+    equal; logits to the cache's float16 rounding); a run reports the same classes; on-policy
+    across tokenizers is refused with the reason."""
+    import dataclasses
+
+    from mlx_distill import train
+    from mlx_distill.io import read_json
+
+    out = tmp_path / "logits"
+    extract(lcfg(tiny_model, corpus, out), quiet=True)
+    cfg = tcfg(tiny_metaspace, corpus, out, kd_top_k=M, out=str(tmp_path / "off"), iters=2, batch_size=4,
+               val_every=2, report_every=1, save_every=100, learning_rate=1e-3, warmup=0, lora_layers=-1)
+    from mlx_lm import load
+
+    _, stok = load(str(tiny_metaspace))
+    exs = data.load_examples(cfg, stok, "train")
+    off = kd_setup(cfg, {"train": exs}, stok)
+    on = kd_setup(dataclasses.replace(cfg, kd_dir="", kd_teacher=str(tiny_model)), {"train": exs}, stok)
+    assert on.cross and on.report["classes"] == off.report["classes"]
+    b = data.collate(exs, [0, 1, 2, 3], data.pad_id_of(stok))
+    x, y = off.batch_arrays(b, M), on.batch_arrays(b, M)
+    assert set(x) == set(y) == {"kd_ids", "kd_logits", "kd_span_logp", "kd_span_len", "kd_span_in"}
+    for k in x:
+        fin = np.isfinite(x[k])
+        assert np.array_equal(fin, np.isfinite(y[k])), k
+        assert np.allclose(np.where(fin, x[k], 0), np.where(fin, y[k], 0), atol=4e-3), k  # float16 cache
+    # a run: the manifest reports the classes; on-policy across tokenizers is refused
+    on_cfg = dataclasses.replace(cfg, kd_dir="", kd_teacher=str(tiny_model), out=str(tmp_path / "on"))
+    train.run(on_cfg, quiet=True)
+    ka = read_json(tmp_path / "on" / "manifest.json")["kd_alignment"]
+    assert ka["train"]["mode"] == "spans" and ka["train"]["classes"] == off.report["classes"]
+    with pytest.raises(InputError, match="on-policy KD across tokenizers is not built"):
+        train.run(dataclasses.replace(on_cfg, out=str(tmp_path / "op"), on_policy_fraction=0.5), quiet=True)
