@@ -29,7 +29,8 @@ M slots are sorted by decreasing teacher log-probability. The stored values are 
 teacher's logits minus their log-sum-exp over the whole vocabulary (log-probabilities at
 T = 1): for the renormalised KD loss that is the same as raw logits, and it is what makes
 the "rest of vocabulary" bucket (`kd_loss(tail=True)`) computable. ``tokens`` holds the
-exact token ids scored for each example. 100 + 50 bytes per completion token for M = 25.
+exact token ids scored for each example. 100 + 50 bytes per completion token for M = 25
+(+ 4 for ``actual``, + 4 per scored token for ``ends``).
 
 A teacher too large for this machine can score remotely: ``--teacher api --base-url URL --model NAME
 --teacher-tokenizer TOK`` sends each example's token ids to a vLLM server and reads its
