@@ -263,8 +263,10 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
     ids = o.where(valid, ids, 0)
     b = o.f32(o.take(student_logits, ids, -1))
     a = o.where(valid, a, _FILL)
+    lse = None  # the student's log-sum-exp over its vocabulary: computed once, for the tail, spans and ULD
     if tail:
-        b = b - o.logsumexp(o.f32(student_logits), -1)
+        lse = o.logsumexp(o.f32(student_logits), -1)
+        b = b - lse
         b = o.where(valid, b, _FILL)
         a = o.concat([a, _log1mexp(o, o.logsumexp(a, -1))], -1)
         b = o.concat([b, _log1mexp(o, o.logsumexp(b, -1))], -1)
@@ -285,7 +287,7 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
     mask = o.f32(mask)
     w = mask * o.f32(o.sum(o.f32(valid), -1) > 0)
     total, covered = (temperature * temperature) * o.sum(div * w), w
-    if span_logp is not None or uld is not None:
+    if (span_logp is not None or uld is not None) and lse is None:
         lse = o.logsumexp(o.f32(student_logits), -1)  # (B, T, 1)
     if span_logp is not None:
         if targets is None:
