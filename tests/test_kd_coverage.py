@@ -95,6 +95,34 @@ def test_kd_step_scale_spans_the_micro_batches_of_a_step():
     assert train.kd_step_scale([a, b]) == (20.0 / 15.0, 20.0, 15.0)
 
 
+def test_kd_objective_counts_span_positions_across_tokenizers():
+    """Across tokenizers a position carries a signal through its id-mapped slots OR a span: the
+    step normaliser and the objective's kd_positions count the union (never twice), and the
+    objective's KD sum is kd_loss's with the span term (tail bucket forced)."""
+    covered = np.zeros((2, 6), bool)
+    covered[0, 1] = covered[1, 5] = True
+    arrays, z = _case(4, covered=covered)
+    span_in = np.zeros((2, 6), np.float32)
+    span_in[0, 2:5] = span_in[1, 1:3] = 1.0
+    span_len = np.zeros((2, 6), np.int32)
+    span_len[0, 4], span_len[1, 2] = 3, 2
+    span_logp = np.zeros((2, 6), np.float32)
+    span_logp[0, 4], span_logp[1, 2] = -2.5, -0.7
+    arrays.update(kd_span_in=span_in, kd_span_len=span_len, kd_span_logp=span_logp)
+    scale, n, nk = train.kd_step_scale([arrays])
+    assert (n, nk) == (10.0, 7.0)
+    obj = train.kd_objective(lambda m, x, keep: mx.array(z), TrainConfig(kd_temperature=2.0, kd_top_k=4), tail=True)
+    b = {**{k: mx.array(v) for k, v in arrays.items()}, "kd_alpha": mx.array(1.0), "kd_scale": mx.array(scale)}
+    total, _, parts = obj(None, b)
+    k_ref, nk_ref = kd_loss(mx.array(z), b["kd_ids"], b["kd_logits"], b["mask"], temperature=2.0, top_k=4, tail=True,
+                            targets=b["targets"], span_logp=b["kd_span_logp"], span_len=b["kd_span_len"],
+                            span_in=b["kd_span_in"])
+    assert float(parts["kd_positions"]) == float(nk_ref) == 7.0
+    assert float(parts["kd_loss"]) == pytest.approx(float(k_ref), rel=1e-6)
+    no_span, _ = kd_loss(mx.array(z), b["kd_ids"], b["kd_logits"], b["mask"], temperature=2.0, top_k=4, tail=True)
+    assert float(k_ref) > float(no_span) > 0  # the spans add their binary KL
+
+
 def test_window_parts():
     assert train.window_parts({"sft_loss": 8.0, "kd_loss": 3.0, "kd_positions": 2.0}, 4) == \
         {"sft_loss": 2.0, "kd_loss": 1.5, "kd_coverage": 0.5}
