@@ -663,7 +663,8 @@ class TopMStore:
         "text_differs": "{n} example(s) have another completion text than the teacher scored (the tokenizers "
                         "differ, so the completions are compared as text, chat-template markers left out: the "
                         "record changed, or --think-in-content / the template rewrites the assistant turn on one "
-                        "side only); render them alike, or re-extract",
+                        "side only, or --no-mask-prompt on one side: across tokenizers the completion is what "
+                        "--mask-prompt leaves in the loss); render them alike, or re-extract",
         "token_boundaries": "the tokenizers differ (--kd-align {mode}): positions whose tokens do not line up with "
                             "the teacher's get no teacher signal{hint}; use a student that shares the teacher's "
                             "tokenizer (same family) for full coverage",
