@@ -262,6 +262,27 @@ def test_cross_alignment_with_a_different_tokenizer(teacher, corpus, store_dir, 
         TopMStore(store_dir).check(exs, len(stok), stok, mode="exact")
 
 
+def test_cross_alignment_other_completion_text_is_counted_and_named(store_dir, tmp_path):
+    """Across tokenizers an example whose completion text changed since `logits` scored it gets
+    no signal (class none, cause text_differs) and the refusal names that cause."""
+    from transformers import AutoTokenizer
+
+    from mlx_distill.tiny import build_tokenizer
+
+    build_tokenizer(tmp_path / "stok", vocab_size=300)
+    stok = AutoTokenizer.from_pretrained(str(tmp_path / "stok"))
+    rows = records(14)
+    rows[0]["reasoning"] = rows[0]["reasoning"].replace("coins", "coins in all")
+    changed = write_corpus(tmp_path / "c.jsonl", rows)
+    exs = load_all_examples(lcfg("x", changed, "unused"), stok)
+    rep = TopMStore(store_dir).check(exs, len(stok), stok, min_coverage=0.0)
+    ex0 = next(e for e in exs if e.id == "q0")
+    assert rep["text_differs"] == 1 and rep["uncovered_by_cause"]["text_differs"] == len(ex0.tokens) - ex0.prompt_len
+    assert rep["classes"]["none"] == rep["uncovered_by_cause"]["text_differs"]
+    with pytest.raises(InputError, match=r"1 example\(s\) have another completion text than the teacher scored"):
+        TopMStore(store_dir).check(exs, len(stok), stok, min_coverage=0.99)
+
+
 def test_old_store_format_is_refused(store_dir, tmp_path):
     import shutil
 
