@@ -350,6 +350,8 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                        **({"accuracy_ids": accuracy.ids, "accuracy_max_tokens": cfg.val_max_tokens} if accuracy else {})},
         "blas": blas.status(),
     }
+    if kd_store is not None:  # per split: the resolved --kd-align and the positions of each alignment class
+        manifest_extra["kd_alignment"] = kd_store.alignment_summary()
     if cfg.prompt_template:
         from .paths import prompt_path
 
@@ -366,8 +368,6 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         rows = [r for r in read_jsonl(out / "metrics.jsonl", tolerate_torn_tail=True) if r["iter"] <= st.step]
         from .io import write_jsonl
 
-    if kd_store is not None:  # per split: the resolved --kd-align and the positions of each alignment class
-        manifest_extra["kd_alignment"] = kd_store.alignment_summary()
         write_jsonl(out / "metrics.jsonl", rows)
         if (out / "rollouts.jsonl").exists():  # --save-rollouts: the same cut (the resumed run writes them again)
             write_jsonl(out / "rollouts.jsonl", [r for r in read_jsonl(out / "rollouts.jsonl", tolerate_torn_tail=True)
