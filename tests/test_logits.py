@@ -299,14 +299,17 @@ def test_cross_family_logits_then_train_with_no_extra_flags(tiny_model, tiny_met
     """Teacher: byte-level BPE, ChatML template. Student: another family (Metaspace, byte
     fallback) with a Gemma-like template. `logits` then `train --kd` with default flags: the
     run aligns on the completion text, reports coverage by class (stderr and manifest), logs
-    kd_coverage, and its KD loss falls."""
+    kd_coverage, and its KD loss falls (KD only, --sft-weight 0 --kd-alpha 1: the training mix is
+    not an alignment flag; with SFT beside it the KD loss of two random tiny models falls by
+    less than the batch-to-batch noise in 16 steps)."""
     from mlx_distill import train
     from mlx_distill.io import read_json, read_jsonl
 
     out = tmp_path / "logits"
     extract(lcfg(tiny_model, corpus, out), quiet=True)
     cfg = tcfg(tiny_metaspace, corpus, out, out=str(tmp_path / "run"), iters=16, batch_size=4, val_every=8,
-               report_every=4, save_every=100, learning_rate=1e-2, warmup=0, lora_layers=-1, seed=0, kd_alpha=0.5)
+               report_every=4, save_every=100, learning_rate=1e-2, warmup=0, lora_layers=-1, seed=0, kd_alpha=1.0,
+               sft_weight=0.0)
     assert cfg.kd_align == "auto" and cfg.kd_min_coverage == 0.95
     train.run(cfg, quiet=True)
     err = capsys.readouterr().err
@@ -324,7 +327,8 @@ def test_cross_family_logits_then_train_with_no_extra_flags(tiny_model, tiny_met
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
     assert all(r["kd_coverage"] >= 0.95 for r in rows)
     kd = [r["kd_loss"] for r in rows]
-    assert len(kd) == 4 and kd[-1] < 0.85 * kd[0], kd  # measured: 0.644 -> 0.505
+    # measured 0.462 -> 0.186 (and 0.336 -> 0.182 with the Unigram student of the first tiny.py)
+    assert len(kd) == 4 and kd[-1] < 0.75 * kd[0], kd
 
 
 def test_torch_teacher_stores_the_same_top_m(tiny_model, corpus, store_dir, tmp_path):
