@@ -10,8 +10,8 @@ Two tokenizer families, so that cross-tokenizer distillation can be tested witho
 - ``kind="bytelevel"`` (default): byte-level BPE (GPT-2 / Qwen2.5 / Llama-3 / SmolLM2 style:
   tokens spelled in the byte alphabet, ``Ġ`` for a space) with a ChatML template
   (``<|im_start|>user ... <|im_end|>``), trained on `synthetic_texts`.
-- ``kind="metaspace"``: a Unigram model with a Metaspace pre-tokenizer and SentencePiece-style
-  byte fallback (Llama-2 / Gemma style: ``▁`` for a space, ``<0x23>`` byte pieces), a Gemma-like
+- ``kind="metaspace"``: a BPE model with a Metaspace pre-tokenizer and SentencePiece-style byte
+  fallback (Llama-2 / Mistral style: ``▁`` for a space, ``<0x23>`` byte pieces), a Gemma-like
   template (``<start_of_turn>user ... <end_of_turn>``), trained on `synthetic_texts_alt`, other
   text with other phrasing. Its decoder is the one mlx-lm recognises as SentencePiece
   (`SPMStreamingDetokenizer`). Numbers stay whole pieces where the training text made them
@@ -88,10 +88,9 @@ def build_tokenizer(out_dir: str | Path, texts: Iterable[str] | None = None, voc
                     kind: str = "bytelevel"):
     """Train a tokenizer of family `kind` (see the module docstring) and save it as a transformers
     fast tokenizer with its chat template. `vocab_size` defaults to 512 (bytelevel: 256 byte
-    symbols, 5 special tokens and merges) and 320 (metaspace: Unigram pieces, 6 special tokens
-    included, the 256 byte pieces of the fallback on top: 576 in all). The Unigram trainer
-    treats vocab_size as a cap: on a small, repetitive text it keeps only the pieces its
-    segmentation uses."""
+    symbols, 5 special tokens and merges) and 320 (metaspace: characters, 6 special tokens and
+    merges, the 256 byte pieces of the fallback on top: 576 in all). The BPE trainer
+    treats vocab_size as a cap: on a small, repetitive text it stops when no pair is left to merge."""
     if kind == "metaspace":
         return _build_metaspace(out_dir, texts, 320 if vocab_size is None else vocab_size)
     if kind != "bytelevel":
@@ -116,10 +115,10 @@ def build_tokenizer(out_dir: str | Path, texts: Iterable[str] | None = None, voc
 
 
 def _build_metaspace(out_dir: str | Path, texts: Iterable[str] | None, vocab_size: int):
-    """Unigram + Metaspace (prepend "▁" to the first word only) + byte fallback, as Llama-2 and
-    Gemma tokenizers are laid out: runs of newlines are pieces of their own (so no piece joins a
-    template's newline to the completion's first word), and the decoder is the SentencePiece one
-    (▁ -> space, byte pieces fused, the leading space stripped)."""
+    """BPE + Metaspace (prepend "▁" to the first word only) + byte fallback, as Llama-2 and
+    Mistral tokenizers (SentencePiece BPE) are laid out: runs of newlines are pieces of their own
+    (so no piece joins a template's newline to the completion's first word), and the decoder is
+    the SentencePiece one (▁ -> space, byte pieces fused, the leading space stripped)."""
     import json as _json
 
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -127,20 +126,21 @@ def _build_metaspace(out_dir: str | Path, texts: Iterable[str] | None, vocab_siz
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.Unigram())
+    # (A Unigram model, Gemma's, was tried first: the `tokenizers` Unigram trainer keeps almost
+    # only single characters on small repetitive texts, so the pieces a test needs never appear.)
+    tok = Tokenizer(models.BPE(byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex("\n+"), behavior="isolated"),
         pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first"),
     ])
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=METASPACE_SPECIAL_TOKENS,
-                                      unk_token="<unk>", max_piece_length=8, shrinking_factor=0.75)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=METASPACE_SPECIAL_TOKENS,
+                                  show_progress=False)
     tok.train_from_iterator(list(texts) if texts is not None else synthetic_texts_alt(), trainer)
     # byte fallback: every character the pieces do not cover becomes its UTF-8 bytes <0xNN>
     spec = _json.loads(tok.to_str())
-    pieces = spec["model"]["vocab"]
-    have = {p for p, _ in pieces}
-    floor = min(score for _, score in pieces) - 1.0
-    pieces += [[f"<0x{b:02X}>", floor] for b in range(256) if f"<0x{b:02X}>" not in have]
+    vocab = spec["model"]["vocab"]  # piece -> id; merges refer to pieces, so new ids go at the end
+    for b in range(256):
+        vocab.setdefault(f"<0x{b:02X}>", len(vocab))
     spec["model"]["byte_fallback"] = True
     spec["decoder"] = {"type": "Sequence", "decoders": [
         {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},

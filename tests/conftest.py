@@ -57,7 +57,7 @@ def tiny_llama(tmp_path_factory, tiny_model) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_metaspace(tmp_path_factory) -> Path:
-    """A 2-layer llama (hidden 64) of the *other* tokenizer family: Unigram + Metaspace with byte
+    """A 2-layer llama (hidden 64) of the *other* tokenizer family: BPE + Metaspace with byte
     fallback (576 tokens, whole-number pieces) and a Gemma-like `<start_of_turn>` template, trained
     on other text than `tiny_model`'s byte-level BPE: a cross-tokenizer student for it."""
     from mlx_distill.tiny import build_model

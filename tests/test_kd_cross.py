@@ -2,7 +2,8 @@
 same text differently, the `logits` -> `train --kd` path between them, and a learning test.
 
 The pair: `tiny_model` (byte-level BPE, ChatML template, trained on `tiny.synthetic_texts`)
-teaches `tiny_metaspace` (Unigram + Metaspace with byte fallback, whole-number pieces, Gemma-like `<start_of_turn>` template, trained on `tiny.synthetic_texts_alt`)."""
+teaches `tiny_metaspace` (SentencePiece-style BPE: Metaspace, byte fallback, whole-number
+pieces; a Gemma-like `<start_of_turn>` template; trained on `tiny.synthetic_texts_alt`)."""
 
 import json
 
@@ -89,10 +90,10 @@ def test_metaspace_under_qwen2_is_refused(tmp_path):
 
 def test_the_pair_splits_completions_differently(tiny_model, tiny_metaspace):
     """Issue 12 asks for >= 30% of positions split differently. Measured on the completions of
-    `arith_records(200)` (the corpus most KD tests use): 52.7% of the student's 2882 completion
+    `arith_records(200)` (the corpus most KD tests use): 73.2% of the student's 2400 completion
     positions have no teacher token with the same span (numbers: teacher "Ġ" "4" "1", student
-    "▁41"; " +": teacher "Ġ+", student "▁" "+"; "####": one teacher token, four student byte
-    pieces), and the vocabularies differ."""
+    "▁41"; "74.": teacher "7" "4" ".", student "▁7" "4."; "####": one teacher token, four
+    student byte pieces), and the vocabularies differ."""
     ttok, stok = _hf_tok(tiny_model), _hf_tok(tiny_metaspace)
     texts = [data.render_assistant(r) for r in arith_records(200)]
     share, n = disagreement(ttok, stok, texts)
@@ -102,3 +103,115 @@ def test_the_pair_splits_completions_differently(tiny_model, tiny_metaspace):
     assert disagreement(ttok, ttok, texts)[0] == 0.0
     tv, sv = set(ttok.get_vocab()), set(stok.get_vocab())
     assert len(tv & sv) < 0.2 * len(sv)  # the token strings themselves barely overlap
+
+
+# ----------------------------------------------------------------------------- learning test
+# Task: six distinct digits ("3 0 5 7 1 8"); the answer is the code word of the first digit
+# (CODES[3] = "fo"). The teacher's tokenizer (byte-level BPE) spells every code as one token
+# "fo"; the student's (Metaspace BPE, never trained on the codes) as two letters "f" "o": every
+# answer is a span, never a matched position. Half of the corpus's traces come from a weak
+# source that answers by another rule (the code of the *second* digit), as an unverified corpus
+# might; the teacher, trained on the right rule, gives those answers almost no probability.
+# SFT alone cannot tell the sources apart (which one wrote a trace is random, not visible in the
+# problem); the span term hands the student the teacher's probability of each trace's answer,
+# which is all that differs between them. (Two-digit answers were tried first: the teacher's
+# tokenizer, loaded as transformers loads a qwen2 model, splits digits one by one, and a student
+# that must emit a two-digit piece learns a 90-way table that 300 steps of SFT did not.)
+DIGITS = "0123456789"
+CODES = ["ba", "ce", "di", "fo", "gu", "ha", "ji", "ko", "lu", "mo"]
+
+
+def toy_problems(rng, n: int) -> list[str]:
+    return [" ".join(rng.sample(DIGITS, 6)) for _ in range(n)]
+
+
+def right_answer(problem: str) -> str:
+    return CODES[int(problem[0])]
+
+
+def weak_answer(problem: str) -> str:
+    return CODES[int(problem.split()[1])]
+
+
+def _chat(tok, problem, answer=None):
+    msgs = [{"role": "user", "content": problem}]
+    if answer is None:
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+    return tok.apply_chat_template(msgs + [{"role": "assistant", "content": answer}], return_dict=False)
+
+
+def _direct_train(src, dst, iters, lr, answer_fn, rng, batch=64):
+    """All-parameter training on fresh problems each step (the teacher, and the stand-in for a
+    student's pre-training); `train` runs the students' SFT / KD (see test_kd_train, whose
+    helper this mirrors for prompts of either tokenizer)."""
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlx_distill.losses import sft_loss
+
+    model, tok = load(str(src))
+    warm = min(50, iters // 4)
+    sched = optim.join_schedules([optim.linear_schedule(lr / 50, lr, warm),
+                                  optim.cosine_decay(lr, iters - warm, lr * 0.1)], [warm])
+    opt = optim.AdamW(sched, weight_decay=0.0)
+
+    def loss(m, x, mask):
+        s, n = sft_loss(m(x[:, :-1]), x[:, 1:], mask)
+        return s / n
+
+    step = nn.value_and_grad(model, loss)
+    for _ in range(iters):
+        rows, plens = [], []
+        for p in toy_problems(rng, batch):
+            rows.append(_chat(tok, p, answer_fn(p)))
+            plens.append(len(_chat(tok, p)))
+        width = max(len(r) for r in rows)
+        x = np.array([r + [0] * (width - len(r)) for r in rows], np.int32)
+        mask = np.zeros((len(rows), width - 1), np.float32)
+        for i, (pl, r) in enumerate(zip(plens, rows)):
+            mask[i, pl - 1: len(r) - 1] = 1.0
+        _, g = step(model, mx.array(x), mx.array(mask))
+        g, _ = optim.clip_grad_norm(g, 1.0)
+        opt.update(model, g)
+        mx.eval(model.parameters(), opt.state)
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return dst
+
+
+def _score(model_dir, problems, adapter=None, steps: int = 3) -> tuple[float, float]:
+    """(greedy accuracy, mean probability of the right answer) on `problems`: greedy decoding
+    for `steps` tokens (cut at the end of turn), and the chain-rule probability of the right
+    answer's tokens under teacher forcing, in the model's own tokenizer and template."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tok = load(str(model_dir), adapter_path=str(adapter) if adapter else None)
+    eot = tok.eos_token_id
+    prompts = [_chat(tok, p) for p in problems]
+    full = [_chat(tok, p, right_answer(p)) for p in problems]
+    hit, mass = np.zeros(len(problems)), np.zeros(len(problems))
+    for width in sorted({len(x) for x in prompts}):  # one batch per prompt length: no padding
+        rows = [i for i, x in enumerate(prompts) if len(x) == width]
+        x = np.array([prompts[i] for i in rows], np.int32)
+        for _ in range(steps):
+            nxt = np.array(mx.argmax(model(mx.array(x))[:, -1], axis=-1)).astype(np.int32)
+            x = np.concatenate([x, nxt[:, None]], axis=1)
+        for i, out in zip(rows, x[:, width:].tolist()):
+            hit[i] = tok.decode(out[: out.index(eot)] if eot in out else out).strip() == right_answer(problems[i])
+        longest = max(len(full[i]) for i in rows)
+        y = np.array([full[i] + [0] * (longest - len(full[i])) for i in rows], np.int32)
+        z = model(mx.array(y[:, :-1])).astype(mx.float32)
+        lp = np.array(z - mx.logsumexp(z, axis=-1, keepdims=True))
+        for r, i in enumerate(rows):
+            ans = full[i][width: full[i].index(eot, width)]  # the answer, up to the end of turn
+            mass[i] = np.exp(sum(lp[r, width - 1 + k, t] for k, t in enumerate(ans)))
+    return float(hit.mean()), float(mass.mean())
