@@ -8,12 +8,16 @@ Every source yields, for micro-batch index k of optimizer step s, the NumPy arra
 
 - `CorpusSource`: the corpus stream (`data.BatchStream`), SFT.
 - `KDSource`: corpus batches + a teacher's top-K: the offline store (`logits.TopMStore`,
-  ``--kd``) or the online teacher (`logits.OnlineTeacher`, ``--kd-teacher``).
+  ``--kd``) or the online teacher (`logits.OnlineTeacher`, ``--kd-teacher``; a teacher of
+  another tokenizer family is `logits.OnlineCrossTeacher`, aligned as the store is: `align`).
 - `OnPolicySource` (``--on-policy-fraction`` lambda > 0): a share lambda of the micro-batches
   are the student's own rollouts of the corpus prompts (`rollouts.sample`, the live model and
   its current adapter), scored by the teacher with teacher forcing (`Teacher.score`); the
   others are `KDSource` batches. Which micro-batches are rollouts is `on_policy_at(seed, k,
-  lambda)`; the sampling key is `rollouts.rollout_key(seed, k)`.
+  lambda)`; the sampling key is `rollouts.rollout_key(seed, k)`. The teacher must share the
+  student's tokenizer: a rollout exists only in the student's tokens. Across tokenizers a
+  `Teacher` would decode it, render it in the teacher's chat template and align it per step
+  (`align.completion_text` + `align.align`, ~1.4 ms per 1k tokens); not built, refused.
 
 Resumable state: the data position is the loop's micro-batch count (a checkpoint is only
 written at an optimizer-step boundary), and every random choice derives from (seed, k), so a
