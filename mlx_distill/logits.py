@@ -42,6 +42,7 @@ since it was scored is an error. Shards and the manifest are written atomically;
 loses at most the shard being filled.
 """
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -605,12 +606,13 @@ class TopMStore:
         """Cumulative count of rows whose token log-probability is unknown (NaN), length n + 1."""
         return np.concatenate([[0], np.cumsum(np.isnan(self.token_logprobs(example_id)))])
 
-    def _plan_cross(self, ex, ent, want, tokenizer, mode, eot_pairs):
-        """Align one example on its completion text; None when the texts differ."""
+    def _plan_cross(self, ex, ent, want, tokenizer, mode, eot_pairs, s_view=None):
+        """Align one example on its completion text; None when the texts differ. `s_view`:
+        the student's (text, ends) when already known (a rollout cut to valid UTF-8)."""
         if not len(want):
             return _empty_plan()
         s_plen, t_plen = int(ex.prompt_len), int(ent["prompt_len"])
-        s_text, s_ends = align.completion_text(tokenizer, ex.tokens[s_plen:])
+        s_text, s_ends = s_view or align.completion_text(tokenizer, ex.tokens[s_plen:])
         if align.text_sha(s_text) != ent.get("text_sha256"):
             return None
         t_ends = self.teacher_ends(ex.id)[t_plen:]
@@ -802,6 +804,12 @@ class TopMStore:
         return out
 
 
+def _last_in_text(ends: np.ndarray) -> int:
+    """Index of the last token that spells part of the text (-1: none)."""
+    w = np.nonzero(np.diff(np.concatenate([[0], ends])) > 0)[0]
+    return int(w[-1]) if len(w) else -1
+
+
 def _empty_plan() -> dict:
     z = np.zeros(0, np.int64)
     return {"t": z, "rows": z, "span_end": z, "span_len": z, "span_r0": z, "span_r1": z, "uld_t": z, "uld_rows": z}
@@ -865,10 +873,11 @@ class OnlineCrossTeacher(TopMStore):
     forward, top-K and the actual tokens' log-probabilities) and serves them through the plans.
     Teacher ids the student cannot spell are counted per batch in `dropped`/`slots`.
 
-    On-policy KD (`sources.OnPolicySource`) across tokenizers is not built: a rollout exists only
-    in the student's tokens, and would have to be decoded, re-rendered in the teacher's template
-    and aligned per step; the `sources.Teacher` protocol allows it (a Teacher that does so), the
-    source refuses it for now."""
+    On-policy KD (`sources.OnPolicySource`): `rollout_arrays` scores the student's rollouts. A
+    rollout exists only in the student's tokens: its completion text (`align.completion_text`)
+    is encoded with the teacher's tokenizer after the teacher's rendering of the same prompt
+    (its chat template's generation prompt), followed by the teacher's end-of-turn tokens when
+    the rollout ended with one, then planned and served like any example."""
 
     def __init__(self, cfg: TrainConfig, teacher: "Teacher", teacher_examples: dict, top_k: int):
         self.teacher, self.dir = teacher, Path(cfg.kd_teacher)
@@ -912,6 +921,59 @@ class OnlineCrossTeacher(TopMStore):
 
     def _count_dropped(self, examples) -> tuple[int, int]:
         return 0, 0  # nothing scored yet: counted per batch
+
+    def check(self, examples: list, student_vocab_size: int, tokenizer, *a, **kw) -> dict:
+        self._student_tok = tokenizer
+        return super().check(examples, student_vocab_size, tokenizer, *a, **kw)
+
+    def rollout_arrays(self, batch, top_k: int) -> dict:
+        """The student's rollouts `batch` (rows: prompt + sampled completion, ids: the source
+        examples) scored by the teacher in its own tokens: `batch_arrays`' contract."""
+        s_tok, t_tok = self._student_tok, self.teacher.tokenizer
+        s_special = align.special_mask(s_tok)
+        keys = []
+        for r, eid in enumerate(batch.ids):
+            key = f"{eid}\x00rollout{r}"
+            keys.append(key)
+            src = self._ex.get(eid)
+            toks = batch.tokens[r, : batch.lengths[r]]
+            plen = int(batch.prompt_lens[r])
+            ex = data.Example(key, toks, plen)
+            if src is None:
+                self._plans[key] = _empty_plan()
+                continue
+            text, s_ends = align.completion_text(s_tok, toks[plen:])
+            try:
+                text.decode("utf-8")
+                cut = False
+            except UnicodeDecodeError as err:  # sampled byte pieces that spell no character: align the
+                # text before them, up to the last whole student token (the rest of the rollout gets none)
+                whole = s_ends[s_ends <= err.start]
+                text = text[: int(whole.max()) if len(whole) else 0].rstrip()
+                s_ends, cut = np.clip(s_ends, 0, len(text)), True
+            t_body = [int(i) for i in t_tok.encode(text.decode("utf-8"), add_special_tokens=False)]
+            tail = []
+            s_tail = toks[plen + _last_in_text(s_ends) + 1:]
+            if not cut and s_special[np.minimum(s_tail, len(s_special) - 1)].any():  # the rollout ended its turn
+                _, t_ends = align.completion_text(t_tok, src.tokens[src.prompt_len:])
+                tail = src.tokens[src.prompt_len + _last_in_text(t_ends) + 1:].tolist()  # the teacher's end of turn
+            t_ex = data.Example(key, np.asarray(src.tokens[: src.prompt_len].tolist() + t_body + tail, np.int32),
+                                src.prompt_len)
+            self._ex[key] = t_ex
+            t_text, t_ends = align.completion_text(t_tok, t_ex.tokens[t_ex.prompt_len:])
+            first = first_target(t_ex.prompt_len)
+            self.entries[key] = {"first": first, "n": len(t_ex.tokens) - 1 - first, "prompt_len": t_ex.prompt_len,
+                                 "length": len(t_ex.tokens), "text_sha256": align.text_sha(t_text)}
+            self._ends[key] = np.concatenate([np.zeros(t_ex.prompt_len, np.int64), t_ends])
+            want = np.arange(first_target(plen), len(toks) - 1)
+            plan = self._plan_cross(ex, self.entries[key], want, s_tok, self.mode, {}, s_view=(text, s_ends))
+            self._plans[key] = plan if plan is not None else _empty_plan()
+        try:
+            return self.batch_arrays(dataclasses.replace(batch, ids=keys), top_k)
+        finally:
+            for key in keys:
+                for d in (self._ex, self.entries, self._ends, self._plans):
+                    d.pop(key, None)
 
     def batch_arrays(self, batch, top_k: int | None = None) -> dict:
         ids = [i for i in batch.ids if i in self._ex]

@@ -14,10 +14,10 @@ Every source yields, for micro-batch index k of optimizer step s, the NumPy arra
   are the student's own rollouts of the corpus prompts (`rollouts.sample`, the live model and
   its current adapter), scored by the teacher with teacher forcing (`Teacher.score`); the
   others are `KDSource` batches. Which micro-batches are rollouts is `on_policy_at(seed, k,
-  lambda)`; the sampling key is `rollouts.rollout_key(seed, k)`. The teacher must share the
-  student's tokenizer: a rollout exists only in the student's tokens. Across tokenizers a
-  `Teacher` would decode it, render it in the teacher's chat template and align it per step
-  (`align.completion_text` + `align.align`, ~1.4 ms per 1k tokens); not built, refused.
+  lambda)`; the sampling key is `rollouts.rollout_key(seed, k)`. A teacher of another
+  tokenizer family scores a rollout in its own tokens: the online cross-tokenizer teacher
+  (`logits.OnlineCrossTeacher.rollout_arrays`) encodes the rollout's text after its own
+  rendering of the prompt and aligns it like any example (`align`).
 
 Resumable state: the data position is the loop's micro-batch count (a checkpoint is only
 written at an optimizer-step boundary), and every random choice derives from (seed, k), so a
@@ -237,21 +237,33 @@ class OnPolicySource(KDSource):
         exs = [data.Example(eid, np.asarray(p + r.tokens, np.int32), len(p)) for eid, p, r in zip(src.ids, prompts, rolls)]
         b = data.collate(exs, list(range(len(exs))), self.pad)
         tic = time.perf_counter()
+        if getattr(self.store, "cross", False):  # another tokenizer: re-rendered and aligned (`logits.OnlineCrossTeacher`)
+            a = {**data.batch_arrays(b), **self.store.rollout_arrays(b, cfg.kd_top_k),
+                 "gold": np.array(0.0, dtype=np.float32)}
+            self.stats["teacher_seconds"] = self.stats.get("teacher_seconds", 0.0) + time.perf_counter() - tic
+            self._count_rollouts(rolls, gen_s)
+            if cfg.save_rollouts > 0:
+                self._keep(j, prompts, rolls, None)
+            return a, b
         sc = self.teacher.score(b.tokens, cfg.kd_top_k)
         self.stats["teacher_seconds"] = self.stats.get("teacher_seconds", 0.0) + time.perf_counter() - tic
-        ntok = sum(len(r.tokens) for r in rolls)
-        for key, v in (("rollout_seconds", gen_s), ("rollout_tokens", ntok), ("rollouts", len(rolls)),
-                       ("rollout_truncated", sum(not r.finished for r in rolls))):
-            self.stats[key] = self.stats.get(key, 0) + v
+        self._count_rollouts(rolls, gen_s)
         if cfg.save_rollouts > 0:
             self._keep(j, prompts, rolls, sc)
         a = {**data.batch_arrays(b), "kd_ids": sc.ids, "kd_logits": sc.logprobs,
              "gold": np.array(0.0, dtype=np.float32)}
         return a, b
 
-    def _keep(self, j, prompts, rolls, sc: TeacherScores) -> None:
+    def _count_rollouts(self, rolls, gen_s: float) -> None:
+        ntok = sum(len(r.tokens) for r in rolls)
+        for key, v in (("rollout_seconds", gen_s), ("rollout_tokens", ntok), ("rollouts", len(rolls)),
+                       ("rollout_truncated", sum(not r.finished for r in rolls))):
+            self.stats[key] = self.stats.get(key, 0) + v
+
+    def _keep(self, j, prompts, rolls, sc: TeacherScores | None) -> None:
+        """`sc` None: a teacher of another tokenizer (its token log-probabilities are in its own tokens)."""
         for r, (p, roll) in enumerate(zip(prompts, rolls)):
-            lp = sc.token_logprobs[r, len(p) - 1: len(p) - 1 + len(roll.tokens)]
+            lp = sc.token_logprobs[r, len(p) - 1: len(p) - 1 + len(roll.tokens)] if sc is not None else np.zeros(0)
             self.recent.append({"micro": j, "prompt": self.tokenizer.decode(p),
                                 "completion": self.tokenizer.decode(roll.tokens), "tokens": len(roll.tokens),
                                 "truncated": not roll.finished,
@@ -319,19 +331,17 @@ def make_source(cfg, backend, stream: data.BatchStream, store, tokenizer, dry_ch
     if cfg.on_policy_fraction <= 0.0:
         return KDSource(stream, cfg, store, dry_check)
     teacher = getattr(store, "teacher", None)
-    if getattr(store, "cross", False):
-        raise InputError(f"--on-policy-fraction {cfg.on_policy_fraction}: the teacher {cfg.kd_teacher} has another "
-                         "tokenizer than the student; on-policy KD across tokenizers is not built yet (each rollout "
-                         "would be re-rendered in the teacher's chat template and aligned per step). Use "
-                         "--on-policy-fraction 0 (online KD across tokenizers works), or a teacher of the "
-                         "student's family")
+    cross = getattr(store, "cross", False)  # another tokenizer: the store scores rollouts itself (rollout_arrays)
     remote = getattr(teacher, "backend", None) == "api"  # remote_teacher.RemoteTeacher: a `Teacher` itself
     if teacher is None or getattr(teacher, "backend", "mlx") not in ("mlx", "api"):
         raise InputError(f"--on-policy-fraction: the teacher {cfg.kd_teacher} must run on MLX or a vLLM server")
     print(f"on-policy: {cfg.on_policy_fraction:.0%} of micro-batches are student rollouts (<= {cfg.rollout_max_tokens} "
           f"tokens, temperature {cfg.rollout_temperature}, top-p {cfg.rollout_top_p}) scored by {cfg.kd_teacher}; "
-          f"KD {cfg.kd_kind}{f' beta {cfg.kd_beta}' if cfg.kd_kind == 'jsd' else ''} with the tail bucket",
-          file=sys.stderr)
+          f"KD {cfg.kd_kind}{f' beta {cfg.kd_beta}' if cfg.kd_kind == 'jsd' else ''} with the tail bucket"
+          + (f"; another tokenizer: each rollout re-rendered in the teacher's template, {store.mode} alignment"
+             if cross else ""), file=sys.stderr)
+    if cross:
+        return OnPolicySource(stream, cfg, store, None, backend, tokenizer, dry_check)
     if remote:
         teacher.score_vocab = store.vocab_size  # ids beyond the student's rows become empty slots
     scorer = teacher if remote else MLXTeacher(teacher.model, cfg.kd_teacher, store.vocab_size)

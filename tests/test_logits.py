@@ -347,8 +347,9 @@ def test_torch_teacher_stores_the_same_top_m(tiny_model, corpus, store_dir, tmp_
 def test_online_teacher_across_tokenizers_matches_the_offline_store(tiny_model, tiny_metaspace, corpus, tmp_path):
     """--kd-teacher of another family: the corpus is rendered in the teacher's template too and
     aligned as the stored path does, so a batch gets the offline store's arrays (ids, spans
-    equal; logits to the cache's float16 rounding); a run reports the same classes; on-policy
-    across tokenizers is refused with the reason."""
+    equal; logits to the cache's float16 rounding); a run reports the same classes. A rollout is
+    scored in the teacher's tokens: the corpus completion taken as a rollout gets the same arrays
+    as the corpus example; an on-policy run across tokenizers trains on rollouts with a signal."""
     import dataclasses
 
     from mlx_distill import train
@@ -372,10 +373,30 @@ def test_online_teacher_across_tokenizers_matches_the_offline_store(tiny_model, 
         fin = np.isfinite(x[k])
         assert np.array_equal(fin, np.isfinite(y[k])), k
         assert np.allclose(np.where(fin, x[k], 0), np.where(fin, y[k], 0), atol=4e-3), k  # float16 cache
-    # a run: the manifest reports the classes; on-policy across tokenizers is refused
+    # rollouts: the teacher re-encodes the text after its own prompt; a corpus completion as a rollout
+    z = on.rollout_arrays(b, M)
+    assert set(z) == set(y) and not any(k.endswith("rollout0") for k in on._plans)
+    for k in y:
+        assert np.array_equal(np.nan_to_num(z[k], neginf=-9), np.nan_to_num(y[k], neginf=-9)), k
+    # a sampled byte piece that spells no character: the text before it keeps its signal, the rest none
+    bad = dataclasses.replace(b, tokens=b.tokens.copy())
+    mid = int(b.prompt_lens[0]) + (int(b.lengths[0]) - int(b.prompt_lens[0])) // 2
+    bad.tokens[0, mid] = stok.convert_tokens_to_ids("<0xC3>")
+    zb = on.rollout_arrays(bad, M)
+    sig = lambda a, r: (a["kd_logits"][r, :, 0] > -1e8) | (a["kd_span_in"][r] > 0)  # noqa: E731
+    assert sig(zb, 0)[mid - 1:].sum() == 0 and 0 < sig(zb, 0)[: mid - 1].sum() <= sig(y, 0)[: mid - 1].sum()
+    assert np.array_equal(sig(zb, 1), sig(y, 1))
+    # a run: the manifest reports the classes; on-policy across tokenizers trains on rollouts
     on_cfg = dataclasses.replace(cfg, kd_dir="", kd_teacher=str(tiny_model), out=str(tmp_path / "on"))
     train.run(on_cfg, quiet=True)
     ka = read_json(tmp_path / "on" / "manifest.json")["kd_alignment"]
     assert ka["train"]["mode"] == "spans" and ka["train"]["classes"] == off.report["classes"]
-    with pytest.raises(InputError, match="on-policy KD across tokenizers is not built"):
-        train.run(dataclasses.replace(on_cfg, out=str(tmp_path / "op"), on_policy_fraction=0.5), quiet=True)
+    op = dataclasses.replace(on_cfg, out=str(tmp_path / "op"), on_policy_fraction=1.0, rollout_max_tokens=12,
+                             iters=2)
+    train.run(op, quiet=True)
+    from mlx_distill.io import read_jsonl
+
+    rows = [r for r in read_jsonl(tmp_path / "op" / "metrics.jsonl") if "train_loss" in r]
+    # a random student's rollouts are partly invalid UTF-8 (random byte pieces): partial coverage
+    assert len(rows) == 2 and all(r["on_policy"] == 1.0 for r in rows)
+    assert any(r["kd_coverage"] > 0 and r["kd_loss"] > 0 for r in rows), rows
