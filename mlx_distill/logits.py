@@ -1041,6 +1041,7 @@ def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: i
               + ", ".join(f"{c} {n / max(rep['positions'], 1):.1%}" for c, n in rep["classes"].items())
               + f"), {rep['missing_examples']} example(s) without logits"
               + (f", {rep['text_differs']} with another completion text" if rep["text_differs"] else "")
-              + f", {rep['dropped_teacher_ids']} teacher id(s) dropped ({rep['dropped_fraction']:.3%} of slots) "
-              f"| M={src.m} K={cfg.kd_top_k}", file=sys.stderr)
+              + (", teacher ids the student cannot spell counted per batch" if isinstance(src, OnlineCrossTeacher) else
+                 f", {rep['dropped_teacher_ids']} teacher id(s) dropped ({rep['dropped_fraction']:.3%} of slots)")
+              + f" | M={src.m} K={cfg.kd_top_k}", file=sys.stderr)
     return src
