@@ -1,25 +1,30 @@
-"""Ranks for data-parallel training: torchrun today, mlx.launch (``mx.distributed``) later.
+"""Ranks for data-parallel training: ``torchrun`` (torch backend) and ``mlx.launch`` (MLX backend).
 
 A `Group` says how many processes train together (``world``), which one this is (``rank``),
-and how to sum an array over all of them (``all_reduce``, in place). Every rank runs the same
-loop (`mlx_distill.train.run`) on the same micro-batch stream and takes its rows
-``rank::world`` (`Group.shard`); the backend sums gradients, token counts and loss sums over
-the ranks, so a step equals the single-process step on the whole batch.
+and how to sum an array over all of them (``all_reduce``). Every rank runs the same loop
+(`mlx_distill.train.run`) on the same micro-batch stream and takes its rows ``rank::world``
+(`Group.shard`); the backend sums gradients, token counts and loss sums over the ranks and
+divides by the *global* token count, so a step equals the single-process step on the whole
+batch and every rank logs the same numbers.
 
-Writes: rank 0 (`Group.is_main`) writes the run folder; every other rank writes the same
-files under ``<out>/ranks/<rank>/`` (`Group.run_folder`), so the loop needs no rank test
-around each write and a crash on one rank never tears rank 0's files. Side effects that
-should happen once (a warning on the console) go through `Group.main_only`.
+Writes: rank 0 (`Group.is_main`) alone writes the run folder (metrics, checkpoints, adapters,
+manifest); the other ranks write nothing, so a run on several machines needs no shared disk.
+Side effects that should happen once go through `Group.main_only`. On ``--resume`` rank 0
+reads the checkpoint and the backend hands its arrays and loop state to the other ranks
+(`Group.broadcast`, `Group.broadcast_json`), so every rank resumes the same state. A Ctrl-C
+on any rank stops them all at the same optimizer step (`Group.any`).
 
-The torch backend builds its group with `torch_group`; `mlx_group` is the same contract
-over ``mx.distributed`` for an MLX data-parallel backend (not used by `MLXBackend` yet,
-which trains in one process: `SINGLE`).
+The torch backend builds its group with `torch_group`, the MLX backend with `mlx_group`.
+``all_reduce`` returns the sum (torch also writes it into its argument; MLX arrays are
+immutable): callers always use the return value.
 """
 
+import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional
+
+import numpy as np
 
 
 def _no_reduce(x):
@@ -31,8 +36,10 @@ class Group:
     world: int = 1
     rank: int = 0
     local_rank: int = 0  # the device index on this machine
-    all_reduce: Callable[[Any], Any] = _no_reduce  # sum over the ranks, in place; returns its argument
+    all_reduce: Callable[[Any], Any] = _no_reduce  # the sum over the ranks (use the return value)
     kind: str = "single"  # "single", "torch" (torch.distributed) or "mlx" (mx.distributed)
+    to_array: Callable[[np.ndarray], Any] = np.asarray  # NumPy -> an array `all_reduce` takes
+    to_numpy: Callable[[Any], np.ndarray] = np.asarray  # and back
 
     @property
     def is_main(self) -> bool:
@@ -45,13 +52,51 @@ class Group:
             return x[self.rank:: self.world]
         return x
 
-    def run_folder(self, out: str | Path) -> Path:
-        """Where this rank writes: `out` on rank 0, ``out/ranks/<rank>`` elsewhere."""
-        return Path(out) if self.is_main else Path(out) / "ranks" / str(self.rank)
-
     def main_only(self, fn: Callable, *args, **kwargs) -> Optional[Any]:
         """``fn(*args, **kwargs)`` on rank 0 only (None on the other ranks)."""
         return fn(*args, **kwargs) if self.is_main else None
+
+    # ---------------------------------------------------------------- collectives (every rank calls them)
+    def broadcast(self, x):
+        """Rank 0's `x` on every rank (an all-reduce to which the other ranks add zeros); `x`
+        must have the same shape and dtype on every rank."""
+        if self.world == 1:
+            return x
+        return self.all_reduce(x if self.is_main else x * 0)
+
+    def broadcast_json(self, obj):
+        """Rank 0's JSON-serialisable `obj` on every rank (what the others pass is ignored)."""
+        if self.world == 1:
+            return obj
+        raw = np.frombuffer(json.dumps(obj).encode(), np.uint8) if self.is_main else np.zeros(0, np.uint8)
+        n = int(self.sum_numpy(np.array([raw.size], np.int32))[0])
+        buf = raw.astype(np.int32) if self.is_main else np.zeros(n, np.int32)
+        return json.loads(self.sum_numpy(buf).astype(np.uint8).tobytes())
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on at least one (a stop request)."""
+        if self.world == 1:
+            return bool(flag)
+        return bool(self.sum_numpy(np.array([1 if flag else 0], np.int32))[0] > 0)
+
+    def gather_rows(self, rows: dict, n: int) -> list:
+        """`n` rows of integers spread over the ranks (row i held by exactly one rank, as
+        ``{i: [ints]}``) -> all `n` rows, in order, on every rank."""
+        if self.world == 1:
+            return [list(rows[i]) for i in range(n)]
+        lens = np.zeros(n, np.int64)
+        for i, r in rows.items():
+            lens[i] = len(r)
+        lens = self.sum_numpy(lens)
+        buf = np.zeros((n, max(int(lens.max(initial=0)), 1)), np.int32)
+        for i, r in rows.items():
+            buf[i, : len(r)] = r
+        buf = self.sum_numpy(buf)
+        return [buf[i, : lens[i]].tolist() for i in range(n)]
+
+    def sum_numpy(self, a: np.ndarray) -> np.ndarray:
+        """The NumPy array `a` summed over the ranks."""
+        return np.asarray(self.to_numpy(self.all_reduce(self.to_array(a))))
 
 
 SINGLE = Group()
@@ -84,13 +129,15 @@ def torch_group(device) -> Group:
         dist.all_reduce(t)
         return t
 
-    return Group(world, rank, local, all_reduce, "torch")
+    return Group(world, rank, local, all_reduce, "torch",
+                 to_array=lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device),
+                 to_numpy=lambda t: t.cpu().numpy())
 
 
 def mlx_group() -> Group:
-    """The ``mx.distributed`` group of an ``mlx.launch`` run, or `SINGLE` (one process, or an
-    MLX build without a distributed backend). MLX arrays are immutable, so its all-reduce
-    returns the sum rather than writing it in place: callers use the return value."""
+    """The ``mx.distributed`` group of an ``mlx.launch`` run (ring over TCP, or JACCL/MPI as the
+    launcher set it up), or `SINGLE` (one process, or an MLX build without a distributed
+    backend)."""
     import mlx.core as mx
 
     if not mx.distributed.is_available():
@@ -98,4 +145,9 @@ def mlx_group() -> Group:
     g = mx.distributed.init()
     if g.size() == 1:
         return SINGLE
-    return Group(g.size(), g.rank(), g.rank(), lambda x: mx.distributed.all_sum(x, group=g), "mlx")
+
+    def all_reduce(x):
+        return mx.distributed.all_sum(x, group=g)
+
+    return Group(g.size(), g.rank(), g.rank(), all_reduce, "mlx", to_array=mx.array,
+                 to_numpy=lambda x: np.array(x))

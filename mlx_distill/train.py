@@ -291,17 +291,33 @@ def _check_resume_data(out: Path, manifest_extra: dict) -> None:
                          "started; resume needs the same template: restore it or start a new --out")
 
 
+class _NoMetrics:
+    """The metrics writer of a rank other than 0: rank 0 alone writes the run folder."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Train and return the run summary (also written to manifest.json)."""
     from .backends import get_backend
 
     out = Path(cfg.out)
     _check_options(cfg)
-    _check_run_folder(cfg, out)
-    backend = get_backend(cfg)
+    backend = get_backend(cfg)  # under torchrun / mlx.launch: joins the group of ranks
+    # rank 0 alone reads and writes the run folder (`mlx_distill.distributed`): the other ranks,
+    # maybe on other machines, get the resumed state from it and write nothing
+    dist = backend.dist
+    main = dist.is_main
+    if main:
+        _check_run_folder(cfg, out)
+    else:
+        quiet = True
+    cfg.decay_iters = dist.broadcast_json(cfg.decay_iters)  # --extend: set by rank 0's resume check
     sources.check_on_policy_options(cfg, backend.name)
-    if not backend.dist.is_main:  # torchrun: rank 0 writes the run folder, the others a copy of their own
-        out, quiet = backend.dist.run_folder(out), True
     t0 = time.perf_counter()
     model, tokenizer = backend.load()
     reports = {s: data.LoadReport(path="") for s in ("train", "valid")}
@@ -359,11 +375,14 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                               prompt_template_sha256=sha256_file(prompt_path(cfg.prompt_template)))
 
     st = LoopState()
-    out.mkdir(parents=True, exist_ok=True)
+    dist.main_only(out.mkdir, parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints" / "last"
     if cfg.resume:
-        _check_resume_data(out, manifest_extra)
+        dist.main_only(_check_resume_data, out, manifest_extra)
         st = LoopState(**backend.load_checkpoint(ckpt_dir))
+        if cfg.extend:  # a finished run trained further
+            st.stopped = ""
+    if cfg.resume and main:
         # drop rows written after the checkpoint (the run died before its next checkpoint)
         rows = [r for r in read_jsonl(out / "metrics.jsonl", tolerate_torn_tail=True) if r["iter"] <= st.step]
         from .io import write_jsonl
@@ -372,10 +391,9 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         if (out / "rollouts.jsonl").exists():  # --save-rollouts: the same cut (the resumed run writes them again)
             write_jsonl(out / "rollouts.jsonl", [r for r in read_jsonl(out / "rollouts.jsonl", tolerate_torn_tail=True)
                                                  if r["iter"] <= st.step])
-        if cfg.extend:  # a finished run trained further: config.yaml now holds the raised --iters
-            st.stopped = ""
+        if cfg.extend:  # config.yaml now holds the raised --iters
             config.dump_yaml(dataclasses.replace(cfg, resume=False, extend=False), out / "config.yaml")
-    else:
+    elif main:
         config.dump_yaml(cfg, out / "config.yaml")
         atomic_write_json(out / "adapter_config.json", backend.adapter_config())
         # what eval's overlap check compares against, from any directory, even after the corpus is gone
@@ -383,9 +401,10 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
 
         record_training_questions(out, [r.path for r in reports.values()])
     # written at the start (a run that dies still says what it trained on); rewritten with the result
-    write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="running")
+    dist.main_only(write_manifest, out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
+                   status="running")
     backend.build_step(train_objective)
-    metrics = trackers.attach(JsonlAppender(out / "metrics.jsonl"), cfg, out, backend.dist)  # + --report-to
+    metrics = trackers.attach(JsonlAppender(out / "metrics.jsonl"), cfg, out, dist) if main else _NoMetrics()
 
     kd_warned = False
     # the batch source (corpus, KD store / online teacher, on-policy rollouts): an argument of this loop
@@ -416,7 +435,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     def checkpoint():
         st.source = source.state_dict()
-        backend.save_checkpoint(ckpt_dir, asdict(st))
+        dist.main_only(backend.save_checkpoint, ckpt_dir, asdict(st))
 
     def on_validation(row: dict) -> None:
         tic = time.perf_counter()
@@ -434,7 +453,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         if improved:
             st.best_val, st.best_iter, st.bad_vals = val, st.step, 0
             st.best_acc = row.get("val_accuracy", st.best_acc)
-            backend.save_adapter(out)
+            dist.main_only(backend.save_adapter, out)
         else:
             st.bad_vals += 1
             if cfg.patience > 0 and st.bad_vals >= cfg.patience:
@@ -455,6 +474,11 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     main_thread = threading.current_thread() is threading.main_thread()
     prev_sigint = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
 
+    def stop_requested() -> bool:
+        """A Ctrl-C on any rank stops every rank after the same step (one tiny all-reduce a step)."""
+        interrupt["agreed"] = dist.any(interrupt["signal"] is not None)
+        return interrupt["agreed"]
+
     if not quiet:
         print(f"model {backend.model_path} | {counts['trainable'] / 1e6:.3f}M trainable / {counts['total'] / 1e6:.1f}M "
               f"| train {len(train_ex)} valid {len(val_ex)} examples | {len(stream)} batches/epoch | "
@@ -467,7 +491,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 on_validation(row)
                 metrics.write(row)
                 ui.line(fmt_row(row))
-            while st.step < cfg.iters and not st.stopped and interrupt["signal"] is None:
+            while st.step < cfg.iters and not st.stopped and not stop_requested():
                 tic = time.perf_counter()
                 step = st.step + 1
                 for a in range(cfg.grad_accumulation):
@@ -511,14 +535,14 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                     if "val_loss" in row:  # RUN/training.png, rewritten atomically; never raises (mlx_distill.plots)
                         from .plots import refresh as refresh_plot
 
-                        refresh_plot(out, st.best_iter)
+                        dist.main_only(refresh_plot, out, st.best_iter)
                 ui.advance(f"loss {row.get('train_loss', float('nan')):.3f}" if "train_loss" in row else "")
                 if step % cfg.save_every == 0:
                     checkpoint()
-            if interrupt["signal"] is not None and not st.stopped and st.step < cfg.iters:
+            if interrupt.get("agreed") and not st.stopped and st.step < cfg.iters:
                 # at an optimizer-step boundary: nothing in flight (a run that just ended ends normally)
                 checkpoint()
-                write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
+                dist.main_only(write_manifest, out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
                                status="interrupted", result={"last_iter": st.step, "best_iter": st.best_iter})
                 raise KeyboardInterrupt
         finally:
@@ -538,11 +562,12 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     selected = {"criterion": cfg.select_by, "metric": "val_accuracy" if accuracy else "val_loss",
                 "best_value": best_value, "best_iter": st.best_iter,
                 **({"tie_break": "val_loss", "best_val_loss": st.best_val} if accuracy else {})}
-    write_manifest(out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra, status="finished",
-                   selection=selected, result=summary)
+    dist.main_only(write_manifest, out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
+                   status="finished", selection=selected, result=summary)
     from .plots import refresh as refresh_plot
 
-    refresh_plot(out, st.best_iter, final=True)  # the finished run's training.png, whatever was skipped
+    # the finished run's training.png, whatever was skipped
+    dist.main_only(refresh_plot, out, st.best_iter, final=True)
     if not quiet:
         best = f"val accuracy {st.best_acc:.4f}, val loss {st.best_val:.4f}" if accuracy else f"val loss {st.best_val:.4f}"
         print(f"{st.stopped}. Best adapter (iter {st.best_iter}, {best}) -> {out / 'adapters.safetensors'}")

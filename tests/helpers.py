@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -41,14 +42,30 @@ def ddp_corpus(d):
     return d
 
 
-def run_one_and_torchrun_two(args, out_one, out_two, port, repo):
-    """`python <args> --out out_one` as one process, then under torchrun with 2 ranks; both must succeed."""
+def run_one_and_two(args, out_one, out_two, launch, repo):
+    """`python <args> --out out_one` as one process, then `<launch> <args> --out out_two` (a
+    launcher starting 2 ranks); both must succeed. The environment (LD_PRELOAD, MLX_DISTILL_DATA,
+    ...) is the test process's. Returns the two CompletedProcess."""
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    one = subprocess.run([sys.executable, *args, "--out", str(out_one)], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(port), *args, "--out", str(out_two)], cwd=repo, env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
+    runs = []
+    for prefix, out in (([sys.executable], out_one), (launch, out_two)):
+        r = subprocess.run([*prefix, *args, "--out", str(out)], cwd=repo, env=env, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+        runs.append(r)
+    return runs
+
+
+def run_one_and_torchrun_two(args, out_one, out_two, port, repo):
+    """`python <args> --out out_one` as one process, then under torchrun with 2 ranks; both must succeed."""
+    return run_one_and_two(args, out_one, out_two, [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc-per-node", "2", "--master-port", str(port)], repo)
+
+
+def run_one_and_mlx_launch_two(args, out_one, out_two, port, repo):
+    """`python <args> --out out_one` as one process, then `mlx.launch -n 2` (the ring backend on
+    127.0.0.1, ports `port` and `port + 1`); both must succeed."""
+    launch = [str(Path(sys.executable).with_name("mlx.launch")), "--backend", "ring", "-n", "2",
+              "--starting-port", str(port), "--", sys.executable]
+    return run_one_and_two(args, out_one, out_two, launch, repo)

@@ -2,6 +2,16 @@
 
 Implements the small interface the training loop (`mlx_distill.train`) drives; the torch
 backend (`backends/torch.py`) implements the same methods.
+
+Several processes or Macs (``mlx.launch``; `mlx_distill.distributed.mlx_group`): every rank
+sees the same micro-batch stream and takes the rows ``rank::world`` of each micro-batch; the
+loss sums and token counts of every micro-batch and, at the update, the summed gradients are
+added up over the ranks with ``mx.distributed.all_sum`` (inside the compiled step) and divided
+by the global token count, so the step is the single-process step on the whole batch. Rank 0
+alone writes the run folder; on resume it reads the checkpoint and hands it to the others::
+
+    mlx.launch -n 2 -- python -m mlx_distill train --model smollm2 --data corpora/demo --out runs/x
+    mlx.launch --hostfile hosts.json -- python -m mlx_distill train ...
 """
 
 import json
@@ -13,6 +23,49 @@ import numpy as np
 
 from ..models import resolve_model
 from .base import BackendBase
+
+# gradients travel in flat buffers of at most this many bytes (one all_sum each): few large
+# messages instead of one per LoRA matrix, without a full second copy of a large model's grads
+BUCKET_BYTES = 64 << 20
+
+
+def sum_over_ranks(grads, all_reduce, bucket_bytes: int = BUCKET_BYTES):
+    """The gradient tree summed over the ranks: leaves of one dtype are concatenated into flat
+    buckets of at most `bucket_bytes`, each all-reduced once, and split back."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    leaves = tree_flatten(grads)
+    out, bucket, size = {}, [], 0
+
+    def flush():
+        nonlocal bucket, size
+        if bucket:
+            flat = all_reduce(mx.concatenate([g.reshape(-1) for _, g in bucket]))
+            offsets = np.cumsum([g.size for _, g in bucket])[:-1].tolist()
+            for (k, g), part in zip(bucket, mx.split(flat, offsets)):
+                out[k] = part.reshape(g.shape)
+        bucket, size = [], 0
+
+    for dtype in dict.fromkeys(g.dtype for _, g in leaves):
+        for k, g in leaves:
+            if g.dtype != dtype:
+                continue
+            if size and size + g.nbytes > bucket_bytes:
+                flush()
+            bucket.append((k, g))
+            size += g.nbytes
+        flush()
+    return tree_unflatten([(k, out[k]) for k, _ in leaves])
+
+
+def _broadcast_tree(dist, tree):
+    """Rank 0's arrays of `tree` on every rank, matched by name (the ranks may hold the same
+    names in another order: one loaded them from a file, the other built them)."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    flat = dict(tree_flatten(tree))
+    return tree_unflatten([(k, dist.broadcast(flat[k])) for k in sorted(flat)])
 
 
 def save_arrays_atomic(path: Path, arrays: dict, metadata: dict | None = None) -> None:
@@ -33,8 +86,11 @@ class MLXBackend(BackendBase):
     def __init__(self, cfg):
         import mlx.core as mx
 
+        from ..distributed import mlx_group
+
         self.cfg = cfg
         self.mx = mx
+        self.dist = mlx_group()  # under mlx.launch: this rank of the group; else SINGLE
         self.model = None
         self._head = None
         self.optimizer = None
@@ -108,8 +164,15 @@ class MLXBackend(BackendBase):
         return model(inputs)[:, -keep:]
 
     def to_arrays(self, arrays: dict) -> dict:
+        """NumPy -> MLX arrays; under mlx.launch, this rank's rows of batch-major arrays."""
         mx = self.mx
-        return {k: (mx.array(v) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+        return {k: (mx.array(self.dist.shard(v)) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+
+    def grad_bytes(self) -> int:
+        """Bytes of the gradients one update sums over the ranks."""
+        from mlx.utils import tree_flatten
+
+        return int(sum(v.nbytes for _, v in tree_flatten(self.model.trainable_parameters())))
 
     # ------------------------------------------------------------------ optimisation
     def schedule(self):
@@ -138,13 +201,15 @@ class MLXBackend(BackendBase):
 
     def build_step(self, objective):
         """Compile one micro-step: loss, grads; on `update`, divide the accumulated grads by
-        the accumulated token count once, clip, and apply AdamW."""
+        the accumulated token count once, clip, and apply AdamW. Under mlx.launch the loss sums
+        and token counts are summed over the ranks at every micro-step, the gradients at the
+        update (before the division, so it is by the global token count)."""
         import mlx.core as mx
         import mlx.nn as nn
         import mlx.optimizers as optim
         from mlx.utils import tree_map
 
-        cfg, model = self.cfg, self.model
+        cfg, model, dist = self.cfg, self.model, self.dist
         if self.optimizer is None:
             self.init_optimizer()
 
@@ -154,12 +219,17 @@ class MLXBackend(BackendBase):
                 return s, (n, parts)
 
             (s, (n, parts)), grads = nn.value_and_grad(model, f)(model, batch)
+            if dist.world > 1:  # every rank's loss sums and token counts: the logged numbers, the divisor
+                tot = dist.all_reduce(mx.stack([v.astype(mx.float32) for v in (s, n, *parts.values())]))
+                s, n, parts = tot[0], tot[1], dict(zip(parts, tot[2:]))
             if acc is not None:
                 grads = tree_map(lambda a, g: a + g, acc, grads)
                 n_tot = acc_n + n
             else:
                 n_tot = n
             if update:
+                if dist.world > 1:
+                    grads = sum_over_ranks(grads, dist.all_reduce)
                 grads = tree_map(lambda g: g / mx.maximum(n_tot, 1.0), grads)
                 if cfg.max_grad_norm > 0:
                     grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
@@ -175,16 +245,20 @@ class MLXBackend(BackendBase):
         self._state = [model.state, self.optimizer.state, mx.random.state]
 
     def train_step(self, arrays: dict, update: bool, micro: int = 0) -> dict:
-        # Dropout's RNG is a pure function of (seed, micro-batch index): a resumed run draws
+        # Dropout's RNG is a pure function of (seed, micro-batch index[, rank]): a resumed run draws
         # exactly the masks the uninterrupted run would have (MLX cannot restore a saved key).
-        self.mx.random.seed(self.cfg.seed * 1_000_003 + micro)
+        self.mx.random.seed((self.cfg.seed * 1_000_003 + micro) * self.dist.world + self.dist.rank)
         s, n, parts, self._acc, self._acc_n = self._step(self.to_arrays(arrays), self._acc, self._acc_n, update)
         self.mx.eval(self._state, s, n, parts, self._acc, self._acc_n)
         return {"loss_sum": s.item(), "ntokens": n.item(), **{k: v.item() for k, v in parts.items()}}
 
     def eval_step(self, objective, arrays: dict) -> dict:
+        mx = self.mx
         s, n, parts = objective(self.model, self.to_arrays(arrays))
-        self.mx.eval(s, n, parts)
+        if self.dist.world > 1:  # summed over the ranks, as in `train_step`
+            tot = self.dist.all_reduce(mx.stack([v.astype(mx.float32) for v in (s, n, *parts.values())]))
+            s, n, parts = tot[0], tot[1], dict(zip(parts, tot[2:]))
+        mx.eval(s, n, parts)
         return {"loss_sum": s.item(), "ntokens": n.item(), **{k: v.item() for k, v in parts.items()}}
 
     def train_mode(self, on: bool) -> None:
@@ -219,10 +293,23 @@ class MLXBackend(BackendBase):
         return [out[u] for u in uids]
 
     def sample(self, prompts: list, max_tokens: list, temperature: float, top_p: float, key: int) -> list:
-        """On-policy rollouts by the live model (`mlx_distill.rollouts.sample`); the caller sets eval mode."""
-        from ..rollouts import sample
+        """On-policy rollouts by the live model (`mlx_distill.rollouts.sample`); the caller sets eval mode.
 
-        return sample(self.model, self.tokenizer, prompts, max_tokens, temperature, top_p, key)
+        Under mlx.launch each rank samples its rows ``rank::world`` of the prompts (with its own
+        key) and the ranks exchange them, so every rank returns the same rollouts of all the
+        prompts (and then takes its rows of the batch built from them, `to_arrays`)."""
+        from ..rollouts import Rollout, sample
+
+        dist = self.dist
+        if dist.world == 1:
+            return sample(self.model, self.tokenizer, prompts, max_tokens, temperature, top_p, key)
+        caps = list(max_tokens) if isinstance(max_tokens, (list, tuple)) else [int(max_tokens)] * len(prompts)
+        mine = list(range(dist.rank, len(prompts), dist.world))
+        rolls = sample(self.model, self.tokenizer, [prompts[i] for i in mine], [caps[i] for i in mine], temperature,
+                       top_p, key * dist.world + dist.rank) if mine else []
+        # the finished flag travels as one more integer at the end of each row
+        rows = dist.gather_rows({i: [*r.tokens, int(r.finished)] for i, r in zip(mine, rolls)}, len(prompts))
+        return [Rollout(tokens=row[:-1], finished=bool(row[-1])) for row in rows]
 
     def peak_memory_gb(self) -> float:
         return self.mx.get_peak_memory() / 1e9
@@ -248,16 +335,26 @@ class MLXBackend(BackendBase):
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, folder: Path) -> dict:
-        from mlx.utils import tree_unflatten
+        """Restore adapter, optimizer and loop state; under mlx.launch rank 0 reads `folder` and
+        the other ranks receive its arrays and state (they need no copy of the run folder)."""
+        from mlx.utils import tree_flatten, tree_unflatten
 
         from ..io import InputError, complete_dir
 
-        mx = self.mx
-        found = complete_dir(folder)
-        if found is None:
-            raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
-        folder = found
-        self.model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
-        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        mx, dist = self.mx, self.dist
+        state = None
+        if dist.is_main:
+            found = complete_dir(folder)
+            if found is None:
+                raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
+            folder = found
+            self.model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
+            self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+            state = json.loads((folder / "state.json").read_text())
+        if dist.world > 1:
+            weights = _broadcast_tree(dist, self.model.trainable_parameters())
+            self.model.load_weights(tree_flatten(weights), strict=False)
+            self.optimizer.state = _broadcast_tree(dist, self.optimizer.state)
+            state = dist.broadcast_json(state)
         mx.eval(self.model.parameters(), self.optimizer.state)
-        return json.loads((folder / "state.json").read_text())
+        return state

@@ -30,8 +30,8 @@ Multi-GPU (``torchrun``; WORLD_SIZE > 1): every rank sees the same micro-batch s
 takes the rows ``rank::world`` of each micro-batch; at the update the summed gradients and
 token counts are all-reduced, so the step is the single-process step on the whole batch
 (not DDP's average of per-rank means). Loss sums are all-reduced too, so every rank logs the
-same numbers. Only rank 0 writes the run folder; other ranks keep theirs under
-``<out>/ranks/<rank>/``. World, rank, the row split, the all-reduce and the folder of each rank
+same numbers. Only rank 0 writes the run folder (and reads it on resume, handing the state to
+the other ranks). World, rank, the row split, the all-reduce and the rank-0-only writes
 come from `mlx_distill.distributed` (`torch_group`)::
 
     torchrun --nproc-per-node 4 -m mlx_distill train --backend torch --model PATH --data DIR --out runs/x
@@ -392,22 +392,33 @@ class TorchBackend(BackendBase):
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
     def load_checkpoint(self, folder: Path) -> dict:
-        """Resume from a checkpoint written by this backend or by the MLX one."""
+        """Resume from a checkpoint written by this backend or by the MLX one. Under torchrun rank 0
+        reads `folder` and the other ranks receive its weights, optimizer and loop state."""
         from safetensors.torch import load_file
 
         from ..io import InputError, complete_dir
 
-        found = complete_dir(folder)
-        if found is None:
-            raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
-        folder = found
-        self.set_adapter_weights(load_file(str(folder / "adapters.safetensors")))
-        opt = load_file(str(folder / "optimizer.safetensors"))
-        self.opt_step = int(opt["step"].item())
-        for n, p, t in self.params:
-            m, v = opt[f"{n}.m"], opt[f"{n}.v"]
-            self.opt_state[n] = ((m.T if t else m).contiguous().to(p), (v.T if t else v).contiguous().to(p))
-        return json.loads((folder / "state.json").read_text())
+        dist, state = self.dist, None
+        if dist.is_main:
+            found = complete_dir(folder)
+            if found is None:
+                raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
+            folder = found
+            self.set_adapter_weights(load_file(str(folder / "adapters.safetensors")))
+            opt = load_file(str(folder / "optimizer.safetensors"))
+            self.opt_step = int(opt["step"].item())
+            for n, p, t in self.params:
+                m, v = opt[f"{n}.m"], opt[f"{n}.v"]
+                self.opt_state[n] = ((m.T if t else m).contiguous().to(p), (v.T if t else v).contiguous().to(p))
+            state = json.loads((folder / "state.json").read_text())
+        if dist.world > 1:
+            with self.torch.no_grad():
+                for n, p, _ in self.params:  # the same order on every rank: the model's
+                    p.copy_(dist.broadcast(p.detach().clone()))
+                    self.opt_state[n] = tuple(dist.broadcast(x.clone()) for x in self.opt_state[n])
+            self.opt_step = int(dist.broadcast_json(self.opt_step))
+            state = dist.broadcast_json(state)
+        return state
 
 
 def _adamw_(p, g, m, v, lr: float, wd: float) -> None:
