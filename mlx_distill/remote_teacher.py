@@ -290,18 +290,24 @@ class RemoteTeacher:
     def _why(e: BaseException) -> str:
         return f"{getattr(e, 'kind', type(e).__name__)}: {str(e)[:200]}"
 
-    def top_m(self, inputs: np.ndarray, m: int, start: int = 0,
-              lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def top_m(self, inputs: np.ndarray, m: int, start: int = 0, lengths: np.ndarray | None = None,
+              targets: np.ndarray | None = None) -> tuple:
         """`logits.Teacher.top_m` over the server: inputs (B, L) -> ids (B, L - start, M) int32 and logprobs
         float32, sorted descending. Only each row's first `lengths[r]` ids are sent (padding never is), with
-        one filler id after them: its prompt entry is the prediction after the last input. Rows whose request
-        failed for good are zeros and listed in `self.failures` {row: why}; `self.stalled` says every
-        row failed after its retries (connections, timeouts, 5xx: the servers are unwell, not the prompts)."""
+        one more id after them: its prompt entry is the prediction after the last input. That id is the
+        row's last target when `targets` (B, L: the tokens actually there) is given, and a third array,
+        the log-probability of each actual next token (B, L - start) float32, is returned (vLLM reports
+        every prompt token's own log-probability beside the top-k, so this costs nothing); without
+        `targets` it is a filler. Rows whose request failed for good are zeros and listed in
+        `self.failures` {row: why}; `self.stalled` says every row failed after its retries (connections,
+        timeouts, 5xx: the servers are unwell, not the prompts)."""
         B, L = inputs.shape
         lengths = np.full(B, L) if lengths is None else np.asarray(lengths)
-        rows = [inputs[r, : lengths[r]].tolist() + [int(inputs[r, 0])] for r in range(B)]
+        last = [int(targets[r, lengths[r] - 1]) if targets is not None else int(inputs[r, 0]) for r in range(B)]
+        rows = [inputs[r, : lengths[r]].tolist() + [last[r]] for r in range(B)]
         ids = np.zeros((B, L - start, m), np.int32)
         lps = np.full((B, L - start, m), -np.inf, np.float32)
+        act = np.full((B, L - start), np.nan, np.float32)
         self.failures = {}
         results = self.score_rows(rows, m)
         self.stalled = all(getattr(x, "retryable", False) for x in results)
@@ -311,7 +317,8 @@ class RemoteTeacher:
                 continue
             n = int(lengths[r])
             ids[r, : n - start], lps[r, : n - start] = res[0][start:n], res[1][start:n]
-        return ids, lps
+            act[r, : n - start] = res[2][start:n]
+        return (ids, lps, act) if targets is not None else (ids, lps)
 
     def score(self, tokens: np.ndarray, top_k: int, start: int = 0):
         """`sources.Teacher.score` over the server: teacher-forced scores of `tokens` (B, L) at positions

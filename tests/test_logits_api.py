@@ -197,6 +197,10 @@ def assert_same_store(a_dir, b_dir, ids_agree=0.98, examples=None):
         d = np.abs(la - lb)[eq]
         tol = 2.0 ** -10 * np.maximum(np.abs(la), np.abs(lb))[eq] + 2e-3  # float16 keeps 11 significant bits
         assert np.all(d <= tol), (eid, float(d.max()))
+        # the log-probability of each actual next token (the cross-tokenizer span signal): every row known
+        xa, xb = a.token_logprobs(eid), b.token_logprobs(eid)
+        assert not np.isnan(xb).any(), eid
+        np.testing.assert_allclose(xb, xa, atol=2e-3, rtol=2e-3)
         worst = max(worst, float(d.max()) if d.size else 0.0)
         assert np.all(np.diff(lb, axis=-1) <= 0)
     assert same / total >= ids_agree, same / total
