@@ -135,7 +135,15 @@ class TrainConfig:
                                  "positions only (kd_coverage in metrics.jsonl), and a run whose batches carry no "
                                  "teacher target for a whole --val-every interval stops whatever this threshold.")
     kd_teacher: str = opt("", "Online KD: a teacher model held in memory that scores each batch as it is trained "
-                          "(instead of --kd; another tokenizer is aligned as with --kd, see --kd-align).")
+                          "(instead of --kd; another tokenizer is aligned as with --kd, see --kd-align), or 'api': "
+                          "a vLLM server scores them (--kd-teacher-base-url, --kd-teacher-model, "
+                          "--kd-teacher-tokenizer; see `logits --teacher api`).")
+    kd_teacher_base_url: str = opt("", "--kd-teacher api: the vLLM server(s) (OpenAI-compatible /v1 endpoint; several "
+                                   "URLs are one pool).", nargs="+")
+    kd_teacher_model: str = opt("", "--kd-teacher api: the served model name (empty: the server's only model).")
+    kd_teacher_tokenizer: str = opt("", "--kd-teacher api: a folder or Hub id holding the served model's tokenizer "
+                                    "(checked against the server's token ids; empty: the student's --model, for a "
+                                    "teacher of the student's family).")
     # on-policy distillation, GKD (issue 11); kd_beta is `beta` in a YAML `kd:` section
     on_policy_fraction: float = opt(0.0, "Share lambda in [0, 1] of micro-batches built from the student's own "
                                     "rollouts (sampled from the corpus prompts by the model being trained, scored "

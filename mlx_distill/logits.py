@@ -857,7 +857,7 @@ class OnlineTeacher:
     alignment_summary = TopMStore.alignment_summary
 
     def batch_arrays(self, batch, top_k: int) -> dict:
-        ids, lps = self.teacher.top_m(batch.tokens[:, :-1], top_k)
+        ids, lps = self.teacher.top_m(batch.tokens[:, :-1], top_k, lengths=np.asarray(batch.lengths) - 1)
         outside = ids >= self.vocab_size
         return {"kd_ids": np.where(outside, 0, ids).astype(np.int32),
                 "kd_logits": np.where(outside, -np.inf, lps).astype(np.float32)}
@@ -1009,8 +1009,13 @@ def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: i
     if cfg.kd_align not in align.MODES:
         raise InputError(f"--kd-align must be one of {', '.join(align.MODES)}, got {cfg.kd_align!r}")
     v = vocab_size or student_vocab_size(cfg, tokenizer)
-    if cfg.kd_teacher:
+    if cfg.kd_teacher == "api":
+        from .remote_teacher import RemoteTeacher
+
+        teacher = RemoteTeacher.for_training(cfg)
+    elif cfg.kd_teacher:
         teacher = Teacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
+    if cfg.kd_teacher:
         same = tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher.tokenizer)
         if cfg.kd_align == "exact" and not same:
             raise InputError(f"--kd-align exact: the tokenizer of --kd-teacher {cfg.kd_teacher} differs from the "

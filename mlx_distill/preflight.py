@@ -252,7 +252,7 @@ def for_run(cfg, backend, examples) -> Estimate:
     dims_cfg = _read_config(backend.model_path)
     weights, trainable, s = model_bytes(backend)
     est_kw = {"kd_store": _folder_weights(cfg.kd_dir)} if cfg.kd_dir and Path(cfg.kd_dir).is_dir() else {}
-    if cfg.kd_teacher:
+    if cfg.kd_teacher and cfg.kd_teacher != "api":  # a server's teacher takes no memory here
         try:
             from .models import resolve_model
 

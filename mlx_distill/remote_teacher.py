@@ -140,6 +140,7 @@ class RemoteTeacher:
 
     backend = "api"
     adapter = ""
+    raise_on_failure = False  # `logits` records failed rows (incomplete run); training raises instead
 
     def __init__(self, base_url, model: str = "", tokenizer: str = "", api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, max_retries: int = 6, timeout: float = 600.0, score_vocab: int | None = None):
@@ -170,6 +171,19 @@ class RemoteTeacher:
         self.cap: int | None = None  # the server's --max-logprobs, when it told us
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_training(cls, cfg) -> "RemoteTeacher":
+        """`train --kd-teacher api ...` (a TrainConfig): online or on-policy KD scored by the server. A row the
+        server cannot score raises (a training step cannot go on without its teacher)."""
+        t = cls(cfg.kd_teacher_base_url, cfg.kd_teacher_model, cfg.kd_teacher_tokenizer or cfg.model)
+        try:
+            t.verify(cfg.kd_top_k)
+        except BaseException:
+            t.close()
+            raise
+        t.raise_on_failure = True
+        return t
 
     @classmethod
     def from_config(cls, cfg) -> "RemoteTeacher":
@@ -318,6 +332,12 @@ class RemoteTeacher:
             n = int(lengths[r])
             ids[r, : n - start], lps[r, : n - start] = res[0][start:n], res[1][start:n]
             act[r, : n - start] = res[2][start:n]
+        if self.failures and self.raise_on_failure:
+            from .generation.clients import ClientError
+
+            r, why = next(iter(self.failures.items()))
+            raise ClientError(f"the remote teacher {self.name} could not score {len(self.failures)} of {B} rows; "
+                              f"first: {why}", kind="teacher")
         return (ids, lps, act) if targets is not None else (ids, lps)
 
     def score(self, tokens: np.ndarray, top_k: int, start: int = 0):

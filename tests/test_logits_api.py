@@ -357,6 +357,41 @@ def test_on_policy_rollouts_scored_by_a_remote_teacher(tiny_model):
     np.testing.assert_allclose(a["kd_logits"], want.logprobs, atol=1e-4)
 
 
+def test_train_kd_teacher_api_serves_the_online_teacher_arrays(tiny_model, corpus, tmp_path, capsys):
+    """`train --kd-teacher api`: online KD scored by the server gives the in-memory teacher's arrays, and a
+    short run trains on them (the manifest names the server's alignment)."""
+    from mlx_distill.logits import kd_setup
+
+    common = dict(model=str(tiny_model), data=str(corpus), max_seq_length=512, prompt_template=TEMPLATE,
+                  kd_top_k=6, lora_layers=1)
+    tok = logits.Teacher(str(tiny_model)).tokenizer
+    exs = load_all_examples(lcfg(corpus, "unused", teacher=str(tiny_model)), tok)[:4]
+    batch = data.collate(exs, list(range(4)), data.pad_id_of(tok))
+    local = kd_setup(build(TrainConfig, dict(kd_teacher=str(tiny_model), **common)), {"train": exs}, tok)
+    want = local.batch_arrays(batch, 6)
+    with VLLMStandIn(tiny_model) as srv:
+        cfg = build(TrainConfig, dict(kd_teacher="api", kd_teacher_base_url=[srv.base_url], kd_teacher_model="tiny",
+                                      **common))
+        remote = kd_setup(cfg, {"train": exs}, tok)
+        try:
+            got = remote.batch_arrays(batch, 6)
+        finally:
+            remote.teacher.close()
+        mask = np.asarray(data.loss_mask(batch))[..., None] > 0
+        assert (np.where(mask, got["kd_ids"] == want["kd_ids"], True)).mean() > 0.98
+        np.testing.assert_allclose(np.where(mask, got["kd_logits"], 0), np.where(mask, want["kd_logits"], 0), atol=1e-4)
+        summary = train.run(build(TrainConfig, dict(kd_teacher="api", kd_teacher_base_url=[srv.base_url],
+                                                    out=str(tmp_path / "run"), iters=2, batch_size=4, val_every=2,
+                                                    report_every=1, save_every=2, kd_alpha=0.5, **common)), quiet=True)
+    assert summary["last_iter"] == 2
+    err = capsys.readouterr().err
+    assert "online teacher api" in err
+    man = read_json(tmp_path / "run" / "manifest.json")
+    assert man["kd_alignment"]["train"]["mode"] == "exact" and man["kd_alignment"]["train"]["coverage"] == 1.0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("kd_loss") is not None and np.isfinite(r["kd_loss"]) for r in rows)
+
+
 # ----------------------------------------------------------------------------- a real vLLM server (slow)
 VLLM_PYTHON = os.environ.get("MLX_DISTILL_VLLM_PYTHON", "")
 VLLM_URL = os.environ.get("MLX_DISTILL_VLLM_URL", "")
