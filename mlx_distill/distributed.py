@@ -79,6 +79,11 @@ class Group:
             return bool(flag)
         return bool(self.sum_numpy(np.array([1 if flag else 0], np.int32))[0] > 0)
 
+    def barrier(self) -> None:
+        """Wait until every rank is here: the other ranks leave only after rank 0's writes (a
+        launcher stops every rank as soon as one exits with an error, a Ctrl-C included)."""
+        self.any(False)
+
     def gather_rows(self, rows: dict, n: int) -> list:
         """`n` rows of integers spread over the ranks (row i held by exactly one rank, as
         ``{i: [ints]}``) -> all `n` rows, in order, on every rank."""

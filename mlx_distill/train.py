@@ -544,6 +544,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 checkpoint()
                 dist.main_only(write_manifest, out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
                                status="interrupted", result={"last_iter": st.step, "best_iter": st.best_iter})
+                dist.barrier()  # no rank exits (stopping the launch) before rank 0 has written
                 raise KeyboardInterrupt
         finally:
             # a KeyboardInterrupt from a second Ctrl-C writes no checkpoint: the state may be mid-step
