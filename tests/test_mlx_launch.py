@@ -189,6 +189,14 @@ else:  # rank-sharded on-policy rollouts: every rank returns all of them, identi
     # rank r's rows are its own sample of its shard, with key 11 * world + r
     mine = sample(b.model, b.tokenizer, prompts[r::2], caps[r::2], 1.0, 1.0, 11 * 2 + r)
     out["mine"] = [[x.tokens, x.finished] for x in mine]
+    # a batch of one row on two ranks: rank 1 holds none and adds zeros (the model takes no empty batch)
+    from mlx_distill.train import sft_objective
+
+    one = {"inputs": np.array([[1, 2, 3, 4, 5]], np.int32), "targets": np.array([[2, 3, 4, 5, 6]], np.int32),
+           "mask": np.array([[0, 1, 1, 1, 1]], np.float32)}
+    got = b.eval_step(sft_objective(b.forward), one)
+    s, n, _ = sft_objective(b.forward)(b.model, {k: mx.array(v) for k, v in one.items()})
+    out["one_row"] = [got["loss_sum"], got["ntokens"], s.item(), n.item()]
 print("RESULT " + json.dumps(out), flush=True)
 """
 
@@ -218,10 +226,13 @@ def test_group_collectives_under_mlx_launch(tmp_path):
         assert d["grads"]["b"] == [3.0] * 5 and d["grads"]["c"] == [1.5]
 
 
-@pytest.mark.slow  # two ranks load the tiny model and sample (14-28 s on 2 cores at load 5-7)
-def test_on_policy_rollouts_sampled_by_shard_under_mlx_launch(tiny_model, tmp_path):
+@pytest.mark.slow  # two ranks load the tiny model and sample (14-46 s on 2 cores at load 5-8)
+def test_rollouts_by_shard_and_fewer_rows_than_ranks_under_mlx_launch(tiny_model, tmp_path):
     res = launch_collectives(tmp_path, 32571, str(tiny_model))
     assert res[0]["rolls"] == res[1]["rolls"] and len(res[0]["rolls"]) == 4
     for rank in (0, 1):
         assert res[rank]["rolls"][rank::2] == res[rank]["mine"]
     assert all(1 <= len(t) <= c for (t, _), c in zip(res[0]["rolls"], [6, 5, 4, 3]))
+    for d in res.values():  # the 1-row batch: every rank gets the single-process sums
+        loss_sum, ntokens, want_sum, want_n = d["one_row"]
+        assert ntokens == want_n == 4 and loss_sum == pytest.approx(want_sum, rel=1e-6)

@@ -165,8 +165,14 @@ class MLXBackend(BackendBase):
 
     def to_arrays(self, arrays: dict) -> dict:
         """NumPy -> MLX arrays; under mlx.launch, this rank's rows of batch-major arrays."""
-        mx = self.mx
-        return {k: (mx.array(self.dist.shard(v)) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+        mx, dist = self.mx, self.dist
+        mine = {k: (dist.shard(v) if isinstance(v, np.ndarray) else v) for k, v in arrays.items()}
+        if dist.world > 1 and "mask" in mine and mine["mask"].shape[0] == 0:
+            # more ranks than rows: this rank runs row 0 with every position masked, adding zeros
+            # to the sums while it joins the all-reduces (the model takes no empty batch)
+            mine = {k: (v[:1] if isinstance(v, np.ndarray) and v.ndim else v) for k, v in arrays.items()}
+            mine["mask"] = np.zeros_like(mine["mask"])
+        return {k: (mx.array(v) if isinstance(v, np.ndarray) else v) for k, v in mine.items()}
 
     def grad_bytes(self) -> int:
         """Bytes of the gradients one update sums over the ranks."""
