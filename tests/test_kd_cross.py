@@ -118,7 +118,7 @@ def test_the_pair_splits_completions_differently(tiny_model, tiny_metaspace):
 # tokenizer, loaded as transformers loads a qwen2 model, splits digits one by one, and a student
 # that must emit a two-digit piece learns a 90-way table that 300 steps of SFT did not.)
 DIGITS = "0123456789"
-CODES = ["ba", "ce", "di", "fo", "gu", "ha", "ji", "ko", "lu", "mo"]
+CODES = ["ba", "ce", "di", "fo", "gu", "ha", "ji", "ko", "lu", "nu"]  # no pair the student merges ("mo" of "model")
 
 
 def toy_problems(rng, n: int) -> list[str]:
@@ -215,3 +215,127 @@ def _score(model_dir, problems, adapter=None, steps: int = 3) -> tuple[float, fl
             ans = full[i][width: full[i].index(eot, width)]  # the answer, up to the end of turn
             mass[i] = np.exp(sum(lp[r, width - 1 + k, t] for k, t in enumerate(ans)))
     return float(hit.mean()), float(mass.mean())
+
+
+def _tokenizers(tmp):
+    """The pair for the toy task: the teacher's byte-level BPE knows every code as one token;
+    the student's Metaspace BPE is trained on the problems and the alphabet, not on the codes."""
+    import random
+
+    from mlx_distill.tiny import build_tokenizer
+
+    build_tokenizer(tmp / "ttok", texts=[DIGITS] + ["user\nassistant\nsystem\n"] * 50 + [" ".join(CODES)] * 20,
+                    vocab_size=261 + 40)
+    srng = random.Random(7)
+    build_tokenizer(tmp / "stok", kind="metaspace", vocab_size=150,
+                    texts=[f"user\n{p}\nmodel\nx" for p in toy_problems(srng, 300)]
+                    + [" ".join("abcdefghijklmnopqrstuvwxyz")])
+    t, s = _hf_tok(tmp / "ttok"), _hf_tok(tmp / "stok")
+    for code in CODES:  # every answer a span: one teacher token, two student tokens
+        assert len(t.encode(code, add_special_tokens=False)) == 1, code
+        assert s.convert_ids_to_tokens(s.encode(f"\n{code}", add_special_tokens=False))[-2:] == list(code), code
+    return tmp / "ttok", tmp / "stok"
+
+
+def cross_kd_experiment(tmp, seeds, modes=("sft", "kd", "matched"), teacher_iters=200, pre_iters=50, iters=100,
+                        weak_share=0.5, alpha=2.0):
+    """Teacher -> corpus (half weak-source traces) -> `logits` -> per seed a pre-trained student
+    trained by `train` in each mode: "sft", "kd" (the default --kd-align, auto) or a --kd-align
+    mode. Returns (teacher score, {mode: [(greedy accuracy, p(right answer)) per seed]},
+    {mode: the run manifest's kd_alignment})."""
+    import random
+    import shutil
+
+    from mlx_distill import train
+    from mlx_distill.config import LogitsConfig, TrainConfig, build
+    from mlx_distill.logits import extract
+    from mlx_distill.tiny import build_model
+
+    rng = random.Random(0)
+    ttok, stok = _tokenizers(tmp)
+    t0 = build_model(tmp / "t0", tokenizer_dir=ttok, seed=0, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    teacher = _direct_train(t0, tmp / "teacher", teacher_iters, 2e-3, right_answer, rng)
+    held_out = toy_problems(rng, 400)
+    t_score = _score(teacher, held_out)
+
+    train_p, valid_p = toy_problems(rng, 200), toy_problems(rng, 100)
+    traces = [weak_answer(p) if rng.random() < weak_share else right_answer(p) for p in train_p]
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "train.jsonl", [{"id": f"t{i}", "prompt": p, "completion": c}
+                                         for i, (p, c) in enumerate(zip(train_p, traces))])
+    write_jsonl(corpus / "valid.jsonl", [{"id": f"v{i}", "prompt": p, "completion": right_answer(p)}
+                                         for i, p in enumerate(valid_p)])
+    (tmp / "plain.txt").write_text("{question}")
+    common = dict(data=str(corpus), prompt_template=str(tmp / "plain.txt"), max_seq_length=64)
+    extract(build(LogitsConfig, dict(teacher=str(teacher), out=str(tmp / "logits"), top_m=10, batch_size=50,
+                                     **common)), quiet=True)
+
+    results, alignment = {m: [] for m in modes}, {}
+    for seed in seeds:
+        s0 = build_model(tmp / f"s0-{seed}", tokenizer_dir=stok, seed=100 + seed, hidden=48, layers=2, heads=4,
+                         kv_heads=2, intermediate=96)
+        # pre-training stand-in: answer with the code of a random listed digit (the format, no rule)
+        student = _direct_train(s0, tmp / f"student{seed}", pre_iters, 3e-3,
+                                lambda p: CODES[int(rng.choice(p.split()))], rng)
+        for mode in modes:
+            kd = {} if mode == "sft" else dict(kd_dir=str(tmp / "logits"), kd_alpha=alpha, kd_temperature=1.0,
+                                               kd_top_k=10, kd_min_coverage=0.0)
+            if mode not in ("sft", "kd"):
+                kd["kd_align"] = mode
+            out = tmp / f"{mode}{seed}"
+            train.run(build(TrainConfig, dict(model=str(student), out=str(out), fine_tune_type="full", lora_layers=-1,
+                                              iters=iters, batch_size=16, learning_rate=3e-3, warmup=10,
+                                              val_every=iters, report_every=50, save_every=1000, patience=0,
+                                              seed=seed, **common, **kd)), quiet=True)
+            # the last state: early stopping on a valid split of right answers would hand SFT
+            # the teacher's rule through the back door
+            last = tmp / f"{mode}{seed}-last"
+            last.mkdir()
+            shutil.copy(out / "adapter_config.json", last)
+            shutil.copy(out / "checkpoints" / "last" / "adapters.safetensors", last)
+            results[mode].append(_score(student, held_out, adapter=last))
+            if mode != "sft":
+                alignment[mode] = read_json(out / "manifest.json")["kd_alignment"]
+    return t_score, results, alignment
+
+
+@pytest.mark.slow
+def test_cross_tokenizer_kd_beats_sft_on_a_toy_task(tmp_path):
+    """The toy task above (code word of the first digit; half the traces by a weak source's
+    rule), teacher (qwen2, hidden 64, byte-level BPE, ChatML) trained to 100%; per seed a student
+    (llama, hidden 48, Metaspace BPE, <start_of_turn> template; 50 steps of format-only
+    pre-training) trains 100 steps (batch 16, lr 3e-3, full fine-tuning) with SFT, SFT + KD
+    with the default alignment (auto = matched + spans; K = 10, T = 1, alpha = 2), or SFT + KD
+    with --kd-align matched (the ablation). Scored at the last step on 400 held-out problems:
+    greedy accuracy (the code of the first digit; SFT's expected ceiling is ~0.5, one rule per
+    source) and the probability of the right answer.
+
+    Stated margins over 3 seeds: default KD beats SFT by >= 0.2 mean greedy accuracy and
+    >= 0.15 mean p(right), in every seed; the ablation's spans term is what does it: default
+    KD beats matched-only KD by >= 0.2 mean accuracy. Every answer is a span here (one teacher
+    token, two student tokens), so matched positions carry only the end of turn and matched-only
+    KD stays at SFT's level (not asserted: it is a tie).
+    Measured (2-core Linux CPU under load ~6 from other jobs, 61-70 s, the same numbers twice):
+    greedy accuracy per seed SFT 0.575/0.315/0.468 (mean 0.452, p 0.283), KD 0.965/0.978/0.842
+    (mean 0.928, p 0.642), matched only 0.555/0.492/0.560 (mean 0.536, p 0.321). Seeds 3-6 as a
+    check (`cross_kd_experiment(tmp, seeds=(3, 4, 5, 6))`): SFT mean 0.510 (p 0.269), KD 0.959
+    (p 0.707), matched only 0.537 (p 0.304); KD above SFT in all 7 seeds, by >= 0.29. Alignment
+    of the train split: 800 completion positions, 50% matched (the end of turn and the newline
+    after it), 50% spans, 0% none; with --kd-align matched the spans become none (coverage 50%)."""
+    t_score, res, alignment = cross_kd_experiment(tmp_path, seeds=(0, 1, 2))
+    assert t_score[0] > 0.95 and t_score[1] > 0.9, t_score
+    sft, kd, matched = (np.array(res[k]) for k in ("sft", "kd", "matched"))
+    table = (f"teacher {t_score[0]:.3f}/{t_score[1]:.3f} | (greedy acc, p(right)) per seed: "
+             + " | ".join(f"{k} {np.round(v, 3).tolist()} mean {np.round(np.mean(v, 0), 3).tolist()}"
+                          for k, v in res.items()))
+    print(table)
+    print("kd_alignment:", json.dumps(alignment))
+    train = alignment["kd"]["train"]
+    assert train["mode"] == "spans" and train["coverage"] == 1.0, train  # auto across tokenizers = spans
+    assert train["classes"]["spans"] == train["classes"]["matched"] == train["positions"] // 2, train
+    assert alignment["matched"]["train"]["classes"]["none"] == train["positions"] // 2
+    assert kd[:, 0].mean() - sft[:, 0].mean() >= 0.2, table
+    assert kd[:, 1].mean() - sft[:, 1].mean() >= 0.15, table
+    assert np.all(kd[:, 0] > sft[:, 0]), table
+    assert kd[:, 0].mean() - matched[:, 0].mean() >= 0.2, table
