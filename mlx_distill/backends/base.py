@@ -24,7 +24,7 @@ class Backend(Protocol):
     name: str  # "mlx" | "torch"
     model_path: str  # the resolved model folder (set by `load`)
     tokenizer: Any  # the model's tokenizer (set by `load`); `selection` decodes with it
-    dist: Group  # ranks: world, rank, all-reduce, the folder this rank writes (`mlx_distill.distributed`)
+    dist: Group  # ranks: world, rank, all-reduce, broadcast; rank 0 alone writes (`mlx_distill.distributed`)
 
     # model
     def load(self) -> tuple[Any, Any]:
