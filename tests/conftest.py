@@ -63,3 +63,12 @@ def tiny_metaspace(tmp_path_factory) -> Path:
     from mlx_distill.tiny import build_model
 
     return build_model(tmp_path_factory.mktemp("tiny_metaspace") / "model", kind="metaspace", seed=2)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The embedded SmolLM2-135M-Instruct as an mlx-lm folder (byte-level BPE, 49152 tokens, ChatML),
+    converted once into the cache (see tests/test_embedded.py); `--model smollm2` resolves to it."""
+    from mlx_distill.embedded import ensure_smollm2
+
+    return Path(ensure_smollm2())
