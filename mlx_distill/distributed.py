@@ -8,7 +8,8 @@ divides by the *global* token count, so a step equals the single-process step on
 batch and every rank logs the same numbers.
 
 Writes: rank 0 (`Group.is_main`) alone writes the run folder (metrics, checkpoints, adapters,
-manifest); the other ranks write nothing, so a run on several machines needs no shared disk.
+manifest); the other ranks write nothing, so a run on several machines needs no shared run
+folder (each machine still reads the model, the data and a ``--kd`` store at the same paths).
 Side effects that should happen once go through `Group.main_only`. On ``--resume`` rank 0
 reads the checkpoint and the backend hands its arrays and loop state to the other ranks
 (`Group.broadcast`, `Group.broadcast_json`), so every rank resumes the same state. A Ctrl-C
