@@ -42,6 +42,26 @@ def ddp_corpus(d):
     return d
 
 
+def run_session(cmd, timeout, **kw) -> subprocess.CompletedProcess:
+    """`subprocess.run(cmd, capture_output=True, text=True)` in a session of its own, whose whole process
+    group is killed afterwards: a launcher's ranks (mlx.launch, torchrun) never outlive a timeout or a
+    failed assertion as orphans spinning in a collective."""
+    import signal
+
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if p.poll() is None:
+            p.communicate()
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def run_one_and_two(args, out_one, out_two, launch, repo):
     """`python <args> --out out_one` as one process, then `<launch> <args> --out out_two` (a
     launcher starting 2 ranks); both must succeed. The environment (LD_PRELOAD, MLX_DISTILL_DATA,
@@ -50,8 +70,7 @@ def run_one_and_two(args, out_one, out_two, launch, repo):
     env.pop("WORLD_SIZE", None)
     runs = []
     for prefix, out in (([sys.executable], out_one), (launch, out_two)):
-        r = subprocess.run([*prefix, *args, "--out", str(out)], cwd=repo, env=env, stdin=subprocess.DEVNULL,
-                           capture_output=True, text=True, timeout=300)
+        r = run_session([*prefix, *args, "--out", str(out)], 300, cwd=repo, env=env)
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         runs.append(r)
     return runs

@@ -23,7 +23,7 @@ from mlx_distill.config import LogitsConfig, build
 from mlx_distill.io import read_jsonl
 from mlx_distill.paths import REPO
 
-from helpers import ddp_corpus, run_one_and_mlx_launch_two
+from helpers import ddp_corpus, run_one_and_mlx_launch_two, run_session
 
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="this MLX build has no distributed backend")
 
@@ -84,9 +84,8 @@ def test_mlx_launch_resume_continues_the_same_curve(sft_runs, tmp_path):
     five = [*args[:at], "--iters", "5", *args[at + 2:]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for extra, out in ((["--resume", "--extend"], "resumed"), (["--decay-iters", "3"], "straight")):
-        r = subprocess.run([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", "32541", "--",
-                            sys.executable, *five, *extra, "--out", str(tmp_path / out)], cwd=REPO, env=env,
-                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+        r = run_session([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", "32541", "--",
+                         sys.executable, *five, *extra, "--out", str(tmp_path / out)], 300, cwd=REPO, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
     resumed, straight = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("resumed", "straight"))
     assert [r["iter"] for r in resumed] == [r["iter"] for r in straight] == [0, 1, 2, 3, 4, 5]
@@ -120,7 +119,7 @@ def test_sigint_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_pa
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", "32581", "--",
                           sys.executable, *args, "--out", str(out)], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not ((out / "metrics.jsonl").exists() and len(read_jsonl(out / "metrics.jsonl")) >= 3):
@@ -128,9 +127,13 @@ def test_sigint_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_pa
             time.sleep(0.5)
         os.kill(_rank_pid(p.pid, 1), signal.SIGINT)
         _, err = p.communicate(timeout=240)
-    finally:
+    finally:  # the whole group: no rank may outlive the test
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if p.poll() is None:
-            p.kill()
+            p.communicate()
     # both ranks stopped (rank 1 exits first and mlx.launch then stops rank 0: only its writes,
     # before the barrier, are sure to have happened, so rank 0's own exit line is not asserted)
     assert "interrupted; everything finished so far is saved" in err, err[-3000:]
@@ -206,9 +209,8 @@ def launch_collectives(tmp_path, port, *argv) -> dict:
     script = tmp_path / "collectives.py"
     script.write_text(COLLECTIVES)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(port), "--",
-                        sys.executable, str(script), *argv], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                       capture_output=True, text=True, timeout=180)
+    r = run_session([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(port), "--",
+                     sys.executable, str(script), *argv], 180, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [x[len("RESULT "):] for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     res = {d["rank"]: d for d in map(json.loads, lines)}
