@@ -5,6 +5,11 @@ student's, on the same student and the same batch, side by side in one run.
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
         python scripts/bench_align.py --model smollm2 --n 48 --batch-size 4 --steps 8 --out runs/bench_align
 
+    # the other way round: SmolLM2 (49152 tokens) teaches a random tiny Metaspace student (the
+    # alignment and its vocabulary map for a real teacher vocabulary; a tiny model's step)
+    python scripts/bench_align.py --model tiny-metaspace --cross-teacher smollm2 --n 48 --batch-size 4 \
+        --steps 8 --out runs/bench_align_rev
+
     # smoke test (random 2-block models; the step numbers are meaningless):
     python scripts/bench_align.py --model tiny --n 8 --batch-size 2 --steps 2 --reps 2 --out runs/bench_align_smoke
 
@@ -78,7 +83,8 @@ def tiny(name: str, out: Path) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="student: model folder, hub id, 'smollm2', or 'tiny' (random)")
+    ap.add_argument("--model", default="smollm2", help="student: model folder, hub id, 'smollm2', or a random "
+                    "'tiny', 'tiny-metaspace', 'tiny-bytelevel'")
     ap.add_argument("--teacher", default="", help="same-tokenizer teacher (default: the student model)")
     ap.add_argument("--cross-teacher", default="tiny-metaspace",
                     help="teacher of another tokenizer: a model folder, 'tiny-metaspace' or 'tiny-bytelevel'")
@@ -106,8 +112,8 @@ def main():
 
     out = Path(args.out)
     corpus = first_records(args.data, args.n, out)
-    if args.model == "tiny":
-        args.model = tiny("tiny", out)
+    if args.model in ("tiny", "tiny-metaspace", "tiny-bytelevel"):
+        args.model = tiny(args.model, out)
     teacher = args.teacher or args.model
     cross_teacher = tiny(args.cross_teacher, out) if args.cross_teacher.startswith("tiny-") else args.cross_teacher
     print(f"blas: {blas.status()}")
