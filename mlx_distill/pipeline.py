@@ -64,7 +64,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -526,7 +525,7 @@ def write_report(recipe: Recipe, state: dict) -> Path:
         out += [recipe.description.strip(), ""]
     out += [f"- recipe: `{recipe.path}` (sha256 {state.get('recipe_sha256', '')[:12]})",
             f"- root: `{root}`", f"- written: {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
-            f"- state: [pipeline.json](pipeline.json)", "", "## Stages", "",
+            "- state: [pipeline.json](pipeline.json)", "", "## Stages", "",
             "| # | stage | command | status | seconds | output |", "|---|---|---|---|---|---|"]
     for i, st in enumerate(recipe.stages, 1):
         rec = st_state.get(st.name, {})

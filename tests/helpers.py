@@ -46,20 +46,25 @@ def run_session(cmd, timeout, **kw) -> subprocess.CompletedProcess:
     """`subprocess.run(cmd, capture_output=True, text=True)` in a session of its own, whose whole process
     group is killed afterwards: a launcher's ranks (mlx.launch, torchrun) never outlive a timeout or a
     failed assertion as orphans spinning in a collective."""
-    import signal
-
     p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, **kw)
     try:
         out, err = p.communicate(timeout=timeout)
     finally:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if p.poll() is None:
-            p.communicate()
+        kill_group(p)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """SIGKILL the process group of `p` (started with ``start_new_session=True``) and reap `p`."""
+    import signal
+
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if p.poll() is None:
+        p.communicate()
 
 
 def run_one_and_two(args, out_one, out_two, launch, repo):

@@ -23,7 +23,7 @@ from mlx_distill.config import LogitsConfig, build
 from mlx_distill.io import read_jsonl
 from mlx_distill.paths import REPO
 
-from helpers import ddp_corpus, run_one_and_mlx_launch_two, run_session
+from helpers import ddp_corpus, kill_group, run_one_and_mlx_launch_two, run_session
 
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="this MLX build has no distributed backend")
 
@@ -128,12 +128,7 @@ def test_sigint_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_pa
         os.kill(_rank_pid(p.pid, 1), signal.SIGINT)
         _, err = p.communicate(timeout=240)
     finally:  # the whole group: no rank may outlive the test
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        if p.poll() is None:
-            p.communicate()
+        kill_group(p)
     # both ranks stopped (rank 1 exits first and mlx.launch then stops rank 0: only its writes,
     # before the barrier, are sure to have happened, so rank 0's own exit line is not asserted)
     assert "interrupted; everything finished so far is saved" in err, err[-3000:]
