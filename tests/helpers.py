@@ -93,3 +93,54 @@ def run_one_and_mlx_launch_two(args, out_one, out_two, port, repo):
     launch = [str(Path(sys.executable).with_name("mlx.launch")), "--backend", "ring", "-n", "2",
               "--starting-port", str(port), "--", sys.executable]
     return run_one_and_two(args, out_one, out_two, launch, repo)
+
+
+def completion_batch(rows, plens):
+    """Token rows (lists of ids) and their prompt lengths -> right-padded tokens (B, L) int32 and the
+    loss mask (B, L - 1) float32 over each row's completion tokens."""
+    width = max(len(r) for r in rows)
+    x = np.array([list(r) + [0] * (width - len(r)) for r in rows], np.int32)
+    mask = np.zeros((len(rows), width - 1), np.float32)
+    for i, (pl, r) in enumerate(zip(plens, rows)):
+        mask[i, pl - 1: len(r) - 1] = 1.0
+    return x, mask
+
+
+def direct_train(src, dst, iters, lr, batch_fn, warmup, warmup_from):
+    """All-parameter training of the model folder `src` for `iters` AdamW steps (lr rising linearly from
+    `warmup_from` over `warmup` steps, then cosine to lr/10; gradients clipped to norm 1) on fresh
+    batches ``batch_fn(tokenizer) -> (tokens, loss mask)``, written as the model folder `dst`. The
+    learning tests' teachers and their students' pre-training: `train` keeps the embeddings frozen, as
+    mlx-lm does, which suits fine-tuning a pretrained model, not learning from scratch."""
+    import shutil
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+
+    from mlx_distill.losses import sft_loss
+
+    model, tok = load(str(src))
+    opt = optim.AdamW(optim.join_schedules([optim.linear_schedule(warmup_from, lr, warmup),
+                                            optim.cosine_decay(lr, iters - warmup, lr * 0.1)], [warmup]),
+                      weight_decay=0.0)
+
+    def loss(m, x, mask):
+        s, n = sft_loss(m(x[:, :-1]), x[:, 1:], mask)
+        return s / n
+
+    step = nn.value_and_grad(model, loss)
+    for _ in range(iters):
+        x, mask = batch_fn(tok)
+        _, g = step(model, mx.array(x), mx.array(mask))
+        g, _ = optim.clip_grad_norm(g, 1.0)
+        opt.update(model, g)
+        mx.eval(model.parameters(), opt.state)
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    return dst

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from mlx_distill import data
-from mlx_distill.io import read_json, read_jsonl
+from mlx_distill.io import read_json
 from mlx_distill.paths import REPO
 
-from helpers import arith_records, write_jsonl
+from helpers import arith_records, completion_batch, direct_train, write_jsonl
 
 TEMPLATE = str(REPO / "prompts" / "train_user.txt")
 
@@ -141,50 +141,14 @@ def _chat(tok, problem, answer=None):
 
 
 def _direct_train(src, dst, iters, lr, answer_fn, rng, batch=64):
-    """All-parameter training on fresh problems each step (the teacher, and the stand-in for a
-    student's pre-training); `train` runs the students' SFT / KD (see test_kd_train, whose
-    helper this mirrors for prompts of either tokenizer)."""
-    import shutil
+    """The teacher, and the stand-in for a student's pre-training (`helpers.direct_train`) on fresh
+    problems each step, for prompts of either tokenizer; `train` runs the students' SFT / KD."""
 
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
+    def make(tok):
+        ps = toy_problems(rng, batch)
+        return completion_batch([_chat(tok, p, answer_fn(p)) for p in ps], [len(_chat(tok, p)) for p in ps])
 
-    from mlx_distill.losses import sft_loss
-
-    model, tok = load(str(src))
-    warm = min(50, iters // 4)
-    sched = optim.join_schedules([optim.linear_schedule(lr / 50, lr, warm),
-                                  optim.cosine_decay(lr, iters - warm, lr * 0.1)], [warm])
-    opt = optim.AdamW(sched, weight_decay=0.0)
-
-    def loss(m, x, mask):
-        s, n = sft_loss(m(x[:, :-1]), x[:, 1:], mask)
-        return s / n
-
-    step = nn.value_and_grad(model, loss)
-    for _ in range(iters):
-        rows, plens = [], []
-        for p in toy_problems(rng, batch):
-            rows.append(_chat(tok, p, answer_fn(p)))
-            plens.append(len(_chat(tok, p)))
-        width = max(len(r) for r in rows)
-        x = np.array([r + [0] * (width - len(r)) for r in rows], np.int32)
-        mask = np.zeros((len(rows), width - 1), np.float32)
-        for i, (pl, r) in enumerate(zip(plens, rows)):
-            mask[i, pl - 1: len(r) - 1] = 1.0
-        _, g = step(model, mx.array(x), mx.array(mask))
-        g, _ = optim.clip_grad_norm(g, 1.0)
-        opt.update(model, g)
-        mx.eval(model.parameters(), opt.state)
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    return dst
+    return direct_train(src, dst, iters, lr, make, warmup=min(50, iters // 4), warmup_from=lr / 50)
 
 
 def _score(model_dir, problems, adapter=None, steps: int = 3) -> tuple[float, float]:

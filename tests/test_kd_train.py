@@ -10,7 +10,7 @@ from mlx_distill.io import InputError, read_jsonl
 from mlx_distill.logits import extract
 from mlx_distill.paths import REPO
 
-from helpers import arith_records, write_jsonl
+from helpers import arith_records, completion_batch, direct_train, write_jsonl
 
 TEMPLATE = str(REPO / "prompts" / "train_user.txt")
 
@@ -111,48 +111,14 @@ def _chat(tok, problem, answer=None):
 
 
 def _direct_train(src, dst, iters, lr, answer_fn, rng):
-    """All-parameter training on fresh problems each step (the teacher, and the stand-in for
-    a student's pre-training). `train` itself is used for the students' SFT / SFT+KD runs;
-    its full fine-tuning keeps the embeddings frozen, as mlx-lm does, which suits
-    fine-tuning a pretrained model, not learning from scratch."""
-    import shutil
+    """The teacher, and the stand-in for a student's pre-training (`helpers.direct_train`) on fresh
+    problems each step; `train` itself runs the students' SFT / SFT+KD."""
 
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
+    def batch(tok):
+        ps = toy_problems(rng, 64)
+        return completion_batch([_chat(tok, p, answer_fn(p)) for p in ps], [len(_chat(tok, p)) for p in ps])
 
-    from mlx_distill.losses import sft_loss
-
-    model, tok = load(str(src))
-    sched = optim.join_schedules([optim.linear_schedule(lr / 50, lr, 50), optim.cosine_decay(lr, iters - 50, lr * 0.1)], [50])
-    opt = optim.AdamW(sched, weight_decay=0.0)
-
-    def loss(m, x, mask):
-        s, n = sft_loss(m(x[:, :-1]), x[:, 1:], mask)
-        return s / n
-
-    step = nn.value_and_grad(model, loss)
-    for _ in range(iters):
-        rows, plens = [], []
-        for p in toy_problems(rng, 64):
-            rows.append(_chat(tok, p, answer_fn(p)))
-            plens.append(len(_chat(tok, p)))
-        x = np.array(rows, np.int32)  # every row has the same length
-        mask = np.zeros((len(rows), x.shape[1] - 1), np.float32)
-        for i, pl in enumerate(plens):
-            mask[i, pl - 1:] = 1.0
-        _, g = step(model, mx.array(x), mx.array(mask))
-        g, _ = optim.clip_grad_norm(g, 1.0)
-        opt.update(model, g)
-        mx.eval(model.parameters(), opt.state)
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    return dst
+    return direct_train(src, dst, iters, lr, batch, warmup=50, warmup_from=lr / 50)
 
 
 def _answer_probs(model_dir, problems, adapter=None):

@@ -11,7 +11,7 @@ from mlx_distill.io import InputError, read_jsonl
 from mlx_distill.losses import kd_loss
 from mlx_distill.paths import REPO
 
-from helpers import arith_records, write_jsonl
+from helpers import arith_records, completion_batch, direct_train, write_jsonl
 
 TEMPLATE = str(REPO / "prompts" / "train_user.txt")
 P, Q = np.array([0.8, 0.2]), np.array([0.4, 0.6])  # teacher, student
@@ -297,41 +297,14 @@ def _chat(tok, problem, answer=None):
 
 
 def _pretrain(src, dst, iters, lr, answer_fn, rng):
-    """All-parameter training on fresh problems each step: the teacher, and the students' format
-    pre-training (`train` keeps embeddings frozen, which suits fine-tuning, not learning from scratch)."""
-    import shutil
+    """The teacher, and the students' format pre-training (`helpers.direct_train`) on fresh problems
+    each step."""
 
-    import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
-    from mlx_lm import load
+    def batch(tok):
+        rows = [_chat(tok, p, answer_fn(p)) for p in _problems(rng, 64)]  # all one length
+        return completion_batch(rows, [len(_chat(tok, "0"))] * len(rows))
 
-    from mlx_distill.losses import sft_loss
-
-    model, tok = load(str(src))
-    opt = optim.AdamW(optim.join_schedules([optim.linear_schedule(lr / 20, lr, 20),
-                                            optim.cosine_decay(lr, iters - 20, lr * 0.1)], [20]), weight_decay=0.0)
-
-    def loss(m, x, mask):
-        s, n = sft_loss(m(x[:, :-1]), x[:, 1:], mask)
-        return s / n
-
-    step = nn.value_and_grad(model, loss)
-    plen = len(_chat(tok, "0"))
-    for _ in range(iters):
-        x = np.array([_chat(tok, p, answer_fn(p)) for p in _problems(rng, 64)], np.int32)  # all one length
-        mask = np.zeros((len(x), x.shape[1] - 1), np.float32)
-        mask[:, plen - 1:] = 1.0
-        _, g = step(model, mx.array(x), mx.array(mask))
-        opt.update(model, optim.clip_grad_norm(g, 1.0)[0])
-        mx.eval(model.parameters(), opt.state)
-    dst.mkdir()
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    mx.save_safetensors(str(dst / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    return dst
+    return direct_train(src, dst, iters, lr, batch, warmup=20, warmup_from=lr / 20)
 
 
 def _student_eval(student, teacher_model, problems, adapter=None):
