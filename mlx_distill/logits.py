@@ -232,21 +232,6 @@ def _bytes_per_token(shards: list) -> dict:
             "file_bytes_per_token": round(files / pos, 2) if pos else 0.0}
 
 
-def _top_m_and_actual(teacher, b, m: int, start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The teacher's top-M and the log-probability of each actual next token (the span signal
-    across tokenizers). A teacher whose `top_m` takes no ``targets`` gives it where the actual
-    token is in its top-M and NaN elsewhere (spans over an unknown token get no signal)."""
-    import inspect
-
-    if "targets" in inspect.signature(teacher.top_m).parameters:
-        return teacher.top_m(b.tokens[:, :-1], m, start, lengths=b.lengths - 1, targets=b.tokens[:, 1:])
-    ids, lps = teacher.top_m(b.tokens[:, :-1], m, start, lengths=b.lengths - 1)
-    nxt = b.tokens[:, start + 1:, None]
-    hit = ids == nxt
-    act = np.where(hit.any(-1), np.where(hit, lps, 0.0).sum(-1), np.nan).astype(np.float32)
-    return ids, lps, act
-
-
 def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
     """Score every example not yet stored in cfg.out; return the run summary (``failed`` > 0: a remote
     teacher's requests failed for good for that many examples, the run is incomplete)."""
@@ -377,7 +362,9 @@ def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
             b = data.collate(todo, idx, pad)
             tic = time.perf_counter()
             start = min(first_target(todo[i].prompt_len) for i in idx)
-            ids, lps, act = _top_m_and_actual(teacher, b, cfg.top_m, start)
+            # the top-M and the log-probability of each actual next token (the span signal across tokenizers)
+            ids, lps, act = teacher.top_m(b.tokens[:, :-1], cfg.top_m, start, lengths=b.lengths - 1,
+                                          targets=b.tokens[:, 1:])
             t_model += time.perf_counter() - tic
             lost = teacher.failures if remote else {}
             for r, i in enumerate(idx):
