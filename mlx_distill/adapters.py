@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, atomic_path, atomic_write_json, read_json, sha256_file, write_manifest
+from mlx_distill.io import InputError, atomic_path, atomic_write_json, read_json, sha256_file, write_manifest
 
 MLX_WEIGHTS, MLX_CONFIG = "adapters.safetensors", "adapter_config.json"
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -84,7 +84,7 @@ def _num_blocks(model_path) -> int | None:
     if not model_path:
         return None
     try:
-        from .models import resolve_model
+        from mlx_distill.models import resolve_model
 
         model_path = resolve_model(str(model_path))
     except Exception:
@@ -246,7 +246,7 @@ def _check_against_mlx_model(model: str, mlx_cfg: dict, weights: dict) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import load_model
 
-    from .models import resolve_model
+    from mlx_distill.models import resolve_model
 
     m, _ = load_model(Path(resolve_model(model)), lazy=True)
     m.freeze()
@@ -275,8 +275,8 @@ def _keep_provenance(src: Path, dst: Path) -> None:
     """A converted adapter keeps what it was trained on (eval's overlap check reads these)."""
     import shutil
 
-    from .io import atomic_path
-    from .overlap import PROVENANCE
+    from mlx_distill.io import atomic_path
+    from mlx_distill.tasks.overlap import PROVENANCE
 
     for name in (PROVENANCE, "config.yaml"):
         if (src / name).is_file():

@@ -5,14 +5,14 @@ import sys
 
 # command -> (module, function, one-line help)
 COMMANDS = {
-    "train": ("mlx_distill.train", "main", "LoRA/DoRA/full SFT (+ top-K logit KD) with validation early stopping"),
+    "train": ("mlx_distill.training.train", "main", "LoRA/DoRA/full SFT (+ top-K logit KD) with validation early stopping"),
     "corpus": ("mlx_distill.corpus.build", "main", "build / inspect a verified chain-of-thought corpus (`corpus build`, `corpus stats`); "
                "the generated demo corpus (`corpus synth`)"),
-    "logits": ("mlx_distill.logits", "main", "re-score verified traces with a local or remote (vLLM) teacher and store its top-M logits"),
-    "eval": ("mlx_distill.evaluate", "main", "generate answers for a benchmark and grade them"),
-    "compare": ("mlx_distill.compare", "main", "two evals of the same problems side by side (accuracy, paired test, responses)"),
-    "grade": ("mlx_distill.evaluate", "grade_main", "re-grade saved predictions without a model"),
-    "study": ("mlx_distill.study", "main", "response-length studies (`study length -c study.yaml`)"),
+    "logits": ("mlx_distill.teacher.logits", "main", "re-score verified traces with a local or remote (vLLM) teacher and store its top-M logits"),
+    "eval": ("mlx_distill.evaluation.evaluate", "main", "generate answers for a benchmark and grade them"),
+    "compare": ("mlx_distill.evaluation.compare", "main", "two evals of the same problems side by side (accuracy, paired test, responses)"),
+    "grade": ("mlx_distill.evaluation.evaluate", "grade_main", "re-grade saved predictions without a model"),
+    "study": ("mlx_distill.evaluation.study", "main", "response-length studies (`study length -c study.yaml`)"),
     "pipeline": ("mlx_distill.pipeline", "main", "run a recipe's stages in order, skipping those whose output "
                  "matches (recipes/*.yaml)"),
     "parity": ("mlx_distill.parity", "main", "compare MLX and PyTorch on the same weights and batch"),
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         print(usage())
         return
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from mlx_distill import __version__
 
         print(__version__)
         return
@@ -43,12 +43,12 @@ def main(argv=None) -> None:
     if cmd not in COMMANDS:
         print(f"unknown command {cmd!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
-    from .blas import ensure_fast_blas
+    from mlx_distill.blas import ensure_fast_blas
 
     ensure_fast_blas(["-m", "mlx_distill", *argv])
     module, func, _ = COMMANDS[cmd]
-    from .io import InputError
-    from .config import ConfigError
+    from mlx_distill.io import InputError
+    from mlx_distill.config import ConfigError
 
     try:
         getattr(importlib.import_module(module), func)(rest)

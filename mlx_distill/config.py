@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .tasks import NAMES as EVAL_DATASETS  # the task registry: one definition per benchmark
+from mlx_distill.tasks import NAMES as EVAL_DATASETS  # the task registry: one definition per benchmark
 
 
 class ConfigError(ValueError):
@@ -81,7 +81,7 @@ class TrainConfig:
                            "an accuracy increase (--select-by accuracy).")
     report_every: int = opt(5, "Write a metrics row every N iterations.")
     save_every: int = opt(25, "Write a resumable checkpoint every N iterations.")
-    # experiment trackers and the memory preflight (issue 14); see mlx_distill/trackers.py, preflight.py
+    # experiment trackers and the memory preflight (issue 14); see mlx_distill/training/trackers.py, preflight.py
     report_to: list = opt([], "Experiment trackers that get every metrics.jsonl row (at its iter) and the resolved "
                           "config: wandb, tensorboard; comma- or space-separated (--report-to wandb,tensorboard). "
                           "Optional extras: pip install 'mlx_distill[wandb]' / 'mlx_distill[tensorboard]'. W&B reads "
@@ -121,7 +121,7 @@ class TrainConfig:
     kd_warmup: int = opt(0, "Steps over which alpha rises linearly from 0.")
     kd_kind: str = opt("forward", "Divergence.", choices=["forward", "reverse", "jsd"])
     kd_tail: bool = opt(False, "Add a 'rest of vocabulary' bucket instead of renormalising over the K ids.")
-    kd_align: str = opt("auto", "Teacher <-> student alignment (mlx_distill/align.py): exact (same tokenizer), "
+    kd_align: str = opt("auto", "Teacher <-> student alignment (mlx_distill/teacher/align.py): exact (same tokenizer), "
                         "matched (positions whose token spans the same text on both sides, teacher candidates "
                         "mapped by their text), spans (matched + the probability of each span of text whose "
                         "token boundaries disagree), uld (matched + ULD's sorted-probability distance on those "
@@ -131,7 +131,7 @@ class TrainConfig:
     kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher signal (any class: exact, matched, spans, uld) "
                                  "covers less than this share of the "
                                  "student's completion positions (the error says why and how to fix it; see "
-                                 "`mlx_distill.logits.TopMStore.check`). The KD loss is averaged over the covered "
+                                 "`mlx_distill.teacher.logits.TopMStore.check`). The KD loss is averaged over the covered "
                                  "positions only (kd_coverage in metrics.jsonl), and a run whose batches carry no "
                                  "teacher target for a whole --val-every interval stops whatever this threshold.")
     kd_teacher: str = opt("", "Online KD: a teacher model held in memory that scores each batch as it is trained "
@@ -192,7 +192,7 @@ class LogitsConfig:
                                  "prompt (as in train; see train --think-in-content).")
     long_examples: str = opt(TrainConfig.long_examples, "Examples longer than --max-seq-length: skip or fail.",
                              choices=["skip", "error"])
-    # a remote white-box teacher (--teacher api; issue 13): vLLM's prompt_logprobs (mlx_distill/remote_teacher.py)
+    # a remote white-box teacher (--teacher api; issue 13): vLLM's prompt_logprobs (mlx_distill/teacher/remote.py)
     base_url: str = opt("", "--teacher api: the vLLM server's OpenAI-compatible endpoint, e.g. "
                         "http://gpu-box:8000/v1. Several (--base-url URL1 URL2 ..., or a YAML list) are one pool of "
                         "servers of the same model (least busy first, a server that stops answering set aside).",
@@ -549,6 +549,6 @@ def to_dict(cfg) -> dict:
 
 
 def dump_yaml(cfg, path: Path) -> None:
-    from .io import atomic_write_text
+    from mlx_distill.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

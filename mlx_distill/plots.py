@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import InputError, read_json, read_jsonl, save_figure
+from mlx_distill.io import InputError, read_json, read_jsonl, save_figure
 
 PNG = "training.png"
 # panel -> (metrics.jsonl key, legend label, line style, marker); a panel is drawn when one of its keys is present

@@ -33,7 +33,7 @@ Alignment, timed on the store the cross teacher wrote, over the train examples:
 
 Step: the trainer's own path for both stores: `sources.KDSource` builds the batch (store gather,
 span arrays, kd_alpha/kd_scale, `data.trim_prompt`) and the backend's compiled step runs
-`train.kd_objective` (across tokenizers with the tail bucket and the span term, as `train`
+`objectives.kd_objective` (across tokenizers with the tail bucket and the span term, as `train`
 sets it). An SFT step on the same batch is timed beside them for scale. The three alternate
 step by step, their order rotated each repetition, so any drift in machine load hits all.
 Prints medians and the ratio cross / same tokenizer (target <= 1.3x), for the compiled step
@@ -105,11 +105,16 @@ def main():
     import mlx.core as mx
     import numpy as np
 
-    from mlx_distill import align, data, sources
+    from mlx_distill.teacher import align
+
+    from mlx_distill import data
+
+    from mlx_distill.training import sources
     from mlx_distill.backends import get_backend
     from mlx_distill.config import LogitsConfig, TrainConfig, build
-    from mlx_distill.logits import TopMStore, extract, kd_setup, student_vocab_size
-    from mlx_distill.train import kd_objective, sft_objective
+    from mlx_distill.teacher.logits import TopMStore, extract
+    from mlx_distill.training.kd import kd_setup, student_vocab_size
+    from mlx_distill.training.objectives import kd_objective, sft_objective
 
     out = Path(args.out)
     corpus = first_records(args.data, args.n, out)

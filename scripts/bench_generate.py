@@ -41,7 +41,7 @@ def main() -> None:
     from mlx_lm import stream_generate
 
     from mlx_distill.config import EvalConfig
-    from mlx_distill.evaluate import build_messages, load_eval_problems, template_for
+    from mlx_distill.evaluation.evaluate import build_messages, load_eval_problems, template_for
     from mlx_distill.generation import mlx_client
 
     model = args.model

@@ -13,14 +13,14 @@ config (hidden 896, 24 blocks, 14 query / 2 key-value heads, MLP 4864, vocabular
 tied embeddings) with random bf16 weights.
 
 Each backend runs the trainer's own code (`TorchBackend` / `MLXBackend`: LoRA or full
-fine-tuning, the SFT loss of `mlx_distill.losses`, gradient division by the token count,
+fine-tuning, the SFT loss of `mlx_distill.training.losses`, gradient division by the token count,
 clipping, MLX-semantics AdamW) on random token batches of exactly --batch-size x --seq-len,
 every position in the loss. The first --warmup steps (allocation, kernels, compilation) are
 not timed; then --steps steps are, with a device synchronisation at both ends.
 
 Printed and written (JSON) per backend: tokens/s, step time, peak memory, and the model FLOP
 utilisation MFU = model FLOP/s / the GPU's dense bf16 peak (table below, or --peak-tflops).
-Model FLOPs come from `mlx_distill.flops.step_flops`, the one formula every benchmark uses
+Model FLOPs come from `mlx_distill.training.flops.step_flops`, the one formula every benchmark uses
 (its docstring derives it): the forward pass over every position, the backward pass only
 through the blocks from the lowest trained one up (activation gradients) plus weight
 gradients of the trained weights; here every position is in the loss, so the LM head sees
@@ -67,8 +67,8 @@ def peak_tflops(name: str) -> float | None:
 
 
 def flops_per_token(c: dict, args, n_lora: int) -> float:
-    """`mlx_distill.flops.step_flops` of one (batch x seq_len) step, per token."""
-    from mlx_distill.flops import Shape, adapted_blocks, step_flops
+    """`mlx_distill.training.flops.step_flops` of one (batch x seq_len) step, per token."""
+    from mlx_distill.training.flops import Shape, adapted_blocks, step_flops
 
     shape = Shape.from_config(c)
     full = args.fine_tune_type == "full"
@@ -96,9 +96,10 @@ def batches(args, vocab: int, n: int) -> list[dict]:
 
 
 def timed(backend, data: list[dict], warmup: int, sync) -> tuple[float, list[float]]:
-    from mlx_distill import train
+    from mlx_distill.training import train
+    from mlx_distill.training import objectives
 
-    backend.build_step(train.sft_objective(backend.forward))
+    backend.build_step(objectives.sft_objective(backend.forward))
     backend.train_mode(True)
     losses = []
     for i, arrays in enumerate(data):

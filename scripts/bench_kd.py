@@ -96,11 +96,16 @@ def main():
     import mlx.core as mx
     import numpy as np
 
-    from mlx_distill import data, train
+    from mlx_distill import data
+
+    from mlx_distill.training import train
+
+    from mlx_distill.training import objectives
     from mlx_distill.backends import get_backend
     from mlx_distill.config import LogitsConfig, TrainConfig, build
-    from mlx_distill.logits import extract, kd_setup
-    from mlx_distill.train import kd_objective, sft_objective
+    from mlx_distill.teacher.logits import extract
+    from mlx_distill.training.kd import kd_setup
+    from mlx_distill.training.objectives import kd_objective, sft_objective
 
     out = Path(args.out)
     corpus = corpus_file(args.data, args.n, out)
@@ -140,7 +145,7 @@ def main():
     def kd_arrays():
         a = {**data.batch_arrays(b), **store.batch_arrays(b, cfg.kd_top_k)}
         a["kd_alpha"] = np.array(cfg.kd_alpha, dtype=np.float32)
-        a["kd_scale"] = np.array(train.kd_step_scale([a])[0], dtype=np.float32)  # N / N_KD of the step
+        a["kd_scale"] = np.array(objectives.kd_step_scale([a])[0], dtype=np.float32)  # N / N_KD of the step
         return data.trim_prompt(a, b)
 
     steps = {}

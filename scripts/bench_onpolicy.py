@@ -59,12 +59,14 @@ def main(argv=None) -> None:
     from mlx_lm.generate import batch_generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_distill import data, sources
+    from mlx_distill import data
+
+    from mlx_distill.training import sources
     from mlx_distill.backends import get_backend
     from mlx_distill.config import TrainConfig, build
-    from mlx_distill.logits import kd_setup
-    from mlx_distill.rollouts import rollout_key
-    from mlx_distill.train import kd_objective, sft_objective
+    from mlx_distill.training.kd import kd_setup
+    from mlx_distill.backends.rollouts import rollout_key
+    from mlx_distill.training.objectives import kd_objective, sft_objective
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,7 @@ def run_once(urls: list[str], n: int, concurrency: int, out: str) -> tuple[float
 def run_client_only(urls: list[str], n: int, concurrency: int) -> tuple[float, int, float, dict]:
     import asyncio
 
-    from mlx_distill.generation.clients import make_client
+    from mlx_distill.generation import make_client
 
     async def go():
         client = make_client("api", base_url=urls, model="bench", api_key_env="", concurrency=concurrency,

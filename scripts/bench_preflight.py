@@ -6,7 +6,7 @@
 
 Each configuration trains a few steps on a corpus of nearly one length (so the first steps
 reach the run's longest batch), reads the peak from metrics.jsonl (`mx.get_peak_memory`, the
-number `train` reports as peak_memory_gb) and prints it beside `mlx_distill.preflight`'s
+number `train` reports as peak_memory_gb) and prints it beside `mlx_distill.training.preflight`'s
 estimate: the ratio of the totals and of the parts above the weights (which dominate a
 small-batch run of a real model).
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys
-from mlx_distill import config, preflight, train
+from mlx_distill import config
+from mlx_distill.training import preflight, train
 from mlx_distill.config import TrainConfig
 from mlx_distill.io import read_jsonl
 kw = json.loads(sys.argv[1])

@@ -26,7 +26,7 @@ trainer (median over repetitions, and each repetition):
   rows padded to a multiple of 16; mlx-lm: `iterate_batches`, 32k + 1 then the last column
   dropped); and the positions the LM head computes (ours skips the prompt columns every row
   masks, `data.trim_prompt`; mlx-lm projects all);
-- model FLOPs of the epoch by `mlx_distill.flops.step_flops` (every computed position forward,
+- model FLOPs of the epoch by `mlx_distill.training.flops.step_flops` (every computed position forward,
   backward only from the lowest adapted block up, weight gradients for LoRA only; the
   formula is in that module's docstring), achieved GFLOP/s, and MFU = achieved / the matmul
   GFLOP/s measured in the same run.
@@ -136,7 +136,7 @@ def epoch_batches(model: str, chat: Path, a) -> dict:
 
 
 def epoch_flops(batches: list[dict], shape, lora_layers: int) -> float:
-    from mlx_distill.flops import adapted_blocks, lora_params, step_flops
+    from mlx_distill.training.flops import adapted_blocks, lora_params, step_flops
 
     n_lora = lora_params(shape, RANK, lora_layers)
     return sum(step_flops(shape, b["rows"], b["width"], b["head"], backprop_blocks=adapted_blocks(shape, lora_layers),
@@ -181,7 +181,7 @@ def main():
 
     blas.ensure_fast_blas([__file__, *sys.argv[1:]])  # the matmul below runs in this process
 
-    from mlx_distill.flops import Shape
+    from mlx_distill.training.flops import Shape
     from mlx_distill.io import read_json
     from mlx_distill.models import resolve_model
 

@@ -31,7 +31,7 @@ def main() -> None:
     blas.ensure_fast_blas([__file__, *sys.argv[1:]])
 
     from mlx_distill.config import EvalConfig
-    from mlx_distill.evaluate import evaluate
+    from mlx_distill.evaluation.evaluate import evaluate
 
     cfg = EvalConfig(model="smollm2", dataset="gsm8k", limit=args.limit, max_tokens=args.max_tokens,
                      batch_size=args.batch_size, out=args.out, plot=True, overwrite=True)

@@ -1,4 +1,4 @@
-"""Conformance of ``mlx_distill.answers.grade`` with the reference grader's own test cases.
+"""Conformance of ``mlx_distill.tasks.answers.grade`` with the reference grader's own test cases.
 
     MLX_DISTILL_DATA=../shared/data python scripts/grading_conformance.py
     python scripts/grading_conformance.py --cases ../shared/grading/math_verify_cases.jsonl --target 0.98
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         print(e, file=sys.stderr)
         return 2
 
-    from mlx_distill import answers
+    from mlx_distill.tasks import answers
 
     t0 = time.perf_counter()
     agree, total = Counter(), Counter()

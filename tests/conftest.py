@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlx_distill import blas
-from mlx_distill.problems import DATA_ENV, data_dir
+from mlx_distill.tasks.problems import DATA_ENV, data_dir
 
 # Nothing in the suite may reach the Hugging Face Hub (there is no network here, and a test
 # must not depend on one): the loaders' Hub fallback fails at once instead of retrying.

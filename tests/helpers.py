@@ -120,7 +120,7 @@ def direct_train(src, dst, iters, lr, batch_fn, warmup, warmup_from):
     from mlx.utils import tree_flatten
     from mlx_lm import load
 
-    from mlx_distill.losses import sft_loss
+    from mlx_distill.training.losses import sft_loss
 
     model, tok = load(str(src))
     opt = optim.AdamW(optim.join_schedules([optim.linear_schedule(warmup_from, lr, warmup),

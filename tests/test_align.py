@@ -1,10 +1,10 @@
-"""mlx_distill.align: pieces and offsets of two tokenizer families, the class of every position,
+"""mlx_distill.teacher.align: pieces and offsets of two tokenizer families, the class of every position,
 span grouping, the vocabulary map."""
 
 import numpy as np
 import pytest
 
-from mlx_distill import align as A
+from mlx_distill.teacher import align as A
 from mlx_distill.tiny import build_tokenizer
 
 
@@ -108,7 +108,7 @@ def test_align_real_pair_has_every_class(toks):
 
 def test_pieces_round_trip_through_json(toks):
     """What `logits` stores (pieces.json + vocab.json) maps vocabularies like the tokenizer."""
-    from mlx_distill.logits import vocab_strings
+    from mlx_distill.teacher.base import vocab_strings
 
     bpe, spm = toks
     stored = A.Pieces.from_json(A.pieces_of(bpe).to_json(), vocab_strings(bpe))

@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from mlx_distill import train
+from mlx_distill.training import train
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import read_json, read_jsonl
-from mlx_distill.logits import extract
+from mlx_distill.teacher.logits import extract
 from mlx_distill.paths import REPO
 
 from helpers import write_jsonl

@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mlx_distill import answers
-from mlx_distill.answers import check_arithmetic, extract_answer, grade, gsm8k_gold, to_number
+from mlx_distill.tasks import answers
+from mlx_distill.tasks.answers import check_arithmetic, extract_answer, grade, gsm8k_gold, to_number
 
 
 def _jsonl(path):

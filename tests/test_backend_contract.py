@@ -1,5 +1,5 @@
 """The backend contract in code: `backends.base.Backend` names everything the training loop uses
-of a backend, and both backends implement all of it. Also `mlx_distill.distributed`."""
+of a backend, and both backends implement all of it. Also `mlx_distill.backends.distributed`."""
 
 import inspect
 import re
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from mlx_distill import distributed
+from mlx_distill.backends import distributed
 from mlx_distill.backends.base import Backend, backend_members
 from mlx_distill.config import TrainConfig
 from mlx_distill.paths import REPO
@@ -18,7 +18,7 @@ except ImportError:
     torch = None
 
 # what the loop reaches through `backend.` (train.py) or `backend.` passed on (selection.py)
-LOOP_FILES = ["mlx_distill/train.py", "mlx_distill/selection.py"]
+LOOP_FILES = ["mlx_distill/training/train.py", "mlx_distill/training/selection.py"]
 
 
 def test_the_protocol_names_everything_the_loop_uses():

@@ -7,7 +7,7 @@ import json
 import pytest
 from rich.console import Console
 
-from mlx_distill import compare
+from mlx_distill.evaluation import compare
 from mlx_distill.io import InputError
 
 # (id, gold, A's status, B's status): A right on p0 only, B right on p1..p4, both on p5

@@ -8,7 +8,7 @@ import pytest
 from fault_server import FaultServer
 from mlx_distill.corpus.agents import Verifier, load_prompt, parse_score
 from mlx_distill.generation.clients import OpenAIClient
-from mlx_distill.problems import load_problems
+from mlx_distill.tasks.problems import load_problems
 
 
 def run_all(verifier, items, kind):

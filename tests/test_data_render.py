@@ -7,7 +7,9 @@ import shutil
 
 import pytest
 
-from mlx_distill import data, train
+from mlx_distill import data
+
+from mlx_distill.training import train
 from mlx_distill.config import TrainConfig, build
 from mlx_distill.io import InputError
 from mlx_distill.paths import REPO

@@ -14,12 +14,12 @@ import pytest
 
 from mlx_distill import data as train_data
 from mlx_distill.config import EvalConfig, TrainConfig
-from mlx_distill.answers import repetition
-from mlx_distill.evaluate import build_messages, evaluate, load_eval_problems, render_user, template_for
+from mlx_distill.tasks.answers import repetition
+from mlx_distill.evaluation.evaluate import build_messages, evaluate, load_eval_problems, render_user, template_for
 from mlx_distill.generation import mlx_client
 from mlx_distill.io import InputError
-from mlx_distill.metrics import REPEAT, wilson
-from mlx_distill.overlap import question_key, training_keys
+from mlx_distill.evaluation.metrics import REPEAT, wilson
+from mlx_distill.tasks.overlap import question_key, training_keys
 from mlx_distill.paths import REPO, prompt_path
 
 
@@ -42,7 +42,7 @@ def _write(path, rows):
 @pytest.fixture(scope="module")
 def adapter_run(tmp_path_factory, tiny_model, shared_data):
     """A LoRA adapter trained for 2 steps on 8 GSM8K *train* problems (so GSM8K test does not overlap)."""
-    from mlx_distill import train
+    from mlx_distill.training import train
 
     root = tmp_path_factory.mktemp("adapter")
     corpus = root / "corpus"
@@ -140,7 +140,7 @@ def test_prompts_match_training_and_fewshot(tiny_model, shared_data):
     boxed = train_data.record_to_messages({"question": q, "reasoning": "7", "answer": "7", "answer_format": "boxed"},
                                           train_tpl)
     assert render_user(tpl, q, "boxed") == boxed[0]["content"].rstrip("\n") and "\\boxed{}" in boxed[0]["content"]
-    from mlx_distill.evaluate import answer_format, budget_text, fewshot_examples
+    from mlx_distill.evaluation.evaluate import answer_format, budget_text, fewshot_examples
 
     assert answer_format(EvalConfig(dataset="math500"), "math") == "boxed"
     assert answer_format(EvalConfig(dataset="gsm8k", prompt_style="cot_boxed"), "gsm8k") == "boxed"
@@ -158,7 +158,7 @@ def test_prompts_match_training_and_fewshot(tiny_model, shared_data):
                                                                                add_generation_prompt=True)
     assert text.count("<|im_start|>user") == 3 and text.endswith("<|im_start|>assistant\n")
     # MATH-500 draws from MATH train (disjoint from every evaluation set), with a boxed answer
-    from mlx_distill.problems import leakage_index, normalize_text
+    from mlx_distill.tasks.problems import leakage_index, normalize_text
 
     index, loaded, missing = leakage_index()
     assert not missing
@@ -254,7 +254,7 @@ def test_api_backend_think_truncation_judge_and_side_by_side(tmp_path, fake_serv
 def test_api_backend_failed_requests_counted(tmp_path):
     cfg = EvalConfig(backend="api", base_url="http://127.0.0.1:9/v1", model="m", dataset="gsm8k", limit=2,
                      out=str(tmp_path / "x"), plot=False)
-    from mlx_distill.generation.clients import make_client
+    from mlx_distill.generation import make_client
 
     # (make_eval_client would refuse this server before any work: nothing listens there)
     client = make_client("api", base_url=cfg.base_url, model="m", api_key_env=cfg.api_key_env, max_retries=0)
@@ -270,7 +270,7 @@ def test_corpus_test_split_and_user_csv(tmp_path):
                                     "source": "gsm8k"}])
     probs = load_eval_problems("corpus", str(corpus))
     assert probs[0]["id"] == "gsm8k-train-00007"
-    from mlx_distill.evaluate import answer_kind_for
+    from mlx_distill.evaluation.evaluate import answer_kind_for
 
     assert answer_kind_for("corpus", probs) == "gsm8k"
     csv = tmp_path / "comp.csv"
@@ -386,7 +386,7 @@ def test_overlap_checked_by_hash_after_the_corpus_is_gone(tmp_path, tiny_model, 
     from another directory, after the corpus folder has been deleted, and through convert-adapter."""
     import shutil
 
-    from mlx_distill import train
+    from mlx_distill.training import train
 
     test = load_eval_problems("gsm8k", limit=3)
     corpus = tmp_path / "corpus"

@@ -28,7 +28,7 @@ def corpus(tmp_path_factory):
 
 
 def _train(model, corpus, out, **kw):
-    from mlx_distill import train
+    from mlx_distill.training import train
 
     # a large learning rate, so the adapter moves the logits well above the tolerance below
     cfg = dict(model=str(model), data=str(corpus), out=str(out), iters=2, batch_size=4, val_every=2, report_every=1,

@@ -1,11 +1,11 @@
-"""`mlx_distill.flops`: the FLOP formula the benchmark scripts share (hand-computed values, the
+"""`mlx_distill.training.flops`: the FLOP formula the benchmark scripts share (hand-computed values, the
 familiar 6N / 4N + 6 N_lora special cases, and the parameter counts against real models)."""
 
 import json
 
 import pytest
 
-from mlx_distill.flops import Shape, adapted_blocks, lora_params, step_flops
+from mlx_distill.training.flops import Shape, adapted_blocks, lora_params, step_flops
 
 # 2 blocks, d = 4, 2 query heads / 1 kv head of dim 2, MLP 8, vocabulary 10
 S = Shape(layers=2, hidden=4, heads=2, kv_heads=1, head_dim=2, intermediate=8, vocab=10)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from mlx_distill.config import GradeConfig
-from mlx_distill.evaluate import grade_predictions
+from mlx_distill.evaluation.evaluate import grade_predictions
 from mlx_distill.io import InputError
 from mlx_distill.paths import REPO
 
@@ -36,7 +36,7 @@ def test_grade_cli_gsm8k_gold_by_index(tmp_path, shared_data):
 
 
 def test_grade_math500_reference_solutions_by_id(tmp_path, shared_data):
-    from mlx_distill.problems import load_problems
+    from mlx_distill.tasks.problems import load_problems
 
     probs = load_problems("math500", split="test")
     preds = _write(tmp_path / "p.jsonl", [{"id": p["id"], "response": p["meta"]["solution"]} for p in probs])

@@ -6,11 +6,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_distill import data, train
+from mlx_distill import data
+
+from mlx_distill.training import train
+
+from mlx_distill.training import objectives
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
-from mlx_distill.logits import TopMStore, extract
-from mlx_distill.losses import kd_loss, sft_loss
+from mlx_distill.teacher.logits import TopMStore, extract
+from mlx_distill.training.losses import kd_loss, sft_loss
 from mlx_distill.paths import REPO
 
 from helpers import arith_records, write_jsonl
@@ -63,8 +67,8 @@ def test_kd_objective_averages_kd_over_covered_positions():
     covered[0, 1:3] = covered[1, 4] = covered[1, 5] = True
     arrays, z = _case(0, covered=covered)
     cfg = TrainConfig(kd_temperature=2.0, kd_top_k=4)
-    obj = train.kd_objective(lambda m, x, keep: mx.array(z), cfg)
-    scale, n, nk = train.kd_step_scale([arrays])
+    obj = objectives.kd_objective(lambda m, x, keep: mx.array(z), cfg)
+    scale, n, nk = objectives.kd_step_scale([arrays])
     assert (n, nk) == (10.0, 4.0) and scale == 2.5
     b = {k: mx.array(v) for k, v in arrays.items()}
     b["kd_alpha"] = mx.array(0.5)
@@ -78,7 +82,7 @@ def test_kd_objective_averages_kd_over_covered_positions():
         assert float(total) / n == pytest.approx(want, rel=1e-6)
     # a batch with no teacher target at all: the KD term is exactly 0 (no NaN)
     dry, _ = _case(1, covered=np.zeros((2, 6), bool))
-    assert train.kd_step_scale([dry]) == (0.0, 10.0, 0.0)
+    assert objectives.kd_step_scale([dry]) == (0.0, 10.0, 0.0)
     b = {**{k: mx.array(v) for k, v in dry.items()}, "kd_alpha": mx.array(0.5), "kd_scale": mx.array(0.0)}
     total, _, parts = obj(None, b)
     assert float(total) == pytest.approx(float(sft_loss(mx.array(z), b["targets"], b["mask"])[0]), rel=1e-6)
@@ -92,7 +96,7 @@ def test_kd_step_scale_spans_the_micro_batches_of_a_step():
     cov_a[0, 1:6] = True
     a, _ = _case(2, covered=cov_a)
     b, _ = _case(3, covered=np.ones((2, 6), bool))
-    assert train.kd_step_scale([a, b]) == (20.0 / 15.0, 20.0, 15.0)
+    assert objectives.kd_step_scale([a, b]) == (20.0 / 15.0, 20.0, 15.0)
 
 
 def test_kd_objective_counts_span_positions_across_tokenizers():
@@ -109,9 +113,9 @@ def test_kd_objective_counts_span_positions_across_tokenizers():
     span_logp = np.zeros((2, 6), np.float32)
     span_logp[0, 4], span_logp[1, 2] = -2.5, -0.7
     arrays.update(kd_span_in=span_in, kd_span_len=span_len, kd_span_logp=span_logp)
-    scale, n, nk = train.kd_step_scale([arrays])
+    scale, n, nk = objectives.kd_step_scale([arrays])
     assert (n, nk) == (10.0, 7.0)
-    obj = train.kd_objective(lambda m, x, keep: mx.array(z), TrainConfig(kd_temperature=2.0, kd_top_k=4), tail=True)
+    obj = objectives.kd_objective(lambda m, x, keep: mx.array(z), TrainConfig(kd_temperature=2.0, kd_top_k=4), tail=True)
     b = {**{k: mx.array(v) for k, v in arrays.items()}, "kd_alpha": mx.array(1.0), "kd_scale": mx.array(scale)}
     total, _, parts = obj(None, b)
     k_ref, nk_ref = kd_loss(mx.array(z), b["kd_ids"], b["kd_logits"], b["mask"], temperature=2.0, top_k=4, tail=True,
@@ -124,9 +128,9 @@ def test_kd_objective_counts_span_positions_across_tokenizers():
 
 
 def test_window_parts():
-    assert train.window_parts({"sft_loss": 8.0, "kd_loss": 3.0, "kd_positions": 2.0}, 4) == \
+    assert objectives.window_parts({"sft_loss": 8.0, "kd_loss": 3.0, "kd_positions": 2.0}, 4) == \
         {"sft_loss": 2.0, "kd_loss": 1.5, "kd_coverage": 0.5}
-    assert train.window_parts({"sft_loss": 8.0, "kd_loss": 0.0, "kd_positions": 0.0}, 4) == \
+    assert objectives.window_parts({"sft_loss": 8.0, "kd_loss": 0.0, "kd_positions": 0.0}, 4) == \
         {"sft_loss": 2.0, "kd_loss": None, "kd_coverage": 0.0}
 
 

@@ -210,9 +210,9 @@ def cross_kd_experiment(tmp, seeds, modes=("sft", "kd", "matched"), teacher_iter
     import random
     import shutil
 
-    from mlx_distill import train
+    from mlx_distill.training import train
     from mlx_distill.config import LogitsConfig, TrainConfig, build
-    from mlx_distill.logits import extract
+    from mlx_distill.teacher.logits import extract
     from mlx_distill.tiny import build_model
 
     rng = random.Random(0)

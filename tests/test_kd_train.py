@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 
-from mlx_distill import train
+from mlx_distill.training import train
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
-from mlx_distill.logits import extract
+from mlx_distill.teacher.logits import extract
 from mlx_distill.paths import REPO
 
 from helpers import arith_records, completion_batch, direct_train, write_jsonl

@@ -9,8 +9,9 @@ import pytest
 from mlx_distill import data
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError
-from mlx_distill.logits import TopMStore, extract, kd_setup, load_all_examples, main
-from mlx_distill.losses import kd_loss
+from mlx_distill.teacher.logits import TopMStore, extract, load_all_examples, main
+from mlx_distill.training.kd import kd_setup
+from mlx_distill.training.losses import kd_loss
 from mlx_distill.paths import REPO
 
 M = 8
@@ -212,7 +213,7 @@ def test_cross_alignment_with_a_different_tokenizer(teacher, corpus, store_dir, 
     served log-probability is the sum of the teacher's own token log-probabilities over it."""
     from transformers import AutoTokenizer
 
-    from mlx_distill import align
+    from mlx_distill.teacher import align
     from mlx_distill.tiny import build_tokenizer
 
     build_tokenizer(tmp_path / "stok", vocab_size=300)
@@ -302,7 +303,7 @@ def test_cross_family_logits_then_train_with_no_extra_flags(tiny_model, tiny_met
     kd_coverage, and its KD loss falls (KD only, --sft-weight 0 --kd-alpha 1: the training mix is
     not an alignment flag; with SFT beside it the KD loss of two random tiny models falls by
     less than the batch-to-batch noise in 16 steps)."""
-    from mlx_distill import train
+    from mlx_distill.training import train
     from mlx_distill.io import read_json, read_jsonl
 
     out = tmp_path / "logits"
@@ -352,7 +353,7 @@ def test_online_teacher_across_tokenizers_matches_the_offline_store(tiny_model, 
     as the corpus example; an on-policy run across tokenizers trains on rollouts with a signal."""
     import dataclasses
 
-    from mlx_distill import train
+    from mlx_distill.training import train
     from mlx_distill.io import read_json
 
     out = tmp_path / "logits"

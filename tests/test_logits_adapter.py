@@ -6,10 +6,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_distill import train
+from mlx_distill.training import train
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError
-from mlx_distill.logits import TopMStore, extract, load_all_examples
+from mlx_distill.teacher.logits import TopMStore, extract, load_all_examples
 from mlx_distill.paths import REPO
 
 TEMPLATE = str(REPO / "prompts" / "train_user.txt")

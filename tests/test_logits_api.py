@@ -1,4 +1,4 @@
-"""`logits --teacher api`: a remote white-box teacher (mlx_distill/remote_teacher.py).
+"""`logits --teacher api`: a remote white-box teacher (mlx_distill/teacher/remote.py).
 
 Fast tests run against `VLLMStandIn`, a loopback HTTP server answering ``/v1/completions`` in
 vLLM 0.32's response shape (``choices[0].prompt_logprobs``: None, then per prompt token a map
@@ -29,10 +29,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_distill import data, logits, train
+from mlx_distill import data
+
+from mlx_distill.teacher import logits
+
+from mlx_distill.training import train
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError, read_json
-from mlx_distill.logits import TopMStore, extract, kd_setup, load_all_examples
+from mlx_distill.teacher.logits import TopMStore, extract, load_all_examples
+from mlx_distill.training.kd import kd_setup
 from mlx_distill.paths import REPO
 
 from helpers import arith_records, write_jsonl
@@ -298,8 +303,8 @@ def test_remote_score_equals_the_mlx_teacher_for_on_policy(tiny_model):
     """The on-policy `sources.Teacher` interface: a server scores rollouts like the in-memory teacher."""
     from mlx_lm import load
 
-    from mlx_distill.remote_teacher import RemoteTeacher
-    from mlx_distill.sources import MLXTeacher, Teacher
+    from mlx_distill.teacher.remote import RemoteTeacher
+    from mlx_distill.teacher.base import MLXTeacher, Teacher
 
     model, tok = load(str(tiny_model))
     rng = np.random.default_rng(0)
@@ -327,8 +332,9 @@ def test_on_policy_rollouts_scored_by_a_remote_teacher(tiny_model):
 
     from mlx_lm import load
 
-    from mlx_distill.remote_teacher import RemoteTeacher
-    from mlx_distill.sources import MLXTeacher, OnPolicySource, make_source
+    from mlx_distill.teacher.remote import RemoteTeacher
+    from mlx_distill.training.sources import OnPolicySource, make_source
+    from mlx_distill.teacher.base import MLXTeacher
 
     model, tok = load(str(tiny_model))
     prompts = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]], np.int32)  # right-padded prompts
@@ -360,7 +366,7 @@ def test_on_policy_rollouts_scored_by_a_remote_teacher(tiny_model):
 def test_train_kd_teacher_api_serves_the_online_teacher_arrays(tiny_model, corpus, tmp_path, capsys):
     """`train --kd-teacher api`: online KD scored by the server gives the in-memory teacher's arrays, and a
     short run trains on them (the manifest names the server's alignment)."""
-    from mlx_distill.logits import kd_setup
+    from mlx_distill.training.kd import kd_setup
 
     common = dict(model=str(tiny_model), data=str(corpus), max_seq_length=512, prompt_template=TEMPLATE,
                   kd_top_k=6, lora_layers=1)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_distill.losses import kd_loss, sft_loss
+from mlx_distill.training.losses import kd_loss, sft_loss
 
 try:
     import torch

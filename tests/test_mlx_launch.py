@@ -2,7 +2,7 @@
 each rank takes half the rows of every micro-batch, loss sums, token counts and gradients are
 summed over the ranks with ``mx.distributed.all_sum`` and divided by the global token count,
 so the curve is the single-process curve; rank 0 alone writes the run folder, and on resume
-hands the checkpoint to rank 1. Also the collectives of `mlx_distill.distributed.Group` and the
+hands the checkpoint to rank 1. Also the collectives of `mlx_distill.backends.distributed.Group` and the
 rank-sharded on-policy sampling, in one launched script."""
 
 import json
@@ -142,7 +142,7 @@ def test_sigint_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_pa
 def test_mlx_launch_two_ranks_kd_with_partial_coverage(tiny_model, tiny_llama, tmp_path):
     """Offline KD store covering half of the training examples: the KD normaliser is counted
     over the whole step before the rows are split, so 2 ranks give the single-process run."""
-    from mlx_distill.logits import extract
+    from mlx_distill.teacher.logits import extract
 
     corpus = ddp_corpus(tmp_path / "corpus")
     extract(build(LogitsConfig, dict(teacher=str(tiny_model), data=str(corpus), out=str(tmp_path / "kd"), top_m=6,
@@ -179,7 +179,7 @@ if len(sys.argv) == 1:
     s = sum_over_ranks(tree, g.all_reduce, bucket_bytes=40)
     out["grads"] = {"a": s["a"].tolist(), "b": s["b"][0].astype(mx.float32).tolist(), "c": s["c"].tolist()}
 else:  # rank-sharded on-policy rollouts: every rank returns all of them, identical
-    from mlx_distill.rollouts import sample
+    from mlx_distill.backends.rollouts import sample
 
     b.load(); b.prepare()
     prompts, caps = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10]], [6, 5, 4, 3]
@@ -188,7 +188,7 @@ else:  # rank-sharded on-policy rollouts: every rank returns all of them, identi
     mine = sample(b.model, b.tokenizer, prompts[r::2], caps[r::2], 1.0, 1.0, 11 * 2 + r)
     out["mine"] = [[x.tokens, x.finished] for x in mine]
     # a batch of one row on two ranks: rank 1 holds none and adds zeros (the model takes no empty batch)
-    from mlx_distill.train import sft_objective
+    from mlx_distill.training.objectives import sft_objective
 
     one = {"inputs": np.array([[1, 2, 3, 4, 5]], np.int32), "targets": np.array([[2, 3, 4, 5, 6]], np.int32),
            "mask": np.array([[0, 1, 1, 1, 1]], np.float32)}

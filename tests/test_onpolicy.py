@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from mlx_distill import sources, train
+from mlx_distill.training import sources, train
+
+from mlx_distill.training import objectives
 from mlx_distill.config import TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
-from mlx_distill.losses import kd_loss
+from mlx_distill.training.losses import kd_loss
 from mlx_distill.paths import REPO
 
 from helpers import arith_records, completion_batch, direct_train, write_jsonl
@@ -152,14 +154,14 @@ def test_all_masked_rollout_batch_gives_zero():
     import mlx.core as mx
 
     cfg = TrainConfig(on_policy_fraction=1.0, kd_kind="reverse", kd_top_k=3)
-    obj = train.kd_objective(lambda m, x, keep: mx.array(np.random.default_rng(0).normal(size=(2, keep, 9)),
+    obj = objectives.kd_objective(lambda m, x, keep: mx.array(np.random.default_rng(0).normal(size=(2, keep, 9)),
                                                         dtype=mx.float32), cfg)
     b = {"inputs": mx.zeros((2, 6), dtype=mx.int32), "targets": mx.zeros((2, 5), dtype=mx.int32),
          "mask": mx.zeros((2, 5)), "kd_ids": mx.zeros((2, 5, 3), dtype=mx.int32), "kd_logits": mx.full((2, 5, 3), -1.0),
          "kd_alpha": mx.array(1.0), "kd_scale": mx.array(0.0), "gold": mx.array(0.0)}
     s, n, parts = obj(None, b)
     assert s.item() == 0.0 and n.item() == 0.0 and parts["kd_loss"].item() == 0.0 and parts["sft_tokens"].item() == 0
-    assert train.window_parts({"sft_loss": 0.0, "sft_tokens": 0.0, "kd_loss": 0.0, "kd_positions": 0.0}, 0) == {
+    assert objectives.window_parts({"sft_loss": 0.0, "sft_tokens": 0.0, "kd_loss": 0.0, "kd_positions": 0.0}, 0) == {
         "sft_loss": None, "kd_loss": None, "kd_coverage": 0.0}
 
 
@@ -313,7 +315,7 @@ def _student_eval(student, teacher_model, problems, adapter=None):
     import mlx.core as mx
     from mlx_lm import load
 
-    from mlx_distill.rollouts import sample
+    from mlx_distill.backends.rollouts import sample
 
     model, tok = load(str(student), adapter_path=str(adapter) if adapter else None)
     model.eval()
@@ -362,7 +364,7 @@ def test_on_policy_distillation_on_a_toy_task(tmp_path):
 
     from mlx_lm import load
 
-    from mlx_distill.rollouts import sample
+    from mlx_distill.backends.rollouts import sample
     from mlx_distill.tiny import build_model, build_tokenizer
 
     rng = random.Random(0)

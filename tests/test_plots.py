@@ -145,7 +145,7 @@ def corpus(tmp_path):
 
 
 def test_train_rewrites_training_png_at_each_validation(tiny_model, corpus, tmp_path, monkeypatch):
-    from mlx_distill.train import run
+    from mlx_distill.training.train import run
 
     calls = []
     real = plots.refresh

@@ -16,7 +16,8 @@ import pytest
 from fault_server import FaultServer
 from mlx_distill import config as C
 from mlx_distill.corpus import build as B
-from mlx_distill.generation.clients import ClientError, OpenAIClient, make_client
+from mlx_distill.generation.clients import ClientError, OpenAIClient
+from mlx_distill.generation import make_client
 from mlx_distill.generation.pool import PoolClient
 from mlx_distill.io import InputError, read_jsonl
 from mlx_distill.paths import REPO
@@ -272,7 +273,7 @@ def test_retries_are_plain_lines_off_a_terminal(capsys):
 
 
 def test_eval_with_a_pool_records_per_server_counts(tmp_path, shared_data):
-    from mlx_distill.evaluate import evaluate
+    from mlx_distill.evaluation.evaluate import evaluate
 
     with FaultServer({"delay": 0.05}) as a, FaultServer({"delay": 0.05}) as b:
         s = evaluate(C.EvalConfig(backend="api", base_url=[a.base_url, b.base_url], model="m", dataset="gsm8k",

@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from mlx_distill import config, data, preflight, train
+from mlx_distill import config, data
+
+from mlx_distill.training import preflight, train
 from mlx_distill.config import TrainConfig
 from mlx_distill.io import InputError, read_jsonl
 

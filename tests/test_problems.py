@@ -6,8 +6,8 @@ import pytest
 
 from mlx_distill.io import InputError
 from mlx_distill import tasks
-from mlx_distill.answers import boxed_content as last_boxed
-from mlx_distill.problems import answer_kind, leakage_index, load_problems, normalize_text
+from mlx_distill.tasks.answers import boxed_content as last_boxed
+from mlx_distill.tasks.problems import answer_kind, leakage_index, load_problems, normalize_text
 
 
 @pytest.mark.parametrize("source,n,first_id,first_answer", [

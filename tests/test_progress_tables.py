@@ -110,7 +110,7 @@ def _render(fn, *args) -> str:
 @pytest.mark.parametrize("kind,seeds,value", [("prompt", 3, "600"), ("max_tokens", 1, "600"),
                                               ("adapter", 2, "runs/study/adapters/R1-a-long-corpus-name/adapter")])
 def test_study_table_fits_80_columns_with_whole_headers(kind, seeds, value):
-    from mlx_distill import study
+    from mlx_distill.evaluation import study
 
     text = _render(study.print_table, _agg(seeds, value), kind)
     lines = text.splitlines()
@@ -126,7 +126,7 @@ def test_study_table_fits_80_columns_with_whole_headers(kind, seeds, value):
 
 
 def test_study_report_single_seed_is_one_value():
-    from mlx_distill import study
+    from mlx_distill.evaluation import study
     from mlx_distill.config import EvalConfig, StudyConfig
 
     md = study.report(StudyConfig(seeds=[0]), EvalConfig(), _agg(1), plotted=False)
@@ -165,7 +165,7 @@ def _capture_figure(monkeypatch, module):
 
 def test_study_plot_axes_stay_at_or_above_zero(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    from mlx_distill import study
+    from mlx_distill.evaluation import study
 
     got = _capture_figure(monkeypatch, study)
     agg = [{"level": "R1", "words_mean_mean": 3.0, "words_mean_std": 10.0, "accuracy_mean": 0.01,
@@ -178,7 +178,7 @@ def test_study_plot_axes_stay_at_or_above_zero(monkeypatch, tmp_path):
 
 def test_eval_lengths_plot_axes_stay_at_or_above_zero(monkeypatch, tmp_path):
     pytest.importorskip("matplotlib")
-    from mlx_distill import report
+    from mlx_distill.evaluation import report
 
     got = _capture_figure(monkeypatch, report)
     recs = [{"words": w, "status": s} for w, s in ((1, "correct"), (2, "wrong"), (3, "invalid"), (250, "correct"))]
@@ -195,7 +195,9 @@ def _mode(path: Path) -> int:
 def test_safetensors_files_get_the_usual_permissions(tmp_path):
     import mlx.core as mx
 
-    from mlx_distill import adapters, logits
+    from mlx_distill import adapters
+
+    from mlx_distill.teacher import logits
     from mlx_distill.backends.mlx import save_arrays_atomic
     from mlx_distill.io import _UMASK, atomic_write_text
 

@@ -10,7 +10,9 @@ import signal
 
 import pytest
 
-from mlx_distill import io, train
+from mlx_distill import io
+
+from mlx_distill.training import train
 from mlx_distill.backends.mlx import MLXBackend
 from mlx_distill.config import TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_distill import selection, train
+from mlx_distill.training import selection, train
 from mlx_distill.config import TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
 

@@ -13,7 +13,7 @@ import yaml
 from mlx_distill.config import StudyConfig, build
 from mlx_distill.io import InputError
 from mlx_distill.paths import REPO
-from mlx_distill.study import parse_levels, run_study
+from mlx_distill.evaluation.study import parse_levels, run_study
 
 
 def _write(path, rows):
@@ -48,7 +48,7 @@ def test_study_prompt_budgets_cli(tmp_path, tiny_model):
     assert "± " in (out / "report.md").read_text()
     # the same command again continues the whole study (its plan was not written by --plan): a cell
     # whose result was lost is finished again (its evaluation is complete: nothing generated), the rest kept
-    from mlx_distill.study import main
+    from mlx_distill.evaluation.study import main
 
     assert json.loads((out / "plan.json").read_text())["written_by"] == "run-all"
     (out / "cells" / "3-15-words-seed1" / "done").unlink()
@@ -168,7 +168,7 @@ def _measured(res):
 def test_plan_cells_assemble_equals_serial(tmp_path, tiny_model):
     """--plan writes the cells; cells run one by one assemble to the serial study's results; missing
     cells are listed and the outputs marked partial; a changed study is detected."""
-    from mlx_distill.study import assemble_study, plan_study, run_one_cell
+    from mlx_distill.evaluation.study import assemble_study, plan_study, run_one_cell
 
     serial = run_study(build(StudyConfig, _prompt_cfg(tmp_path, tiny_model, tmp_path / "serial")), quiet=True)
     cfg = build(StudyConfig, _prompt_cfg(tmp_path, tiny_model, tmp_path / "grid"))
@@ -229,7 +229,7 @@ def test_plan_cells_assemble_equals_serial(tmp_path, tiny_model):
 def test_cell_lock_refusal_and_stale_takeover(tmp_path, tiny_model, capsys):
     import socket
 
-    from mlx_distill.study import make_cells, plan_study, run_one_cell
+    from mlx_distill.evaluation.study import make_cells, plan_study, run_one_cell
 
     cfg = build(StudyConfig, {**_prompt_cfg(tmp_path, tiny_model, tmp_path / "s"), "seeds": [0], "levels": [20]})
     plan_study(cfg, quiet=True)
@@ -302,7 +302,7 @@ def test_cells_with_xargs_and_cli_assembly(tmp_path, tiny_model):
 
 def test_adapter_cells_equal_serial_study(tmp_path, tiny_model, shared_data):
     """Kind adapter: 1-iteration trainings per cell, one cell at a time, assemble to the serial study's numbers."""
-    from mlx_distill.study import assemble_study, plan_study, run_one_cell
+    from mlx_distill.evaluation.study import assemble_study, plan_study, run_one_cell
 
     rows = [json.loads(line) for line in open(shared_data / "gsm8k" / "train.jsonl")][:6]
     levels = []

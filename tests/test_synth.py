@@ -13,7 +13,7 @@ from mlx_distill.config import SynthConfig, TrainConfig
 from mlx_distill.corpus import synth
 from mlx_distill.io import InputError, sha256_file
 from mlx_distill.paths import REPO
-from mlx_distill.problems import normalize_text
+from mlx_distill.tasks.problems import normalize_text
 
 STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
@@ -131,7 +131,7 @@ def test_cli_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 def test_train_and_eval_read_the_corpus(tmp_path, tiny_model):
     from transformers import AutoTokenizer
 
-    from mlx_distill.evaluate import load_eval_problems
+    from mlx_distill.evaluation.evaluate import load_eval_problems
 
     out = tmp_path / "demo"
     synth.main(["--out", str(out), "--n-train", "40", "--n-valid", "6", "--n-test", "7"])

@@ -12,7 +12,11 @@ pytest.importorskip("peft")
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_distill import data, parity, train  # noqa: E402
+from mlx_distill import data, parity
+
+from mlx_distill.training import train  # noqa: E402
+
+from mlx_distill.training import objectives
 from mlx_distill.backends.mlx import MLXBackend  # noqa: E402
 from mlx_distill.backends.torch import TorchBackend, lr_at  # noqa: E402
 from mlx_distill.config import TrainConfig, build  # noqa: E402
@@ -90,7 +94,7 @@ def test_five_optimizer_steps_through_train_step(tiny_model, corpus):
         arrays["kd_alpha"] = np.array(cfg.kd_alpha, np.float32)
         batches.append(arrays)
     for b in (mb, tb):
-        b.build_step(train.kd_objective(b.forward, cfg))
+        b.build_step(objectives.kd_objective(b.forward, cfg))
         b.train_mode(True)
     w0 = {k: np.array(v) for k, v in mb.adapter_weights().items()}
     for i, arrays in enumerate(batches):
@@ -123,7 +127,7 @@ def test_full_fine_tuning_steps_agree(tiny_model, corpus):
     arrays = data.batch_arrays(data.BatchStream(data.load_examples(cfg, mb.tokenizer, "train"), 4, 0,
                                                 data.pad_id_of(mb.tokenizer)).at(0))
     for b in (mb, tb):
-        b.build_step(train.sft_objective(b.forward))
+        b.build_step(objectives.sft_objective(b.forward))
         b.train_mode(True)
     for _ in range(3):
         mb.train_step(arrays, True)

@@ -1,5 +1,5 @@
 """torchrun with 2 CPU processes and partial teacher coverage: the KD normaliser (positions with
-a teacher target, `train.kd_step_scale`) is counted over the whole step before the rows are
+a teacher target, `objectives.kd_step_scale`) is counted over the whole step before the rows are
 split between the ranks, so the 2-rank KD run gives the single-process adapter and metrics."""
 
 import json
@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from mlx_distill.config import LogitsConfig, build  # noqa: E402
-from mlx_distill.logits import extract  # noqa: E402
+from mlx_distill.teacher.logits import extract  # noqa: E402
 from mlx_distill.paths import REPO  # noqa: E402
 
 from helpers import ddp_corpus, run_one_and_torchrun_two  # noqa: E402

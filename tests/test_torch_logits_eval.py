@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from mlx_distill import train  # noqa: E402
+from mlx_distill.training import train  # noqa: E402
 from mlx_distill.config import EvalConfig, LogitsConfig, TrainConfig  # noqa: E402
-from mlx_distill.evaluate import evaluate  # noqa: E402
+from mlx_distill.evaluation.evaluate import evaluate  # noqa: E402
 from mlx_distill.io import read_jsonl  # noqa: E402
-from mlx_distill.logits import TopMStore, extract  # noqa: E402
+from mlx_distill.teacher.logits import TopMStore, extract  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_kd_training_across_backends_and_stores(tmp_path, tiny_model, corpus, st
 def test_parity_with_a_teacher_cache(tiny_model, corpus, stores):
     """The parity check with a real teacher cache (from the torch teacher) instead of a synthetic one."""
     from mlx_distill import data, parity
-    from mlx_distill.logits import kd_setup
+    from mlx_distill.training.kd import kd_setup
 
     cfg = TrainConfig(model=str(tiny_model), data=str(corpus), kd_dir=str(stores["torch"]), kd_top_k=6,
                       lora_layers=-1, lora_rank=4, max_seq_length=256, batch_size=4)

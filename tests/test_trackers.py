@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from mlx_distill import config, trackers, train
+from mlx_distill import config
+
+from mlx_distill.training import trackers, train
 from mlx_distill.config import TrainConfig
 from mlx_distill.io import InputError, read_jsonl
 
@@ -154,7 +156,7 @@ def test_eval_reports_its_summary(tiny_model, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from mlx_distill.config import EvalConfig
-    from mlx_distill.evaluate import evaluate
+    from mlx_distill.evaluation.evaluate import evaluate
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
@@ -182,7 +184,7 @@ def test_eval_reports_its_summary(tiny_model, tmp_path, monkeypatch):
 
 
 def test_only_rank_zero_reports(tmp_path):
-    from mlx_distill.distributed import Group
+    from mlx_distill.backends.distributed import Group
     from mlx_distill.io import JsonlAppender
 
     cfg = TrainConfig(out=str(tmp_path), report_to=["tensorboard"])

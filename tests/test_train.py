@@ -158,7 +158,7 @@ def test_early_stopping_keeps_best_adapter(tiny_model, corpus, tmp_path):
     import mlx.core as mx
     from mlx_lm import load
 
-    from mlx_distill.train import run
+    from mlx_distill.training.train import run
 
     # a large learning rate over-fits / diverges quickly, so validation loss turns up
     cfg = cfg_for(tiny_model, corpus, tmp_path / "run", iters=60, val_every=2, patience=3, learning_rate=5e-2,
@@ -174,7 +174,7 @@ def test_early_stopping_keeps_best_adapter(tiny_model, corpus, tmp_path):
     model, tok = load(str(tiny_model), adapter_path=str(tmp_path / "run"))
     cfg2 = cfg_for(tiny_model, corpus, tmp_path / "x")
     val = data.load_examples(cfg2, tok, "valid")
-    from mlx_distill.losses import sft_loss
+    from mlx_distill.training.losses import sft_loss
 
     tot = n = 0.0
     for b in data.eval_batches(val, cfg.batch_size, data.pad_id_of(tok)):
@@ -189,7 +189,7 @@ def test_adapter_loads_in_mlx_lm_with_same_logits(tiny_model, corpus, tmp_path):
     from mlx_lm import load
 
     from mlx_distill.backends.mlx import MLXBackend
-    from mlx_distill.train import run
+    from mlx_distill.training.train import run
 
     cfg = cfg_for(tiny_model, corpus, tmp_path / "run", iters=6, lora_dropout=0.0, patience=0)
     run(cfg, quiet=True)
@@ -213,7 +213,7 @@ def test_adapter_loads_in_mlx_lm_with_same_logits(tiny_model, corpus, tmp_path):
 def test_dora_and_full_fine_tuning(tiny_model, corpus, tmp_path, kind):
     from mlx_lm import load
 
-    from mlx_distill.train import run
+    from mlx_distill.training.train import run
 
     res = run(cfg_for(tiny_model, corpus, tmp_path / kind, iters=4, val_every=2, fine_tune_type=kind,
                       learning_rate=1e-3), quiet=True)
@@ -225,7 +225,7 @@ def test_dora_and_full_fine_tuning(tiny_model, corpus, tmp_path, kind):
 def test_qlora_on_quantized_base(tiny_model, corpus, tmp_path):
     from mlx_lm import convert
 
-    from mlx_distill.train import run
+    from mlx_distill.training.train import run
 
     q = tmp_path / "q4"
     convert(str(tiny_model), mlx_path=str(q), quantize=True, q_bits=4, q_group_size=32)
@@ -237,7 +237,7 @@ def test_qlora_on_quantized_base(tiny_model, corpus, tmp_path):
 
 
 def test_refuses_to_overwrite_and_checks_resume_config(tiny_model, corpus, tmp_path):
-    from mlx_distill.train import run
+    from mlx_distill.training.train import run
 
     run(cfg_for(tiny_model, corpus, tmp_path / "run", iters=2, val_every=2), quiet=True)
     with pytest.raises(InputError, match="already holds a run"):
@@ -288,7 +288,7 @@ def test_trimmed_prompt_positions_give_the_same_loss(tiny_model, corpus, tmp_pat
     """Logits only at trained positions (the vocabulary projection skips the shared prompt)."""
 
     from mlx_distill.backends.mlx import MLXBackend
-    from mlx_distill.train import sft_objective
+    from mlx_distill.training.objectives import sft_objective
 
     cfg = cfg_for(tiny_model, corpus, tmp_path / "o")
     be = MLXBackend(cfg)

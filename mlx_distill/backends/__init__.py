@@ -23,12 +23,12 @@ def auto_backend() -> str:
 def get_backend(cfg):
     name = cfg.backend if cfg.backend != "auto" else auto_backend()
     if name == "mlx":
-        from .mlx import MLXBackend
+        from mlx_distill.backends.mlx import MLXBackend
 
         return MLXBackend(cfg)
     if name == "torch":
         try:
-            from .torch import TorchBackend
+            from mlx_distill.backends.torch import TorchBackend
         except ImportError as e:
             raise SystemExit(f"--backend torch needs the torch extra: pip install 'mlx_distill[torch]' ({e})")
         return TorchBackend(cfg)

@@ -5,26 +5,26 @@ every command uses.)"""
 from pathlib import Path
 from typing import Any, Optional, Protocol, runtime_checkable
 
-from ..distributed import SINGLE, Group
+from mlx_distill.backends.distributed import SINGLE, Group
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """Everything the training loop (`mlx_distill.train.run`, and `mlx_distill.selection` for
+    """Everything the training loop (`mlx_distill.training.train.run`, and `mlx_distill.training.selection` for
     ``--select-by accuracy``) uses of a backend; `MLXBackend` and `TorchBackend` implement all
     of it (tests/test_backend_contract.py checks both, and that the loop uses nothing else).
 
     Arrays cross the contract as NumPy: a batch is ``data.batch_arrays`` (+ the KD source's
     ``kd_ids``/``kd_logits``, ``kd_alpha``, ``kd_scale``); the backend converts them
     (`to_arrays`). An *objective* is ``objective(model, arrays) -> (loss_sum, ntokens, parts)``
-    in the backend's array type (`train.sft_objective`, `train.kd_objective`), built on the
+    in the backend's array type (`objectives.sft_objective`, `objectives.kd_objective`), built on the
     backend's `forward`; steps return plain floats: ``{"loss_sum", "ntokens", **parts}``,
     summed over ranks."""
 
     name: str  # "mlx" | "torch"
     model_path: str  # the resolved model folder (set by `load`)
     tokenizer: Any  # the model's tokenizer (set by `load`); `selection` decodes with it
-    dist: Group  # ranks: world, rank, all-reduce, broadcast; rank 0 alone writes (`mlx_distill.distributed`)
+    dist: Group  # ranks: world, rank, all-reduce, broadcast; rank 0 alone writes (`mlx_distill.backends.distributed`)
 
     # model
     def load(self) -> tuple[Any, Any]:
@@ -112,7 +112,7 @@ class BackendBase:
     def adapter_config(self) -> dict:
         """mlx-lm's adapter_config.json (read by `mlx_lm generate --adapter-path`, `mlx_lm fuse`),
         so a run folder from either backend loads in mlx-lm as it is."""
-        from ..models import portable_name
+        from mlx_distill.models import portable_name
 
         cfg = self.cfg
         return {"model": portable_name(cfg.model, self.model_path), "model_path": self.model_path,

@@ -1,9 +1,9 @@
 """MLX backend: mlx-lm models, LoRA/DoRA layers, AdamW, a compiled step.
 
-Implements the small interface the training loop (`mlx_distill.train`) drives; the torch
+Implements the small interface the training loop (`mlx_distill.training.train`) drives; the torch
 backend (`backends/torch.py`) implements the same methods.
 
-Several processes or Macs (``mlx.launch``; `mlx_distill.distributed.mlx_group`): every rank
+Several processes or Macs (``mlx.launch``; `mlx_distill.backends.distributed.mlx_group`): every rank
 sees the same micro-batch stream and takes the rows ``rank::world`` of each micro-batch; the
 loss sums and token counts of every micro-batch and, at the update, the summed gradients are
 added up over the ranks with ``mx.distributed.all_sum`` (inside the compiled step) and divided
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..models import resolve_model
-from .base import BackendBase
+from mlx_distill.models import resolve_model
+from mlx_distill.backends.base import BackendBase
 
 # gradients travel in flat buffers of at most this many bytes (one all_sum each): few large
 # messages instead of one per LoRA matrix, without a full second copy of a large model's grads
@@ -71,7 +71,7 @@ def _broadcast_tree(dist, tree):
 def save_arrays_atomic(path: Path, arrays: dict, metadata: dict | None = None) -> None:
     import mlx.core as mx
 
-    from ..io import atomic_path
+    from mlx_distill.io import atomic_path
 
     with atomic_path(path) as tmp:
         # mx.save_safetensors appends .safetensors when missing
@@ -86,7 +86,7 @@ class MLXBackend(BackendBase):
     def __init__(self, cfg):
         import mlx.core as mx
 
-        from ..distributed import mlx_group
+        from mlx_distill.backends.distributed import mlx_group
 
         self.cfg = cfg
         self.mx = mx
@@ -299,12 +299,12 @@ class MLXBackend(BackendBase):
         return [out[u] for u in uids]
 
     def sample(self, prompts: list, max_tokens: list, temperature: float, top_p: float, key: int) -> list:
-        """On-policy rollouts by the live model (`mlx_distill.rollouts.sample`); the caller sets eval mode.
+        """On-policy rollouts by the live model (`mlx_distill.backends.rollouts.sample`); the caller sets eval mode.
 
         Under mlx.launch each rank samples its rows ``rank::world`` of the prompts (with its own
         key) and the ranks exchange them, so every rank returns the same rollouts of all the
         prompts (and then takes its rows of the batch built from them, `to_arrays`)."""
-        from ..rollouts import Rollout, sample
+        from mlx_distill.backends.rollouts import Rollout, sample
 
         dist = self.dist
         if dist.world == 1:
@@ -333,7 +333,7 @@ class MLXBackend(BackendBase):
         """Adapter + optimizer + loop state (RNG is derived from it), written to a temp folder and renamed."""
         from mlx.utils import tree_flatten
 
-        from ..io import atomic_dir
+        from mlx_distill.io import atomic_dir
 
         with atomic_dir(folder) as tmp:
             save_arrays_atomic(tmp / "adapters.safetensors", self.adapter_weights())
@@ -345,7 +345,7 @@ class MLXBackend(BackendBase):
         the other ranks receive its arrays and state (they need no copy of the run folder)."""
         from mlx.utils import tree_flatten, tree_unflatten
 
-        from ..io import InputError, complete_dir
+        from mlx_distill.io import InputError, complete_dir
 
         mx, dist = self.mx, self.dist
         state = None

@@ -1,8 +1,8 @@
 """PyTorch backend: transformers models + peft LoRA/DoRA with mlx-lm's semantics, MLX's AdamW.
 
-`TorchBackend` implements the interface `mlx_distill.train` drives (see `backends/__init__.py`)
+`TorchBackend` implements the interface `mlx_distill.training.train` drives (see `backends/__init__.py`)
 so that ``python -m mlx_distill train --backend torch`` runs the same loop, data, masks,
-batches and losses (`mlx_distill.losses`) as the MLX path and gives the same numbers:
+batches and losses (`mlx_distill.training.losses`) as the MLX path and gives the same numbers:
 
 - LoRA: mlx-lm computes ``y = W x + scale * (dropout(x) @ A) @ B`` with A (in, r) drawn
   from U(+-1/sqrt(in)) and B = 0. peft computes ``W x + (alpha / r) * B'(A'(dropout(x)))``
@@ -32,7 +32,7 @@ token counts are all-reduced, so the step is the single-process step on the whol
 (not DDP's average of per-rank means). Loss sums are all-reduced too, so every rank logs the
 same numbers. Only rank 0 writes the run folder (and reads it on resume, handing the state to
 the other ranks). World, rank, the row split, the all-reduce and the rank-0-only writes
-come from `mlx_distill.distributed` (`torch_group`)::
+come from `mlx_distill.backends.distributed` (`torch_group`)::
 
     torchrun --nproc-per-node 4 -m mlx_distill train --backend torch --model PATH --data DIR --out runs/x
 
@@ -47,8 +47,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..models import resolve_model
-from .base import BackendBase
+from mlx_distill.models import resolve_model
+from mlx_distill.backends.base import BackendBase
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
 
@@ -113,7 +113,7 @@ class TorchBackend(BackendBase):
     def __init__(self, cfg, device: Optional[str] = None, dtype: Optional[str] = None):
         import torch
 
-        from .. import distributed
+        from mlx_distill.backends import distributed
 
         self.cfg, self.torch = cfg, torch
         _, _, local = distributed.env_ranks()
@@ -272,7 +272,7 @@ class TorchBackend(BackendBase):
 
     def _empty_result(self, kd: bool):
         """What a rank without rows contributes: zeros, with the parts (in order) of the objective
-        the other ranks run, the KD one (`train.kd_objective`) when the batch carries KD arrays."""
+        the other ranks run, the KD one (`objectives.kd_objective`) when the batch carries KD arrays."""
         z = self.torch.zeros((), device=self.device)
         names = ("sft_loss", "kd_loss", "kd_positions") if kd else ("sft_loss",)
         return z, z, {k: z for k in names}
@@ -318,20 +318,20 @@ class TorchBackend(BackendBase):
 
     def generate(self, prompts: list, max_tokens: int, batch_size: int = 32) -> list:
         """Greedy continuations (token ids, EOS excluded) of `prompts` by the live (peft) model
-        with its current adapter: `TorchClient.generate` on this very model object (no copy).
+        with its current adapter: `hf_generate` on this very model object (no copy).
         The caller puts the model in eval mode. Under torchrun every rank generates them all."""
-        from ..generation.torch import TorchClient
-
-        client = TorchClient(self.model_path, model_obj=(self.model, self.tokenizer), device=str(self.device))
+        model, tok = self.model, self.tokenizer
+        ids = eos_ids(model, tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else ids[0]
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = [list(p) for p in prompts[i: i + batch_size]]
-            out += [toks for toks, _ in client.generate(chunk, [max_tokens] * len(chunk))]
+            out += [toks for toks, _ in hf_generate(model, self.device, chunk, [max_tokens] * len(chunk), ids, pad)]
         return out
 
     def sample(self, prompts: list, max_tokens: list, temperature: float, top_p: float, key: int) -> list:
         """Not implemented: on-policy distillation runs on the MLX backend only (refused before training)."""
-        from ..io import InputError
+        from mlx_distill.io import InputError
 
         raise InputError("--on-policy-fraction > 0: the torch backend does not generate rollouts inside training; "
                          "use --backend mlx")
@@ -377,7 +377,7 @@ class TorchBackend(BackendBase):
     def save_checkpoint(self, folder: Path, state: dict) -> None:
         """Adapter + optimizer (MLX names and layouts) + loop state (the RNG is derived from it),
         written to a temp folder and renamed into place."""
-        from ..io import atomic_dir
+        from mlx_distill.io import atomic_dir
 
         torch = self.torch
         with atomic_dir(folder) as tmp:
@@ -396,7 +396,7 @@ class TorchBackend(BackendBase):
         reads `folder` and the other ranks receive its weights, optimizer and loop state."""
         from safetensors.torch import load_file
 
-        from ..io import InputError, complete_dir
+        from mlx_distill.io import InputError, complete_dir
 
         dist, state = self.dist, None
         if dist.is_main:
@@ -447,7 +447,7 @@ def _to_torch(w):
 def _save_tensors(path: Path, tensors: dict, atomic: bool = True) -> None:
     from safetensors.torch import save_file
 
-    from ..io import atomic_path
+    from mlx_distill.io import atomic_path
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # always through atomic_path, even inside a checkpoint's temporary folder (atomic=False): it
@@ -468,7 +468,57 @@ def load_model(path: str, adapter_path: Optional[str] = None, device=None, dtype
     if adapter_path:
         from peft import PeftModel
 
-        from ..adapters import ensure_format
+        from mlx_distill.adapters import ensure_format
 
         model = PeftModel.from_pretrained(model, str(ensure_format(adapter_path, "peft", path)), autocast_adapter_dtype=True)
     return model, tokenizer
+
+
+def hf_generate(model, device, prompts: list[list[int]], max_tokens: list[int], eos_ids: list[int], pad_id: int,
+                temperature: float = 0.0, seed: Optional[int] = None, top_p: Optional[float] = None) -> list[tuple[list[int], str]]:
+    """Token ids after each (left-padded) prompt and the finish reason ("stop" at EOS, else "length"):
+    transformers' ``generate`` with a fresh config. Shared by `generation.torch.TorchClient` and the
+    torch backend's in-training generation."""
+    import os
+
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every row's next token is at the end
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    from transformers import GenerationConfig
+
+    # A fresh config: the model's generation_config.json (Qwen's repetition_penalty 1.05,
+    # top_k 20, ...) would make "greedy" differ from mlx-lm's plain argmax / categorical.
+    kw = dict(max_new_tokens=max(max_tokens), eos_token_id=eos_ids, pad_token_id=pad_id,
+              repetition_penalty=1.0, use_cache=True)
+    if temperature > 0:
+        torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0, top_k=0)
+    else:
+        kw.update(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                  generation_config=GenerationConfig(**kw))
+    results = []
+    for i, n in enumerate(max_tokens):
+        toks = out[i, width:].tolist()
+        cut = next((j for j, t in enumerate(toks) if t in eos_ids), None)
+        if cut is not None and cut < n:
+            results.append((toks[:cut], "stop"))
+        else:
+            results.append((toks[:n], "length"))
+    return results
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = []
+    for v in (getattr(model.generation_config, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+              tokenizer.eos_token_id):
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, int) and t not in ids:
+                ids.append(t)
+    return ids

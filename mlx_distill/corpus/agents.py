@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..answers import grade, parse_verdict, word_count
-from ..io import InputError
-from ..paths import prompt_path
-from ..generation.clients import ClientError, Completion
+from mlx_distill.tasks.answers import grade, parse_verdict, word_count
+from mlx_distill.io import InputError
+from mlx_distill.paths import prompt_path
+from mlx_distill.generation.clients import ClientError, Completion
 
 ANSWER_INSTRUCTIONS = {"####": "a last line '#### <answer>'.", "boxed": "the final answer within \\boxed{}."}
 

@@ -44,15 +44,16 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from .. import config as C
-from ..answers import word_count
-from ..io import InputError, atomic_write_json, iter_jsonl, public_url, read_json, scrub, sha256_file, versions, \
+from mlx_distill import config as C
+from mlx_distill.tasks.answers import word_count
+from mlx_distill.io import InputError, atomic_write_json, iter_jsonl, public_url, read_json, scrub, sha256_file, versions, \
     write_jsonl
-from ..problems import answer_kind, leakage_index, load_problems, normalize_text
-from . import filters
-from .agents import Rewriter, Solver, Verifier, load_prompt, text_or_file
-from ..generation.clients import PRESETS, ClientError, MLXClient, base_urls, is_local, make_client
-from .store import CorpusStore, RunLock, latest, rewrite_key, trace_key
+from mlx_distill.tasks.problems import answer_kind, leakage_index, load_problems, normalize_text
+from mlx_distill.corpus import filters
+from mlx_distill.corpus.agents import Rewriter, Solver, Verifier, load_prompt, text_or_file
+from mlx_distill.generation.clients import PRESETS, ClientError, MLXClient, base_urls, is_local
+from mlx_distill.generation import make_client
+from mlx_distill.corpus.store import CorpusStore, RunLock, latest, rewrite_key, trace_key
 
 EXIT_INCOMPLETE = 3  # exit code of a build that ended with attempts failed for good (status "incomplete")
 
@@ -239,7 +240,7 @@ def make_clients(cfg: C.CorpusConfig) -> dict:
     API key or model fails at once. The judge / rewriter reuse the teacher unless another model is named."""
     model = cfg.model or None
     if cfg.teacher == "mlx" and model:
-        from ..models import resolve_model  # 'smollm2' = the embedded SmolLM2-135M-Instruct
+        from mlx_distill.models import resolve_model  # 'smollm2' = the embedded SmolLM2-135M-Instruct
 
         model = resolve_model(model)
     teacher = make_client(cfg.teacher, preset=cfg.preset or None, base_url=cfg.base_url or None,
@@ -671,7 +672,7 @@ def _progress(enabled: bool, console=None):
 
     console = console or Console(stderr=True)
     if enabled and not console.is_terminal:
-        from ..progress import PlainProgress
+        from mlx_distill.progress import PlainProgress
 
         return PlainProgress("corpus build", unit="attempts", stream=console.file)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -838,7 +839,7 @@ def main(argv=None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "synth":
-        from .synth import main as synth_main
+        from mlx_distill.corpus.synth import main as synth_main
 
         synth_main(rest)
         return

@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from ..answers import last_boxed, last_hashes, repetition, word_count
-from ..config import CorpusConfig
+from mlx_distill.tasks.answers import last_boxed, last_hashes, repetition, word_count
+from mlx_distill.config import CorpusConfig
 
 ORDER = ["truncated", "no_marker", "unparsable", "wrong_answer", "repetition", "banned", "too_long", "critic_low"]
 

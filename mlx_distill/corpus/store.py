@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from ..io import InputError, JsonlAppender, iter_jsonl
+from mlx_distill.io import InputError, JsonlAppender, iter_jsonl
 
 TRACES, REWRITES = "traces.jsonl", "rewrites.jsonl"
 FINAL = ("verified", "rejected")

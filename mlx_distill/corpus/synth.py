@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import config as C
-from ..io import InputError, atomic_dir, atomic_write_json, read_json, sha256_file, versions, write_jsonl
-from ..problems import normalize_text
+from mlx_distill import config as C
+from mlx_distill.io import InputError, atomic_dir, atomic_write_json, read_json, sha256_file, versions, write_jsonl
+from mlx_distill.tasks.problems import normalize_text
 
 GENERATOR = "mlx_distill.corpus.synth/1"  # bump when the templates or the draw change
 SPLITS = ("train", "valid", "test")

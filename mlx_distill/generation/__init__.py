@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import EvalConfig
-from ..io import InputError
+from mlx_distill.config import EvalConfig
+from mlx_distill.io import InputError
 
 
 def problem_seed(seed: int, pid: str) -> int:
@@ -35,8 +35,7 @@ def problem_seed(seed: int, pid: str) -> int:
 
 
 def mlx_client(model: str, adapter: str = "", batch_size: int = 8):
-    from .clients import make_client
-    from ..models import resolve_model
+    from mlx_distill.models import resolve_model
 
     if adapter and not (Path(adapter) / "adapters.safetensors").is_file():
         raise InputError(f"{adapter}: no adapters.safetensors (is it a finished `mlx_distill train` run folder?)")
@@ -44,12 +43,10 @@ def mlx_client(model: str, adapter: str = "", batch_size: int = 8):
 
 
 def make_eval_client(cfg: EvalConfig):
-    from .clients import make_client
-
     if cfg.backend == "mlx":
         return mlx_client(cfg.model, cfg.adapter, cfg.batch_size)
     if cfg.backend == "torch":  # transformers (+ peft); an mlx-lm or PEFT adapter folder
-        from .torch import TorchClient
+        from mlx_distill.generation.torch import TorchClient
 
         if cfg.adapter and not any((Path(cfg.adapter) / f).is_file()
                                    for f in ("adapters.safetensors", "adapter_model.safetensors")):
@@ -76,7 +73,7 @@ def _progress(total: int, label: str, quiet: bool):
         prog.start()
         task = prog.add_task(label, total=total)
         return (lambda: prog.advance(task)), prog.stop
-    from ..progress import Heartbeat
+    from mlx_distill.progress import Heartbeat
 
     # a line at least every ~10 s (from a thread: a batch of long generations finishes nothing for
     # minutes), and the final count
@@ -155,8 +152,6 @@ def parameter_counts(client) -> Optional[dict]:
 
 
 def make_judge_client(cfg: EvalConfig):
-    from .clients import make_client
-
     if cfg.judge == "api":
         return make_client("api", base_url=cfg.judge_base_url, model=cfg.judge_model or None,
                            api_key_env=cfg.judge_api_key_env, concurrency=cfg.concurrency)
@@ -165,3 +160,44 @@ def make_judge_client(cfg: EvalConfig):
     return mlx_client(cfg.judge_model, "", cfg.batch_size)
 
 
+def make_client(kind: str, **kw):
+    """``make_client("api", base_url=..., model=..., preset=...)`` or ``make_client("mlx", model=PATH, ...)``.
+
+    ``base_url`` may list several servers of one model: the client is then a ``pool.PoolClient``
+    (least-outstanding spread, per-server limits, servers marked down and back; see pool.py).
+    Call ``client.check()`` (API clients) before any work to fail at once on a server that
+    cannot be reached or a model name that cannot be looked up.
+
+    Unknown keyword arguments for the chosen kind are dropped, so one settings dict can
+    serve both (e.g. ``concurrency`` means nothing to a local model; ``batch_size`` nothing
+    to a server)."""
+    import inspect
+
+    from mlx_distill.generation.clients import PRESETS, MLXClient, OpenAIClient, base_urls
+
+    if kind == "api":
+        preset = PRESETS.get(kw.pop("preset", None) or "", {})
+        for k, v in preset.items():
+            if kw.get(k) in (None, ""):
+                kw[k] = v
+        if not kw.get("base_url"):
+            from mlx_distill.io import InputError
+
+            raise InputError("--teacher api needs --base-url (or --preset deepseek / mlx-lm / vllm)")
+        cls = OpenAIClient
+        if len(base_urls(kw["base_url"])) > 1:  # several servers of one model: a pool (generation/pool.py)
+            from mlx_distill.generation.pool import PoolClient
+
+            cls = PoolClient
+        else:
+            kw["base_url"] = base_urls(kw["base_url"])[0]
+    elif kind == "mlx":
+        if not kw.get("model"):
+            from mlx_distill.io import InputError
+
+            raise InputError("--teacher mlx needs --model (a local mlx-lm model folder or Hugging Face id)")
+        cls = MLXClient
+    else:
+        raise ValueError(f"unknown client kind {kind!r}: use 'api' or 'mlx'")
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in kw.items() if k in params})

@@ -56,7 +56,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Union
 
-from ..answers import split_think
+from mlx_distill.tasks.answers import split_think
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def probe_server(base_url: str, api_key: Optional[str], timeout: float = 10.0) -
 
 
 def public_url_of(url: str) -> str:
-    from ..io import public_url
+    from mlx_distill.io import public_url
 
     return public_url(url)
 
@@ -267,7 +267,7 @@ class OpenAIClient:
         key = os.environ.get(api_key_env) if api_key_env else None
         if not key:
             if not _is_local(self.base_url):
-                from ..io import InputError
+                from mlx_distill.io import InputError
 
                 raise InputError(f"no API key: set the environment variable {api_key_env} "
                                  f"(or name another with --api-key-env) for {self.base_url}")
@@ -301,7 +301,7 @@ class OpenAIClient:
     def check(self, need_model: bool = True) -> dict:
         """Before any work: is the server listening, and (with no --model) which model does it serve?
         Raises ``InputError`` with what to do; returns ``probe_server``'s answer."""
-        from ..io import InputError
+        from mlx_distill.io import InputError
 
         pr = probe_server(self.base_url, self._client.api_key if self._client.api_key != "not-needed" else None,
                           timeout=min(self.timeout, 10.0))
@@ -533,7 +533,7 @@ class MLXClient:
         else:
             from mlx_lm import load
 
-            from ..models import resolve_model
+            from mlx_distill.models import resolve_model
 
             self.model, self.tokenizer = load(resolve_model(self.model_path), adapter_path=adapter_path)
         # mlx_lm.load leaves (adapter) weights lazy, tied to this thread's stream; decoding runs
@@ -666,48 +666,6 @@ class MLXClient:
         t = self._thread
         if t is not None and t.is_alive():
             await asyncio.to_thread(t.join, 30)
-
-
-# ----------------------------------------------------------------------------- factory
-def make_client(kind: str, **kw) -> Union[OpenAIClient, MLXClient]:
-    """``make_client("api", base_url=..., model=..., preset=...)`` or ``make_client("mlx", model=PATH, ...)``.
-
-    ``base_url`` may list several servers of one model: the client is then a ``pool.PoolClient``
-    (least-outstanding spread, per-server limits, servers marked down and back; see pool.py).
-    Call ``client.check()`` (API clients) before any work to fail at once on a server that
-    cannot be reached or a model name that cannot be looked up.
-
-    Unknown keyword arguments for the chosen kind are dropped, so one settings dict can
-    serve both (e.g. ``concurrency`` means nothing to a local model; ``batch_size`` nothing
-    to a server)."""
-    import inspect
-
-    if kind == "api":
-        preset = PRESETS.get(kw.pop("preset", None) or "", {})
-        for k, v in preset.items():
-            if kw.get(k) in (None, ""):
-                kw[k] = v
-        if not kw.get("base_url"):
-            from ..io import InputError
-
-            raise InputError("--teacher api needs --base-url (or --preset deepseek / mlx-lm / vllm)")
-        cls = OpenAIClient
-        if len(base_urls(kw["base_url"])) > 1:  # several servers of one model: a pool (generation/pool.py)
-            from .pool import PoolClient
-
-            cls = PoolClient
-        else:
-            kw["base_url"] = base_urls(kw["base_url"])[0]
-    elif kind == "mlx":
-        if not kw.get("model"):
-            from ..io import InputError
-
-            raise InputError("--teacher mlx needs --model (a local mlx-lm model folder or Hugging Face id)")
-        cls = MLXClient
-    else:
-        raise ValueError(f"unknown client kind {kind!r}: use 'api' or 'mlx'")
-    params = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in kw.items() if k in params})
 
 
 async def complete_all(client, requests: list[Messages], **kw) -> list[Completion]:

@@ -35,7 +35,7 @@ import collections
 import time
 from typing import Optional
 
-from .clients import (ClientError, Completion, Messages, OpenAIClient, RateLimiter, _Retryable, announce,
+from mlx_distill.generation.clients import (ClientError, Completion, Messages, OpenAIClient, RateLimiter, _Retryable, announce,
                       backoff_delay, base_urls, model_hint, server_counts)
 
 
@@ -71,7 +71,7 @@ class PoolClient:
                  limiters: Optional[list[RateLimiter]] = None):
         urls = base_urls(base_url)
         if len(set(u.rstrip("/") for u in urls)) != len(urls):
-            from ..io import InputError
+            from mlx_distill.io import InputError
 
             raise InputError(f"--base-url lists the same server twice: {urls}")
         self.members = [_Member(OpenAIClient(u, model, api_key_env, concurrency, rpm, tpm, 0, timeout, backoff_base,
@@ -129,7 +129,7 @@ class PoolClient:
         marked down (retried after the back-off); none answering is an ``InputError``."""
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..io import InputError
+        from mlx_distill.io import InputError
 
         def one(m: _Member):
             try:

@@ -3,13 +3,12 @@ interface every generation client shares (`mlx_distill.generation`): greedy requ
 batched, sampled requests run one at a time with their own seed."""
 
 import asyncio
-import os
 import threading
 import time
 from typing import Optional
 
-from ..backends.torch import load_model
-from ..models import resolve_model
+from mlx_distill.backends.torch import eos_ids as _eos_ids, hf_generate, load_model
+from mlx_distill.models import resolve_model
 
 
 class TorchClient:
@@ -73,7 +72,7 @@ class TorchClient:
     async def complete(self, messages, *, temperature: float = 0.0, max_tokens: int = 1024,
                        seed: Optional[int] = None, top_p: Optional[float] = None, stop: Optional[list] = None,
                        logprobs: bool = False, top_logprobs: Optional[int] = None, **extra):
-        from .clients import Completion, think_fields
+        from mlx_distill.generation.clients import Completion, think_fields
 
         if stop:
             raise ValueError("TorchClient: stop strings are not supported; the model stops at its EOS tokens")
@@ -118,36 +117,8 @@ class TorchClient:
     def generate(self, prompts: list[list[int]], max_tokens: list[int], temperature: float = 0.0,
                  seed: Optional[int] = None, top_p: Optional[float] = None) -> list[tuple[list[int], str]]:
         """Token ids after each prompt and the finish reason ("stop" at EOS, else "length")."""
-        torch = self.torch
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's next token is at the end
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        from transformers import GenerationConfig
-
-        # A fresh config: the model's generation_config.json (Qwen's repetition_penalty 1.05,
-        # top_k 20, ...) would make "greedy" differ from mlx-lm's plain argmax / categorical.
-        kw = dict(max_new_tokens=max(max_tokens), eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-                  repetition_penalty=1.0, use_cache=True)
-        if temperature > 0:
-            torch.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-            kw.update(do_sample=True, temperature=temperature, top_p=top_p or 1.0, top_k=0)
-        else:
-            kw.update(do_sample=False)
-        with torch.no_grad():
-            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                      generation_config=GenerationConfig(**kw))
-        results = []
-        for i, n in enumerate(max_tokens):
-            toks = out[i, width:].tolist()
-            cut = next((j for j, t in enumerate(toks) if t in self.eos_ids), None)
-            if cut is not None and cut < n:
-                results.append((toks[:cut], "stop"))
-            else:
-                results.append((toks[:n], "length"))
-        return results
+        return hf_generate(self.model, self.device, prompts, max_tokens, self.eos_ids, self.pad_id,
+                           temperature, seed, top_p)
 
     async def aclose(self) -> None:
         return None
@@ -160,13 +131,3 @@ def _set_result(fut, result, error) -> None:
         fut.set_exception(error)
     else:
         fut.set_result(result)
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = []
-    for v in (getattr(model.generation_config, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
-              tokenizer.eos_token_id):
-        for t in (v if isinstance(v, (list, tuple)) else [v]):
-            if isinstance(t, int) and t not in ids:
-                ids.append(t)
-    return ids

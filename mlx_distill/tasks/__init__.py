@@ -98,7 +98,7 @@ def get(name: str) -> Task:
     task = find(name)
     if task is not None:
         return task
-    from ..io import InputError
+    from mlx_distill.io import InputError
 
     raise InputError(f"unknown dataset {name!r}: use one of {NAMES}, a Hugging Face dataset name "
                      "(e.g. openai/gsm8k), or --dataset jsonl/csv with --data FILE")

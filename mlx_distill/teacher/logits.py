@@ -21,7 +21,7 @@ Folder::
 
 ``actual`` is the teacher's log-probability of the token actually there (row r), ``ends`` the
 byte offset where each scored token ends in the completion text: with them a student of
-another tokenizer family (and chat template) is aligned on the text (`mlx_distill.align`).
+another tokenizer family (and chat template) is aligned on the text (`mlx_distill.teacher.align`).
 Format 2; a format-1 folder (before cross-tokenizer alignment) is refused with the fix.
 
 Row r of a shard is one target index t of one example (the prediction of token t+1); its
@@ -34,7 +34,7 @@ exact token ids scored for each example. 100 + 50 bytes per completion token for
 
 A teacher too large for this machine can score remotely: ``--teacher api --base-url URL --model NAME
 --teacher-tokenizer TOK`` sends each example's token ids to a vLLM server and reads its
-``prompt_logprobs`` (`mlx_distill.remote_teacher`); the store is the same.
+``prompt_logprobs`` (`mlx_distill.teacher.remote`); the store is the same.
 
 `--resume` adds the examples not yet stored (a corpus that grew, or a run that was
 interrupted): the teacher, tokenizer and M must match, and an example whose tokens changed
@@ -51,10 +51,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import align, config, data
-from .config import LogitsConfig, TrainConfig
-from .io import InputError, atomic_path, atomic_write_json, read_json, write_manifest
-from .losses import ops
+from mlx_distill.teacher import align
+
+from mlx_distill import config, data
+from mlx_distill.config import LogitsConfig, TrainConfig
+from mlx_distill.teacher.base import tokenizer_fingerprint, vocab_strings
+from mlx_distill.io import InputError, atomic_path, atomic_write_json, read_json, write_manifest
+from mlx_distill.backends.ops import ops
 
 FORMAT = 2  # 2: + the teacher's completion offsets, text hash and token log-probabilities (cross-tokenizer)
 MANIFEST = "manifest.json"
@@ -63,27 +66,6 @@ PIECES = "pieces.json"
 
 
 # ----------------------------------------------------------------------------- fingerprints
-def _hf(tokenizer):
-    """The Hugging Face tokenizer inside mlx-lm's TokenizerWrapper (or the tokenizer itself)."""
-    return getattr(tokenizer, "_tokenizer", tokenizer)
-
-
-def vocab_strings(tokenizer) -> list[str]:
-    """Token string of every id (added/special tokens included); '' for unused ids."""
-    vocab = _hf(tokenizer).get_vocab()
-    out = [""] * (max(vocab.values()) + 1)
-    for s, i in vocab.items():
-        out[i] = s
-    return out
-
-
-def tokenizer_fingerprint(tokenizer, strings: list[str] | None = None) -> str:
-    """sha256 of the id -> token-string table: equal fingerprints tokenise identically
-    as far as ids go (same vocabulary, same ids)."""
-    strings = vocab_strings(tokenizer) if strings is None else strings
-    return hashlib.sha256(json.dumps(strings, ensure_ascii=False).encode()).hexdigest()
-
-
 def tokens_sha(tokens: np.ndarray) -> str:
     return hashlib.sha256(np.asarray(tokens, dtype=np.int32).tobytes()).hexdigest()
 
@@ -110,14 +92,14 @@ class Teacher:
     """One forward pass per batch -> top-M ids and log-probabilities at every position."""
 
     def __init__(self, name: str, backend: str = "auto", flag: str = "--teacher", adapter: str = ""):
-        from .models import resolve_model
+        from mlx_distill.models import resolve_model
 
         self.path = resolve_model(name, flag=flag)
         self.adapter = str(adapter or "")
         if self.adapter and not (Path(self.adapter) / "adapter_config.json").is_file():
             raise InputError(f"--adapter {self.adapter}: no adapter_config.json there (give a `train` run folder)")
         if backend == "auto":
-            from .backends import auto_backend
+            from mlx_distill.backends import auto_backend
 
             backend = auto_backend()
         self.backend = backend
@@ -126,7 +108,7 @@ class Teacher:
 
             self.model, self.tokenizer = load(self.path, adapter_path=self.adapter or None)
         else:  # float32 on CPU, bfloat16 on CUDA (backends/torch.py)
-            from .backends.torch import load_model
+            from mlx_distill.backends.torch import load_model
 
             self.model, self.tokenizer = load_model(self.path, adapter_path=self.adapter or None)
             self.model.eval()
@@ -220,7 +202,7 @@ def _write_shard(path: Path, arrays: dict) -> int:
     from safetensors.numpy import save_file
 
     with atomic_path(path) as tmp:
-        save_file(arrays, str(tmp), metadata={"format": f"mlx_distill.logits/{FORMAT}"})
+        save_file(arrays, str(tmp), metadata={"format": f"mlx_distill.teacher.logits/{FORMAT}"})
     return path.stat().st_size
 
 
@@ -243,7 +225,7 @@ def extract(cfg: LogitsConfig, quiet: bool = False) -> dict:
         if cfg.adapter:
             raise InputError("--adapter applies to a local teacher; with --teacher api the server applies any "
                              "adapter (vLLM --lora-modules, then --model the adapter's name)")
-        from .remote_teacher import RemoteTeacher
+        from mlx_distill.teacher.remote import RemoteTeacher
 
         teacher = RemoteTeacher.from_config(cfg)
     else:
@@ -352,7 +334,7 @@ def _extract(cfg: LogitsConfig, teacher, quiet: bool) -> dict:
     t_model = 0.0
     say(f"teacher {teacher.path} ({teacher.backend}) | {len(examples)} examples, {n_stored} already "
         f"stored, {len(todo)} to score | M={cfg.top_m} -> {out}")
-    from .progress import Heartbeat
+    from mlx_distill.progress import Heartbeat
 
     # a plain line at least every ~10 s (from a thread: one teacher forward may take longer)
     beat = Heartbeat("logits", total=len(todo), unit="examples", enabled=not quiet).__enter__()
@@ -413,7 +395,7 @@ def main(argv=None) -> None:
     cfg = config.from_cli(LogitsConfig, argv, "python -m mlx_distill logits", __doc__)
     summary = extract(cfg)
     if summary.get("failed"):  # a remote teacher's requests failed for good: loud, like `corpus build`
-        from .remote_teacher import EXIT_INCOMPLETE
+        from mlx_distill.teacher.remote import EXIT_INCOMPLETE
 
         print(f"error: teacher logits in {cfg.out} are incomplete: {summary['failed']} example(s) could not be "
               f"scored ({', '.join(f'{k}: {v}' for k, v in summary['failures'].items())}; reasons in "
@@ -427,7 +409,7 @@ class TopMStore:
 
     `check` must see an example before `batch_arrays` serves it; it plans, once per example,
     which teacher row (or span of rows) each student loss position reads, so serving is array
-    indexing. The alignment mode (``--kd-align``, `mlx_distill.align` for the classes):
+    indexing. The alignment mode (``--kd-align``, `mlx_distill.teacher.align` for the classes):
 
     - ``exact``: the student's tokenizer has the teacher's fingerprint (same id -> string
       table). The student's token ids of every stored example must equal the scored ones,
@@ -802,21 +784,6 @@ def _empty_plan() -> dict:
     return {"t": z, "rows": z, "span_end": z, "span_len": z, "span_r0": z, "span_r1": z, "uld_t": z, "uld_rows": z}
 
 
-# ----------------------------------------------------------------------------- train hook
-def student_vocab_size(cfg: TrainConfig, tokenizer) -> int:
-    """Embedding rows of the student (config.json), else its tokenizer size."""
-    try:
-        from .models import resolve_model
-
-        c = json.loads((Path(resolve_model(cfg.model)) / "config.json").read_text())
-        v = c.get("vocab_size") or c.get("text_config", {}).get("vocab_size")
-        if v:
-            return int(v)
-    except (OSError, ValueError, InputError):
-        pass
-    return len(vocab_strings(tokenizer))
-
-
 class OnlineTeacher:
     """Online KD: the teacher, held in memory beside the student, scores every batch as it is
     trained (one extra forward pass per step, no cache on disk). Same batch_arrays contract as
@@ -982,58 +949,3 @@ class OnlineCrossTeacher(TopMStore):
         for i in empty:  # not rendered for the teacher (e.g. longer than --max-seq-length in its tokens)
             self._plans.setdefault(i, _empty_plan())
         return super().batch_arrays(batch, top_k)
-
-
-def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: int | None = None):
-    """Open cfg.kd_dir and check it against the student's examples (called by `train`), or
-    load the online teacher (cfg.kd_teacher). Coverage is enforced on the train split; other
-    splits are planned and reported. The returned source's `alignment_summary()` is the
-    train manifest's ``kd_alignment``."""
-    if cfg.kd_dir and cfg.kd_teacher:
-        raise InputError("give either --kd (offline top-M logits) or --kd-teacher (online), not both")
-    if cfg.kd_top_k < 1:
-        raise InputError(f"--kd-top-k must be >= 1, got {cfg.kd_top_k}")
-    if cfg.kd_align not in align.MODES:
-        raise InputError(f"--kd-align must be one of {', '.join(align.MODES)}, got {cfg.kd_align!r}")
-    v = vocab_size or student_vocab_size(cfg, tokenizer)
-    if cfg.kd_teacher == "api":
-        from .remote_teacher import RemoteTeacher
-
-        teacher = RemoteTeacher.for_training(cfg)
-    elif cfg.kd_teacher:
-        teacher = Teacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
-    if cfg.kd_teacher:
-        same = tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher.tokenizer)
-        if cfg.kd_align == "exact" and not same:
-            raise InputError(f"--kd-align exact: the tokenizer of --kd-teacher {cfg.kd_teacher} differs from the "
-                             "student's; use --kd-align auto (aligns the two on the shared completion text)")
-        if same and cfg.kd_align in ("auto", "exact"):
-            print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, same tokenizer)", file=sys.stderr)
-            src = OnlineTeacher(cfg, tokenizer, v, teacher)
-            for split, exs in examples_by_split.items():
-                src.check(exs, split)
-            return src
-        t_ex = {}
-        for split, exs in examples_by_split.items():
-            if exs:
-                t_ex.update({e.id: e for e in data.load_examples(cfg, teacher.tokenizer, split)})
-        src = OnlineCrossTeacher(cfg, teacher, t_ex, cfg.kd_top_k)
-        src.vocab_size = v
-        print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, another tokenizer: the corpus rendered in "
-              f"its chat template too, aligned on the completion text)", file=sys.stderr)
-    else:
-        src = TopMStore(cfg.kd_dir)
-        if cfg.kd_top_k > src.m:
-            raise InputError(f"--kd-top-k {cfg.kd_top_k} > M={src.m} stored in {cfg.kd_dir}; lower --kd-top-k "
-                             f"or re-extract with --top-m >= {cfg.kd_top_k}")
-    for split, exs in examples_by_split.items():
-        rep = src.check(exs, v, tokenizer, cfg.kd_min_coverage if split == "train" else 0.0, where=split,
-                        mode=cfg.kd_align)
-        print(f"kd {split}: {rep['mode']} alignment, coverage {rep['coverage']:.1%} of {rep['positions']} positions ("
-              + ", ".join(f"{c} {n / max(rep['positions'], 1):.1%}" for c, n in rep["classes"].items())
-              + f"), {rep['missing_examples']} example(s) without logits"
-              + (f", {rep['text_differs']} with another completion text" if rep["text_differs"] else "")
-              + (", teacher ids the student cannot spell counted per batch" if isinstance(src, OnlineCrossTeacher) else
-                 f", {rep['dropped_teacher_ids']} teacher id(s) dropped ({rep['dropped_fraction']:.3%} of slots)")
-              + f" | M={src.m} K={cfg.kd_top_k}", file=sys.stderr)
-    return src

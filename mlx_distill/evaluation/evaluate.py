@@ -40,18 +40,22 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from . import answers, config, tasks, trackers
-from .answers import FORMAT_INSTRUCTIONS
-from .config import EvalConfig, GradeConfig
-from .generation import full_response, generate, make_eval_client, make_judge_client, parameter_counts, \
+from mlx_distill.tasks import answers
+
+from mlx_distill import config, tasks
+
+from mlx_distill.training import trackers
+from mlx_distill.tasks.answers import FORMAT_INSTRUCTIONS
+from mlx_distill.config import EvalConfig, GradeConfig
+from mlx_distill.generation import full_response, generate, make_eval_client, make_judge_client, parameter_counts, \
     problem_seed, _gather
-from .io import InputError, JsonlAppender, atomic_write_json, iter_jsonl, read_json, read_jsonl, scrub, \
+from mlx_distill.io import InputError, JsonlAppender, atomic_write_json, iter_jsonl, read_json, read_jsonl, scrub, \
     sha256_file, sha256_text, write_jsonl, write_manifest
-from .metrics import failure_kind, grade_fields, summarise
-from .overlap import adapter_train_config, check_overlap
-from .paths import prompt_path
-from .problems import load_problems
-from .report import plot_lengths, print_summary, show_samples, write_report
+from mlx_distill.evaluation.metrics import failure_kind, grade_fields, summarise
+from mlx_distill.tasks.overlap import adapter_train_config, check_overlap
+from mlx_distill.paths import prompt_path
+from mlx_distill.tasks.problems import load_problems
+from mlx_distill.evaluation.report import plot_lengths, print_summary, show_samples, write_report
 
 OUTPUTS = ("records.jsonl", "summary.json", "report.md", "lengths.png", "manifest.json")
 # settings that decide the records: an --out folder evaluated with other values is refused

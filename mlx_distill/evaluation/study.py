@@ -59,9 +59,9 @@ from typing import Any, Optional
 
 import yaml
 
-from . import config
-from .config import EvalConfig, StudyConfig, TrainConfig
-from .io import InputError, atomic_write_json, atomic_write_text, save_figure, write_manifest
+from mlx_distill import config
+from mlx_distill.config import EvalConfig, StudyConfig, TrainConfig
+from mlx_distill.io import InputError, atomic_write_json, atomic_write_text, save_figure, write_manifest
 
 METRICS = ("accuracy", "words_mean", "words_median", "tokens_mean", "truncation_rate", "invalid_rate")
 
@@ -121,7 +121,7 @@ def settings_diff(run: Path, tcfg: TrainConfig) -> list[str]:
     """How the run in `run` differs from the training settings `tcfg`: every TrainConfig field of
     its config.yaml (a field the file predates counts as its default) and the sha256 of the
     data files its manifest.json recorded. Empty when the run is what `tcfg` would train."""
-    from .io import read_json, sha256_file
+    from mlx_distill.io import read_json, sha256_file
 
     saved = config.load_yaml(run / "config.yaml")
     defaults = config.to_dict(TrainConfig())
@@ -136,7 +136,7 @@ def settings_diff(run: Path, tcfg: TrainConfig) -> list[str]:
 
 
 def _finished(run: Path) -> bool:
-    from .io import read_json
+    from mlx_distill.io import read_json
 
     if not ((run / "adapters.safetensors").is_file() and (run / "manifest.json").is_file()):
         return False
@@ -151,7 +151,7 @@ def train_cell(cell: "Cell", quiet: bool) -> bool:
     study's training settings and its data files are unchanged; otherwise the study refuses,
     naming the differences: it never reports a run that other settings produced, and never deletes
     a trained adapter on its own."""
-    from . import train
+    from mlx_distill.training import train
 
     tcfg = cell.train
     run = Path(tcfg.out)
@@ -398,7 +398,7 @@ def release_lock(cell: Cell, me: dict) -> None:
 def _finished_state(cell: Cell) -> tuple[Optional[str], str]:
     """("done", "") for a cell finished with the study's settings, ("stale", why) for one holding
     another study's results (or an adapter trained otherwise, or on data changed since), else (None, "")."""
-    from .io import read_json
+    from mlx_distill.io import read_json
 
     if cell.train is not None and (Path(cell.train.out) / "config.yaml").is_file():
         diff = settings_diff(Path(cell.train.out), cell.train)
@@ -454,8 +454,8 @@ def run_cell(cell: Cell, client=None, quiet: bool = False) -> dict:
     with the same settings), evaluate (continuing an interrupted evaluation), then write
     `<cell>/result.json` atomically and the `done` marker. A finished cell is not run again;
     one holding another study's results is refused. Returns the cell's row."""
-    from .evaluate import evaluate
-    from .io import read_json
+    from mlx_distill.evaluation.evaluate import evaluate
+    from mlx_distill.io import read_json
 
     def finished() -> Optional[dict]:
         state, detail = _finished_state(cell)
@@ -485,7 +485,7 @@ def run_cell(cell: Cell, client=None, quiet: bool = False) -> dict:
             ecfg = dataclasses.replace(ecfg, overwrite=True)  # an evaluation left there was of an older adapter
         s = evaluate(ecfg, client=client, quiet=True)
         row = _row(cell, ecfg, s)
-        from .io import versions
+        from mlx_distill.io import versions
 
         atomic_write_json(cell.dir / "result.json", {
             "index": cell.index, "settings": cell.settings(), "row": row, "host": me["host"], "pid": me["pid"],
@@ -602,7 +602,7 @@ def write_plan(cfg: StudyConfig, levels: list[Level], seeds: list[int], cells: l
 
 def _read_plan(cfg: StudyConfig, cells: list[Cell]) -> dict:
     """The plan in `<out>/plan.json`, refused when the study as configured now would run other cells."""
-    from .io import read_json
+    from mlx_distill.io import read_json
 
     path = Path(cfg.out) / "plan.json"
     if not path.is_file():
@@ -659,7 +659,7 @@ def run_study(cfg: StudyConfig, quiet: bool = False) -> dict:
     shared = None
     try:
         if todo and cfg.kind != "adapter":
-            from .generation import make_eval_client
+            from mlx_distill.generation import make_eval_client
 
             shared = make_eval_client(base)  # one model for every level and seed
         for c in todo:
@@ -676,7 +676,7 @@ def assemble(cfg: StudyConfig, levels: list[Level], seeds: list[int], base: Eval
              quiet: bool = False) -> dict:
     """The table, results.json/csv, runs.csv, plot and report.md from the finished cells. Missing
     cells are listed (stderr, results.json `missing`, report.md) and the outputs marked partial."""
-    from .io import read_json
+    from mlx_distill.io import read_json
 
     rows, missing = [], []
     for c in sorted(cells, key=lambda c: (levels.index(c.level), c.seed)):
@@ -822,7 +822,7 @@ def report(cfg: StudyConfig, base: EvalConfig, agg: list[dict], plotted: bool, m
 # ----------------------------------------------------------------------------- CLI
 def _written_by(path: Path) -> Optional[str]:
     """Who wrote the plan in `path`: "plan" (--plan), "run-all", or None (no plan)."""
-    from .io import read_json
+    from mlx_distill.io import read_json
 
     return read_json(path).get("written_by", "plan") if path.is_file() else None
 

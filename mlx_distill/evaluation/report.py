@@ -7,7 +7,7 @@ import random
 import sys
 from pathlib import Path
 
-from .io import atomic_write_text, iter_jsonl, save_figure
+from mlx_distill.io import atomic_write_text, iter_jsonl, save_figure
 
 
 def _v(x) -> str:

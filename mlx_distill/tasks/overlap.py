@@ -20,9 +20,9 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import config
-from .io import InputError, atomic_write_json, iter_jsonl, read_json, sha256_file
-from .problems import normalize_text
+from mlx_distill import config
+from mlx_distill.io import InputError, atomic_write_json, iter_jsonl, read_json, sha256_file
+from mlx_distill.tasks.problems import normalize_text
 
 PROVENANCE = "train_questions.json"
 

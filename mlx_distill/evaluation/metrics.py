@@ -14,8 +14,8 @@ import math
 import statistics
 from typing import Optional
 
-from . import answers
-from .config import CorpusConfig
+from mlx_distill.tasks import answers
+from mlx_distill.config import CorpusConfig
 
 # one repetition detector, with the corpus filter's defaults (config.py is the home of defaults)
 REPEAT = {"n": CorpusConfig.repeat_ngram, "count": CorpusConfig.repeat_count}

@@ -8,7 +8,7 @@ examples), early stopping after --patience validations without an improvement of
 --min-delta, the best adapter kept as ``adapters.safetensors``. With ``--select-by accuracy``
 the model being trained also generates greedily on --val-accuracy-n validation problems every
 --val-accuracy-every steps and the adapter with the best task accuracy is kept (ties: lower
-validation loss; see `mlx_distill.selection`).
+validation loss; see `mlx_distill.training.selection`).
 
 ``--resume`` continues from ``checkpoints/last`` (or ``last.old``, when a crash fell inside the
 folder swap) with the optimizer state, schedule position, RNG and data position, so the curve
@@ -39,13 +39,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
+from mlx_distill import blas, config, data
 
-from . import blas, config, data, preflight, selection, sources, trackers
-from .config import TrainConfig
-from .io import (InputError, JsonlAppender, atomic_write_json, complete_dir, read_json, read_jsonl, sha256_file,
+from mlx_distill.training import preflight, selection, sources, trackers
+from mlx_distill.config import TrainConfig
+from mlx_distill.io import (InputError, JsonlAppender, atomic_write_json, complete_dir, read_json, read_jsonl, sha256_file,
                  write_manifest)
-from .losses import sft_loss
+from mlx_distill.training.objectives import kd_alpha_at, kd_objective, sft_objective, window_parts
 
 # The only options --resume lets change: where and how often things are written, how the same
 # numbers are computed, and a refusal threshold. Every other TrainConfig field (present or
@@ -77,95 +77,6 @@ class LoopState:
     def __post_init__(self):
         self.win_parts = self.win_parts or {}
         self.source = self.source or {}
-
-
-# ----------------------------------------------------------------------------- objectives
-def sft_objective(forward):
-    def objective(model, b):
-        logits = forward(model, b["inputs"], b["targets"].shape[1])
-        s, n = sft_loss(logits, b["targets"], b["mask"])
-        return s, n, {"sft_loss": s}
-
-    return objective
-
-
-def kd_objective(forward, cfg: TrainConfig, tail: bool = False):
-    """Per optimizer step, L = S / N + alpha_t * K / N_KD: the SFT sum S over its N completion
-    tokens, the KD sum K over the N_KD positions that carry teacher targets (never over SFT
-    tokens, so positions without a teacher do not dilute it); alpha_t rises linearly to
-    kd_alpha over kd_warmup steps.
-
-    The backends divide the summed objective of a step's micro-batches once by N, so the KD
-    sum is returned scaled by ``kd_scale = N / N_KD``, counted by the loop over the whole step
-    (every micro-batch, every rank; `kd_step_scale`). Callers that give no ``kd_scale`` get
-    the micro-batch's own ratio. A step without any teacher target has ``kd_scale = 0``.
-
-    The SFT term is weighted by ``sft_weight`` (1 = the formula above). On-policy runs
-    (`sources.OnPolicySource`) mark each batch with ``gold``: a rollout batch (gold 0) is the
-    student's own sample and carries no SFT term; ``sft_loss`` is then averaged over the gold
-    batches' tokens (``sft_tokens``). They always use the tail bucket (see `losses.kd_loss`), as
-    does KD across tokenizers (``tail=True``: teacher candidates the student cannot spell).
-    Batches aligned across tokenizers also carry the span / ULD arrays (`logits.TopMStore`)."""
-    from .losses import kd_loss, ops
-
-    tail = cfg.kd_tail or cfg.on_policy_fraction > 0 or tail
-
-    def objective(model, b):
-        logits = forward(model, b["inputs"], b["targets"].shape[1])
-        s, n = sft_loss(logits, b["targets"], b["mask"])
-        cross = {}
-        if "kd_span_len" in b:
-            cross = {"targets": b["targets"], "span_logp": b["kd_span_logp"], "span_len": b["kd_span_len"],
-                     "span_in": b["kd_span_in"]}
-        if "kd_uld" in b:
-            cross["uld"] = b["kd_uld"]
-        k, nk = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
-                        kind=cfg.kd_kind, tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta, **cross)
-        if "kd_scale" in b:
-            scale = b["kd_scale"]
-        else:
-            o = ops(nk)
-            scale = n / o.maximum(nk, o.full_like(nk, 1.0))
-        kd = b["kd_alpha"] * scale * k
-        if "gold" in b:
-            g = b["gold"]
-            return cfg.sft_weight * g * s + kd, n, {"sft_loss": g * s, "sft_tokens": g * n, "kd_loss": k,
-                                                    "kd_positions": nk}
-        return cfg.sft_weight * s + kd, n, {"sft_loss": s, "kd_loss": k, "kd_positions": nk}
-
-    return objective
-
-
-def kd_step_scale(step_arrays: list[dict]) -> tuple[float, float, float]:
-    """(N / N_KD, N, N_KD) over the micro-batches of one optimizer step (NumPy arrays as
-    `data.batch_arrays` + a KD source give them): N counts loss positions, N_KD those with at
-    least one teacher slot (`losses.kd_loss`'s count). 0 when no position has a teacher."""
-    from .losses import EMPTY_BELOW
-
-    n = sum(float(a["mask"].sum()) for a in step_arrays)
-    nk = sum(float((a["mask"] * np.maximum((a["kd_logits"] > EMPTY_BELOW).any(-1), a.get("kd_span_in", 0.0))).sum())
-             for a in step_arrays)
-    return (n / nk if nk else 0.0), n, nk
-
-
-def window_parts(parts: dict, ntokens: int) -> dict:
-    """A report window's averages of the objective's parts: ``sft_loss`` per completion token;
-    ``kd_loss`` per position carrying a teacher target (None when none did) and
-    ``kd_coverage``, the share of completion tokens that carried one."""
-    out = {k: v / max(ntokens, 1) for k, v in parts.items() if k not in ("kd_loss", "kd_positions", "sft_tokens")}
-    if "sft_tokens" in parts:  # on-policy: the SFT term lives on gold (corpus) batches only
-        out["sft_loss"] = parts.get("sft_loss", 0.0) / parts["sft_tokens"] if parts["sft_tokens"] else None
-    if "kd_positions" in parts:
-        nk = parts["kd_positions"]
-        out["kd_loss"] = parts.get("kd_loss", 0.0) / nk if nk else None
-        out["kd_coverage"] = round(nk / max(ntokens, 1), 4)
-    return out
-
-
-def kd_alpha_at(cfg: TrainConfig, step: int) -> float:
-    if cfg.kd_warmup <= 0:
-        return cfg.kd_alpha
-    return cfg.kd_alpha * min(1.0, step / cfg.kd_warmup)
 
 
 # ----------------------------------------------------------------------------- progress
@@ -303,12 +214,12 @@ class _NoMetrics:
 
 def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     """Train and return the run summary (also written to manifest.json)."""
-    from .backends import get_backend
+    from mlx_distill.backends import get_backend
 
     out = Path(cfg.out)
     _check_options(cfg)
     backend = get_backend(cfg)  # under torchrun / mlx.launch: joins the group of ranks
-    # rank 0 alone reads and writes the run folder (`mlx_distill.distributed`): the other ranks,
+    # rank 0 alone reads and writes the run folder (`mlx_distill.backends.distributed`): the other ranks,
     # maybe on other machines, get the resumed state from it and write nothing
     dist = backend.dist
     main = dist.is_main
@@ -334,7 +245,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
 
     kd_store = None
     if cfg.kd_dir or cfg.kd_teacher:
-        from .logits import kd_setup
+        from mlx_distill.training.kd import kd_setup
 
         kd_store = kd_setup(cfg, {"train": train_ex, "valid": val_ex}, tokenizer)
         train_objective = kd_objective(backend.forward, cfg, tail=getattr(kd_store, "cross", False))
@@ -369,7 +280,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     if kd_store is not None:  # per split: the resolved --kd-align and the positions of each alignment class
         manifest_extra["kd_alignment"] = kd_store.alignment_summary()
     if cfg.prompt_template:
-        from .paths import prompt_path
+        from mlx_distill.paths import prompt_path
 
         manifest_extra.update(prompt_template=cfg.prompt_template,
                               prompt_template_sha256=sha256_file(prompt_path(cfg.prompt_template)))
@@ -385,7 +296,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
     if cfg.resume and main:
         # drop rows written after the checkpoint (the run died before its next checkpoint)
         rows = [r for r in read_jsonl(out / "metrics.jsonl", tolerate_torn_tail=True) if r["iter"] <= st.step]
-        from .io import write_jsonl
+        from mlx_distill.io import write_jsonl
 
         write_jsonl(out / "metrics.jsonl", rows)
         if (out / "rollouts.jsonl").exists():  # --save-rollouts: the same cut (the resumed run writes them again)
@@ -397,7 +308,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
         config.dump_yaml(cfg, out / "config.yaml")
         atomic_write_json(out / "adapter_config.json", backend.adapter_config())
         # what eval's overlap check compares against, from any directory, even after the corpus is gone
-        from .overlap import record_training_questions
+        from mlx_distill.tasks.overlap import record_training_questions
 
         record_training_questions(out, [r.path for r in reports.values()])
     # written at the start (a run that dies still says what it trained on); rewritten with the result
@@ -533,7 +444,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                     metrics.write(row)
                     ui.line(fmt_row(row))
                     if "val_loss" in row:  # RUN/training.png, rewritten atomically; never raises (mlx_distill.plots)
-                        from .plots import refresh as refresh_plot
+                        from mlx_distill.plots import refresh as refresh_plot
 
                         dist.main_only(refresh_plot, out, st.best_iter)
                 ui.advance(f"loss {row.get('train_loss', float('nan')):.3f}" if "train_loss" in row else "")
@@ -565,7 +476,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                 **({"tie_break": "val_loss", "best_val_loss": st.best_val} if accuracy else {})}
     dist.main_only(write_manifest, out / "manifest.json", "train", config.to_dict(cfg), **manifest_extra,
                    status="finished", selection=selected, result=summary)
-    from .plots import refresh as refresh_plot
+    from mlx_distill.plots import refresh as refresh_plot
 
     # the finished run's training.png, whatever was skipped
     dist.main_only(refresh_plot, out, st.best_iter, final=True)

@@ -62,7 +62,7 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 
-from .config import CorpusConfig
+from mlx_distill.config import CorpusConfig
 
 KINDS = ("gsm8k", "math")
 

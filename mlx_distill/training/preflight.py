@@ -46,7 +46,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .io import InputError
+from mlx_distill.io import InputError
 
 LIMIT_ENV = "MLX_DISTILL_MEMORY_LIMIT_GB"
 GB = 1e9
@@ -99,7 +99,7 @@ def fmt_bytes(n: float) -> str:
 def batch_shapes(examples, batch_size: int, pad_multiple: int = 16, trim_multiple: int = 16) -> list[tuple]:
     """(B, T, n) of every training batch as `data.BatchStream` and `data.trim_prompt` make them:
     T = the padded width - 1 (inputs), n = T minus the trimmed shortest prompt."""
-    from .data import bucket
+    from mlx_distill.data import bucket
 
     out = set()
     for idx in bucket(examples, batch_size):
@@ -254,7 +254,7 @@ def for_run(cfg, backend, examples) -> Estimate:
     est_kw = {"kd_store": _folder_weights(cfg.kd_dir)} if cfg.kd_dir and Path(cfg.kd_dir).is_dir() else {}
     if cfg.kd_teacher and cfg.kd_teacher != "api":  # a server's teacher takes no memory here
         try:
-            from .models import resolve_model
+            from mlx_distill.models import resolve_model
 
             tpath = resolve_model(cfg.kd_teacher, "--kd-teacher")
             est_kw.update(teacher=_folder_weights(tpath), teacher_dims=Dims.from_config(_read_config(tpath)))

@@ -24,8 +24,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import answers, data
-from .io import InputError, iter_jsonl
+from mlx_distill.tasks import answers
+
+from mlx_distill import data
+from mlx_distill.io import InputError, iter_jsonl
 
 
 @dataclass
@@ -55,7 +57,7 @@ def gold_of(rec: dict) -> tuple[str, str] | None:
 def load_problems(cfg, tokenizer, path: str | Path, examples: list, n: int) -> list[Problem]:
     """The fixed accuracy subset: `n` of the validation `examples` (spread over lengths),
     read back from their file `path` to render the prompt and find the gold answer."""
-    from .paths import prompt_path
+    from mlx_distill.paths import prompt_path
 
     wanted = [examples[i].id for i in data.spread_subset(examples, n)]
     want = set(wanted)

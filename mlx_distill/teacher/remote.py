@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, public_url
+from mlx_distill.io import InputError, public_url
 
 EXIT_INCOMPLETE = 3  # the exit code of `corpus build` when work failed for good
 # the tokenizer probe: words, digits, punctuation, whitespace runs and non-ASCII, so that two
@@ -70,8 +70,8 @@ def load_tokenizer(name: str, flag: str = "--teacher-tokenizer"):
                          "tokenizer (the one the server's model uses; no weights needed)")
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    from . import embedded
-    from .models import hub_offline, is_hub_id
+    from mlx_distill import embedded
+    from mlx_distill.models import hub_offline, is_hub_id
 
     name = str(name).strip()
     path = Path(name).expanduser()
@@ -144,8 +144,9 @@ class RemoteTeacher:
 
     def __init__(self, base_url, model: str = "", tokenizer: str = "", api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, max_retries: int = 6, timeout: float = 600.0, score_vocab: int | None = None):
-        from .generation.clients import base_urls, make_client
-        from .logits import vocab_strings
+        from mlx_distill.generation.clients import base_urls
+        from mlx_distill.generation import make_client
+        from mlx_distill.teacher.base import vocab_strings
 
         if not base_urls(base_url):
             raise InputError("--teacher api needs --base-url: the vLLM server's OpenAI-compatible endpoint, e.g. "
@@ -242,7 +243,7 @@ class RemoteTeacher:
             self._verify_one(c, m, want)
 
     def _verify_one(self, client, m: int, want: list[int]) -> None:
-        from .generation.clients import ClientError
+        from mlx_distill.generation.clients import ClientError
 
         where = f"the server at {client.label}"
         try:
@@ -333,7 +334,7 @@ class RemoteTeacher:
             ids[r, : n - start], lps[r, : n - start] = res[0][start:n], res[1][start:n]
             act[r, : n - start] = res[2][start:n]
         if self.failures and self.raise_on_failure:
-            from .generation.clients import ClientError
+            from mlx_distill.generation.clients import ClientError
 
             r, why = next(iter(self.failures.items()))
             raise ClientError(f"the remote teacher {self.name} could not score {len(self.failures)} of {B} rows; "
@@ -344,13 +345,13 @@ class RemoteTeacher:
         """`sources.Teacher.score` over the server: teacher-forced scores of `tokens` (B, L) at positions
         start .. L-2. Whole rows are sent (the protocol carries no lengths; right padding changes nothing
         before it). A request that fails for good raises: a training step cannot go on without its teacher."""
-        from .sources import TeacherScores, log1mexp_np
+        from mlx_distill.teacher.base import TeacherScores, log1mexp_np
 
         rows = [np.asarray(t).tolist() for t in tokens]
         res = self.score_rows(rows, top_k)
         bad = [(r, x) for r, x in enumerate(res) if isinstance(x, BaseException)]
         if bad:
-            from .generation.clients import ClientError
+            from mlx_distill.generation.clients import ClientError
 
             raise ClientError(f"the remote teacher {self.name} could not score {len(bad)} of {len(rows)} rows; "
                               f"first: {self._why(bad[0][1])}", kind="teacher")

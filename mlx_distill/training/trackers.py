@@ -17,7 +17,7 @@ dropped, the training goes on.
   (``pip install 'mlx_distill[tensorboard]'``; view with ``tensorboard --logdir RUN``).
 
 ``eval --report-to ...`` sends its summary (accuracy, interval, invalid share, ...) the same way
-(`report_summary`). Only rank 0 reports (`mlx_distill.distributed.Group.is_main`). A tracker
+(`report_summary`). Only rank 0 reports (`mlx_distill.backends.distributed.Group.is_main`). A tracker
 named but not installed is one error line before the model is loaded (`require`).
 """
 
@@ -28,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-from .io import InputError, atomic_write_json, read_json
+from mlx_distill.io import InputError, atomic_write_json, read_json
 
 # tracker name -> (module to import, pip extra that installs it)
 TRACKERS = {"wandb": ("wandb", "wandb"), "tensorboard": ("tensorboardX", "tensorboard")}
@@ -211,7 +211,7 @@ class ReportingAppender:
 def attach(appender, cfg, out: str | Path, dist=None):
     """`appender` wrapped so each metrics row also reaches ``cfg.report_to``'s trackers, or
     `appender` itself when none is named or this is not rank 0."""
-    from .config import to_dict
+    from mlx_distill.config import to_dict
 
     names = parse(getattr(cfg, "report_to", []))
     if not names or (dist is not None and not dist.is_main):
@@ -223,7 +223,7 @@ def report_summary(cfg, out: str | Path, summary: dict, job: str = "eval") -> No
     """A finished stage's summary (eval: accuracy, its interval, invalid share, lengths, ...) to
     ``cfg.report_to``'s trackers: a W&B run of job type `job` whose summary holds every field
     (and whose config is the stage's), TensorBoard scalars at step 0 in ``<out>/tensorboard``."""
-    from .config import to_dict
+    from mlx_distill.config import to_dict
 
     names = parse(getattr(cfg, "report_to", []))
     if not names:

@@ -2,7 +2,7 @@
 
 A `Group` says how many processes train together (``world``), which one this is (``rank``),
 and how to sum an array over all of them (``all_reduce``). Every rank runs the same loop
-(`mlx_distill.train.run`) on the same micro-batch stream and takes its rows ``rank::world``
+(`mlx_distill.training.train.run`) on the same micro-batch stream and takes its rows ``rank::world``
 (`Group.shard`); the backend sums gradients, token counts and loss sums over the ranks and
 divides by the *global* token count, so a step equals the single-process step on the whole
 batch and every rank logs the same numbers.

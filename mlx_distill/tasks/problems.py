@@ -41,9 +41,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional
 
-from . import tasks
-from .answers import boxed_content, gsm8k_gold
-from .io import InputError, iter_jsonl
+from mlx_distill import tasks
+from mlx_distill.tasks.answers import boxed_content, gsm8k_gold
+from mlx_distill.io import InputError, iter_jsonl
 
 DATA_ENV = "MLX_DISTILL_DATA"
 FIGURE_FIELDS = ("figure", "has_figure", "needs_figure", "requires_figure", "diagram", "image")

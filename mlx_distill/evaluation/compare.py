@@ -23,7 +23,7 @@ import math
 import sys
 from pathlib import Path
 
-from .io import InputError, read_json, read_jsonl
+from mlx_distill.io import InputError, read_json, read_jsonl
 
 WIDTH = 80  # every table fits an 80-column terminal
 

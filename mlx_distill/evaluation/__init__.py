@@ -1,0 +1,1 @@
+"""evaluation wing (docstring to be written)."""

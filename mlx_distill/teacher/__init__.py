@@ -1,0 +1,1 @@
+"""teacher wing (docstring to be written)."""

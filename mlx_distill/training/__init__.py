@@ -1,0 +1,1 @@
+"""training wing (docstring to be written)."""

@@ -1,0 +1,97 @@
+"""Objectives of the one training loop: SFT, top-K logit KD (offline store, online teacher,
+on-policy mix) and the KD schedule (alpha warm-up, the per-step KD scale). The loop in
+`training.train` takes an objective as an argument; batch sources (`training.sources`) use the
+schedule helpers here, so neither imports the other for them."""
+
+import numpy as np
+
+from mlx_distill.config import TrainConfig
+from mlx_distill.training.losses import sft_loss
+
+
+def sft_objective(forward):
+    def objective(model, b):
+        logits = forward(model, b["inputs"], b["targets"].shape[1])
+        s, n = sft_loss(logits, b["targets"], b["mask"])
+        return s, n, {"sft_loss": s}
+
+    return objective
+
+
+def kd_objective(forward, cfg: TrainConfig, tail: bool = False):
+    """Per optimizer step, L = S / N + alpha_t * K / N_KD: the SFT sum S over its N completion
+    tokens, the KD sum K over the N_KD positions that carry teacher targets (never over SFT
+    tokens, so positions without a teacher do not dilute it); alpha_t rises linearly to
+    kd_alpha over kd_warmup steps.
+
+    The backends divide the summed objective of a step's micro-batches once by N, so the KD
+    sum is returned scaled by ``kd_scale = N / N_KD``, counted by the loop over the whole step
+    (every micro-batch, every rank; `kd_step_scale`). Callers that give no ``kd_scale`` get
+    the micro-batch's own ratio. A step without any teacher target has ``kd_scale = 0``.
+
+    The SFT term is weighted by ``sft_weight`` (1 = the formula above). On-policy runs
+    (`sources.OnPolicySource`) mark each batch with ``gold``: a rollout batch (gold 0) is the
+    student's own sample and carries no SFT term; ``sft_loss`` is then averaged over the gold
+    batches' tokens (``sft_tokens``). They always use the tail bucket (see `losses.kd_loss`), as
+    does KD across tokenizers (``tail=True``: teacher candidates the student cannot spell).
+    Batches aligned across tokenizers also carry the span / ULD arrays (`logits.TopMStore`)."""
+    from mlx_distill.training.losses import kd_loss, ops
+
+    tail = cfg.kd_tail or cfg.on_policy_fraction > 0 or tail
+
+    def objective(model, b):
+        logits = forward(model, b["inputs"], b["targets"].shape[1])
+        s, n = sft_loss(logits, b["targets"], b["mask"])
+        cross = {}
+        if "kd_span_len" in b:
+            cross = {"targets": b["targets"], "span_logp": b["kd_span_logp"], "span_len": b["kd_span_len"],
+                     "span_in": b["kd_span_in"]}
+        if "kd_uld" in b:
+            cross["uld"] = b["kd_uld"]
+        k, nk = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
+                        kind=cfg.kd_kind, tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta, **cross)
+        if "kd_scale" in b:
+            scale = b["kd_scale"]
+        else:
+            o = ops(nk)
+            scale = n / o.maximum(nk, o.full_like(nk, 1.0))
+        kd = b["kd_alpha"] * scale * k
+        if "gold" in b:
+            g = b["gold"]
+            return cfg.sft_weight * g * s + kd, n, {"sft_loss": g * s, "sft_tokens": g * n, "kd_loss": k,
+                                                    "kd_positions": nk}
+        return cfg.sft_weight * s + kd, n, {"sft_loss": s, "kd_loss": k, "kd_positions": nk}
+
+    return objective
+
+
+def kd_step_scale(step_arrays: list[dict]) -> tuple[float, float, float]:
+    """(N / N_KD, N, N_KD) over the micro-batches of one optimizer step (NumPy arrays as
+    `data.batch_arrays` + a KD source give them): N counts loss positions, N_KD those with at
+    least one teacher slot (`losses.kd_loss`'s count). 0 when no position has a teacher."""
+    from mlx_distill.training.losses import EMPTY_BELOW
+
+    n = sum(float(a["mask"].sum()) for a in step_arrays)
+    nk = sum(float((a["mask"] * np.maximum((a["kd_logits"] > EMPTY_BELOW).any(-1), a.get("kd_span_in", 0.0))).sum())
+             for a in step_arrays)
+    return (n / nk if nk else 0.0), n, nk
+
+
+def window_parts(parts: dict, ntokens: int) -> dict:
+    """A report window's averages of the objective's parts: ``sft_loss`` per completion token;
+    ``kd_loss`` per position carrying a teacher target (None when none did) and
+    ``kd_coverage``, the share of completion tokens that carried one."""
+    out = {k: v / max(ntokens, 1) for k, v in parts.items() if k not in ("kd_loss", "kd_positions", "sft_tokens")}
+    if "sft_tokens" in parts:  # on-policy: the SFT term lives on gold (corpus) batches only
+        out["sft_loss"] = parts.get("sft_loss", 0.0) / parts["sft_tokens"] if parts["sft_tokens"] else None
+    if "kd_positions" in parts:
+        nk = parts["kd_positions"]
+        out["kd_loss"] = parts.get("kd_loss", 0.0) / nk if nk else None
+        out["kd_coverage"] = round(nk / max(ntokens, 1), 4)
+    return out
+
+
+def kd_alpha_at(cfg: TrainConfig, step: int) -> float:
+    if cfg.kd_warmup <= 0:
+        return cfg.kd_alpha
+    return cfg.kd_alpha * min(1.0, step / cfg.kd_warmup)
