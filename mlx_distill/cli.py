@@ -55,6 +55,9 @@ def main(argv=None) -> None:
     except (InputError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    except KeyboardInterrupt:
-        print("interrupted; everything finished so far is saved (re-run with --resume to continue)", file=sys.stderr)
-        raise SystemExit(130)
+    except KeyboardInterrupt as e:  # mlx_distill.interrupts.Interrupted carries 130 (SIGINT) or 143 (SIGTERM)
+        from mlx_distill.interrupts import exit_code
+
+        print("interrupted; everything finished so far is saved (run the same command again, or with --resume, "
+              "to continue)", file=sys.stderr)
+        raise SystemExit(exit_code(e))
