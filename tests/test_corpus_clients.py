@@ -7,7 +7,8 @@ import pytest
 
 from fault_server import FaultServer
 from mlx_distill.generation.clients import (ClientError, MLXClient, OpenAIClient, RateLimiter, backoff_delay,
-                                        complete_all, make_client, think_fields)
+                                        complete_all, think_fields)
+from mlx_distill.generation import make_client
 from mlx_distill.io import InputError
 
 MSG = [{"role": "user", "content": "[A] What is 3+4?"}]
