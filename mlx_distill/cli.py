@@ -58,6 +58,6 @@ def main(argv=None) -> None:
     except KeyboardInterrupt as e:  # mlx_distill.interrupts.Interrupted carries 130 (SIGINT) or 143 (SIGTERM)
         from mlx_distill.interrupts import exit_code
 
-        print("interrupted; everything finished so far is saved (run the same command again, or with --resume, "
+        print("interrupted; everything finished so far is saved (re-run with --resume, or the same command, "
               "to continue)", file=sys.stderr)
         raise SystemExit(exit_code(e))
