@@ -1,7 +1,13 @@
 """Backends: MLX (Apple Silicon, Linux CPU) and PyTorch (CUDA, CPU), one small interface.
 
-`train.py` drives either through the contract `base.Backend` (a Protocol naming every method
-and attribute the loop uses). Nothing in the MLX path imports torch.
+`training/train.py` drives either through the contract `base.Backend` (a Protocol naming every
+method and attribute the loop uses). Nothing in the MLX path imports torch.
+
+The wing also holds what the backends themselves call: ``ops.py`` (the array namespace the losses
+and the teacher use for MLX and torch arrays alike), ``distributed.py`` (ranks, all-reduce) and
+``rollouts.py`` (MLX sampling for on-policy rollouts). It may import models and the shared ground
+(config, io, paths, progress); training, teacher, generation (torch model loading) and parity
+import it.
 """
 
 import importlib.util

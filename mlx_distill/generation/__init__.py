@@ -14,6 +14,11 @@ study all take their clients from here.
 ``make_eval_client`` picks one from an ``EvalConfig``; ``generate`` runs a list of requests
 with a progress display and hands each finished completion to a callback as it lands, so
 the caller can write it to disk at once (resumable evaluation).
+
+The wing may import tasks, backends (model loading), models and the shared ground (config, io,
+paths, progress); corpus, teacher (the remote teacher's client), training (selection by
+accuracy) and evaluation import it. ``make_client`` lives here, above ``clients`` and ``pool``,
+so that neither of those imports the other's factory.
 """
 
 from __future__ import annotations

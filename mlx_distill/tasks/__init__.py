@@ -15,6 +15,12 @@ never names a workspace path: a user's data lives wherever the user says.
 
 User sets (``jsonl``, ``csv``) and a corpus's held-out split (``corpus``) are tasks too;
 they need ``--data`` and take their answer kind from the records.
+
+The wing: this registry, problem loading (``problems.py``), answer extraction and grading
+(``answers.py`` and the modules beside it) and the leakage keys (``overlap.py``). Grading sits
+this low because the corpus verifier, training's accuracy selection and evaluation all use it.
+It may import only config, io, paths and progress; corpus, training, evaluation, generation and
+data import it.
 """
 
 from __future__ import annotations
