@@ -61,6 +61,7 @@ class Interrupts:
         self._prev: dict = {}
         self._callbacks: list[Callable[[int], None]] = []
         self._active = False
+        self._outer: "Interrupts | None" = None
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> "Interrupts":
@@ -68,6 +69,10 @@ class Interrupts:
             for s in SIGNALS:
                 self._prev[s] = signal.signal(s, self._handle)
             self._active = True
+            # nested inside another command's policy (a study cell's eval, a cell's train): a signal
+            # this one took is handed back on exit, so the outer loop stops too
+            outer = getattr(self._prev.get(signal.SIGINT), "__self__", None)
+            self._outer = outer if isinstance(outer, Interrupts) else None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -79,6 +84,8 @@ class Interrupts:
             for s, h in self._prev.items():
                 signal.signal(s, h if h is not None else signal.SIG_DFL)
             self._active = False
+            if self.signum is not None and self._outer is not None and self._outer.signum is None:
+                self._outer.signum = self.signum
 
     # ------------------------------------------------------------------ the policy
     def _handle(self, signum, frame) -> None:
