@@ -286,3 +286,58 @@ def test_incomplete_corpus_stage_says_a_rerun_retries_only_the_failures(tmp_path
     assert "stage 'corpus' ended incomplete (exit 3)" in err and "retries only those" in err
     state = json.loads((tmp_path / "root" / "pipeline.json").read_text())
     assert state["stages"]["corpus"]["status"] == "failed" and "sft" not in state["stages"]
+
+
+# ----------------------------------------------------------------------------- input contents (issue 18 item 6)
+def variant_recipe(tmp_path, src: Path) -> Path:
+    """One cheap stage that reads a folder the recipe does not write (a user's corpus)."""
+    return write_recipe(tmp_path / "v.yaml", [
+        {"name": "ao", "command": "variant", "args": {"data": str(src), "mode": "answer-only"}},
+    ], root=tmp_path / "root")
+
+
+def test_an_input_file_edited_in_place_reruns_the_stage(tmp_path, monkeypatch, capsys):
+    from mlx_distill import cli
+
+    monkeypatch.chdir(tmp_path)
+    src = tmp_path / "corpus"
+    cli.main(["corpus", "synth", "--out", str(src), "--n-train", "6", "--n-valid", "2", "--n-test", "2"])
+    f = variant_recipe(tmp_path, src)
+    pipeline.main([str(f)])
+    capsys.readouterr()
+    pipeline.main([str(f)])  # unchanged: skipped
+    assert "[skip] ao (variant): output matches its config" in capsys.readouterr().out
+    rows = (src / "train.jsonl").read_text().splitlines()
+    first = json.loads(rows[0])
+    first["question"] += " (edited)"
+    (src / "train.jsonl").write_text("\n".join([json.dumps(first)] + rows[1:]) + "\n")  # same path, same flags
+    pipeline.main([str(f)])
+    out = capsys.readouterr().out
+    assert f"[run ] ao (variant): input changed since this stage ran: {src / 'train.jsonl'}" in out
+    ao = [json.loads(x) for x in (tmp_path / "root" / "ao" / "train.jsonl").read_text().splitlines()]
+    assert ao[0]["question"].endswith("(edited)")  # the re-run read the new content
+    pipeline.main([str(f)])
+    assert "[skip] ao (variant)" in capsys.readouterr().out  # and the run after that skips again
+
+
+def test_a_changed_url_query_reruns_although_only_the_scrubbed_url_is_stored(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def stage(url):
+        r = pipeline.load(write_recipe(tmp_path / "e.yaml", [
+            {"name": "ev", "command": "eval", "args": {"backend": "api", "base_url": url, "model": "m"}}],
+            root=tmp_path / "root"))
+        return r.stage("ev")
+
+    a, b = stage("http://h:8000/v1?key=one"), stage("http://h:8000/v1?key=two")
+    assert pipeline.compared_config(a) == pipeline.compared_config(b)  # the scrub hides the query ...
+    fa, fb = pipeline.fingerprint(a), pipeline.fingerprint(b)
+    assert "one" not in json.dumps(fa) and "two" not in json.dumps(fb)  # ... and only a hash is kept
+    # a finished stage (manifest with the scrubbed config) + its pipeline record with the first URL's hash
+    a.out.mkdir(parents=True)
+    (a.out / "manifest.json").write_text(json.dumps({"stage": "eval", "status": "complete",
+                                                     "config": pipeline.compared_config(a)}))
+    state = {"stages": {"ev": {"status": "done", "inputs": {}, "fingerprint": fa}}}
+    assert not pipeline.decide(a, state, set(), False, fa).run  # unchanged: skipped
+    dec = pipeline.decide(b, state, set(), False, fb)
+    assert dec.run and dec.reason == "input changed since this stage ran: URL base_url"
