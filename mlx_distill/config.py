@@ -9,6 +9,8 @@ is the same as ``kd_alpha: 0.35``. Unknown keys are an error naming the file.
 
 import argparse
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -432,6 +434,92 @@ class ExportConfig:
     overwrite: bool = opt(False, "Replace --out when it already holds files.")
 
 
+# ----------------------------------------------------------------------------- option ranges
+# The range of every numeric option of every command, checked in `build` for flags, YAML files
+# and recipes alike (one place; `tests/test_config_ranges.py` fails for a numeric field missing
+# here). Notation: ">=1", ">0", "[0,1]" / "(0,1]" / "[0,1)" (closed / open ends), "any"; "-1|>=1"
+# also allows the one sentinel value before the bar. Every float must also be finite.
+RANGES: dict[str, dict[str, str]] = {
+    "TrainConfig": dict(
+        iters=">=1", batch_size=">=1", grad_accumulation=">=1", learning_rate=">0", weight_decay=">=0",
+        warmup=">=0", min_lr_ratio="[0,1]", max_grad_norm=">=0", lora_rank=">=1", lora_scale=">0",
+        lora_dropout="[0,1)", lora_layers="-1|>=1", max_seq_length=">=2", val_fraction="[0,1)", val_every=">=1",
+        val_batches="any", val_accuracy_every=">=0", val_accuracy_n="any", val_max_tokens=">=1", patience=">=0",
+        min_delta=">=0", report_every=">=1", save_every=">=1", seed=">=0", split_seed=">=0", decay_iters=">=0",
+        kd_alpha=">=0", kd_temperature=">0", kd_top_k=">=1", kd_warmup=">=0", kd_min_coverage="[0,1]",
+        on_policy_fraction="[0,1]", kd_beta="[0,1]", sft_weight=">=0", rollout_max_tokens=">=1",
+        rollout_temperature=">=0", rollout_top_p="(0,1]", save_rollouts=">=0",
+        loss_chunk="-1|>=0", kd_hidden=">=0"),
+    "LogitsConfig": dict(
+        top_m=">=1", batch_size=">=1", max_seq_length=">=2", shard_size=">=1", limit="-1|>=0", concurrency=">=1",
+        max_retries=">=0", timeout=">0"),
+    "EvalConfig": dict(
+        concurrency=">=1", batch_size=">=1", limit=">=0", fewshot=">=0", word_budget=">=0", max_tokens=">=1",
+        temperature=">=0", top_p="(0,1]", seed=">=0", grade_timeout=">0", report_samples=">=0", show=">=0"),
+    "GradeConfig": dict(limit=">=0", grade_timeout=">0"),
+    "StudyConfig": dict(cell="-1|>=0"),
+    "CorpusConfig": dict(
+        limit=">=0", samples=">=1", temperature=">=0", max_tokens=">=1", seed=">=0", concurrency=">=1", rpm=">=0",
+        tpm=">=0", max_retries=">=0", timeout=">0", backoff=">=0", min_critic="[0,5]", grade_timeout=">0",
+        max_words=">=0", max_solution_tokens=">=0", repeat_ngram=">=1", repeat_count=">=2",
+        valid_fraction="[0,1)", test_fraction="[0,1)", price_input=">=0", price_output=">=0"),
+    "SynthConfig": dict(n_train=">=0", n_valid=">=0", n_test=">=0", seed=">=0", min_ops="[1,3]", max_ops="[1,3]"),
+    "VariantConfig": dict(answer_only_fraction="[0,1]", seed=">=0"),
+}
+
+
+def _in_range(v, spec: str) -> bool:
+    if spec == "any":
+        return True
+    if "|" in spec:
+        sentinel, spec = spec.split("|", 1)
+        if v == float(sentinel):
+            return True
+    if spec[0] in "[(":
+        lo, hi = (float(x) for x in spec[1:-1].split(","))
+        return (lo <= v if spec[0] == "[" else lo < v) and (v <= hi if spec[-1] == "]" else v < hi)
+    op, bound = (spec[:2], spec[2:]) if spec[1] == "=" else (spec[:1], spec[1:])
+    return {">=": v >= float(bound), ">": v > float(bound)}[op]
+
+
+def _describe(spec: str) -> str:
+    if "|" in spec:
+        sentinel, rest = spec.split("|", 1)
+        return f"{sentinel} or {_describe(rest)}"
+    if spec[0] in "[(":
+        lo, hi = spec[1:-1].split(",")
+        return (f"{'>=' if spec[0] == '[' else '>'} {lo} and {'<=' if spec[-1] == ']' else '<'} {hi}")
+    return spec[:2] + " " + spec[2:] if spec[1] == "=" else spec[:1] + " " + spec[1:]
+
+
+def _check_number(cls, f, v, where: str):
+    """`v` as the field's type (int or float) inside its range, else ConfigError naming `where`."""
+    t = _type_of(cls, f)
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ConfigError(f"{where} must be a{'n' if t is int else ''} {'integer' if t is int else 'number'}, "
+                          f"got {v!r}")
+    try:
+        x = float(v)
+    except ValueError:
+        raise ConfigError(f"{where} must be a{'n' if t is int else ''} {'integer' if t is int else 'number'}, "
+                          f"got {v!r}") from None
+    if not math.isfinite(x):
+        raise ConfigError(f"{where} must be a finite number, got {v!r}")
+    if t is int:
+        if isinstance(v, str):
+            try:
+                v = int(v)
+            except ValueError:
+                raise ConfigError(f"{where} must be a whole number, got {v!r}") from None
+        elif x != int(x):
+            raise ConfigError(f"{where} must be a whole number, got {v!r}")
+        x = int(x)
+    spec = RANGES.get(cls.__name__, {}).get(f.name, "any")
+    if not _in_range(x, spec):
+        raise ConfigError(f"{where} must be {_describe(spec)}, got {v!r}")
+    return x
+
+
 # ----------------------------------------------------------------------------- helpers
 def _type_of(cls, f):
     hints = typing.get_type_hints(cls)
@@ -445,8 +533,22 @@ def flag_name(f) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan|infinity)$", re.IGNORECASE)
+
+
+def _parse_error(parser: argparse.ArgumentParser, message: str):
+    raise ConfigError(f"{parser.prog}: {message} (see {parser.prog} -h)")
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
-    """Add one flag per dataclass field; defaults are SUPPRESSed (YAML < flags)."""
+    """Add one flag per dataclass field; defaults are SUPPRESSed (YAML < flags).
+
+    Also: a negative number after a flag is its value (``--learning-rate -1e-4``, then refused or
+    accepted by RANGES), and a parse error is one ``error:`` line (ConfigError) like every other."""
+    # argparse's own pattern takes "-1e-4" for an option ("expected one argument"); none of our
+    # flags looks like a number, so any number-shaped word is a value
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
+    parser.error = lambda message: _parse_error(parser, message)
     parser.add_argument("-c", "--config", default=None, help="YAML file with any of the options below.")
     for f in dataclasses.fields(cls):
         if f.name in exclude:
@@ -500,7 +602,7 @@ def load_yaml(path: str | Path) -> dict:
 def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, source: str = "config"):
     """Defaults < yaml_values < overrides, with unknown keys reported against `source`."""
     names = {f.name for f in dataclasses.fields(cls)}
-    merged = {}
+    merged, origin = {}, {}
     for where, values in ((source, yaml_values or {}), ("flags", overrides or {})):
         flat = _flatten(values, names)
         unknown = sorted(set(flat) - names)
@@ -508,19 +610,19 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
             raise ConfigError(f"{where}: unknown option(s) {unknown} for {cls.__name__}; "
                               f"known: {sorted(names)}")
         merged.update(flat)
+        origin.update(dict.fromkeys(flat, where))
     cfg = cls(**merged)
-    for f in dataclasses.fields(cls):  # coerce YAML scalars ("1e-4" -> float)
+    for f in dataclasses.fields(cls):  # coerce YAML scalars ("1e-4" -> float) and check ranges (RANGES)
         t = _type_of(cls, f)
         v = getattr(cfg, f.name)
         if f.metadata.get("nargs") and isinstance(v, (list, tuple)):  # one value stays a plain string
             v = [str(x) for x in v if x not in (None, "")]
             v = v[0] if len(v) == 1 else (v or t())
             setattr(cfg, f.name, v)
-        if t in (int, float) and isinstance(v, (str, int, float)) and not isinstance(v, bool):
-            try:
-                setattr(cfg, f.name, t(v))
-            except ValueError:
-                raise ConfigError(f"{source}: option {f.name} must be a {t.__name__}, got {v!r}") from None
+        if t in (int, float):  # integers stay integers: YAML `batch_size: 2.5` is an error, never 2
+            where = (flag_name(f) if origin.get(f.name) == "flags" else
+                     f"{origin.get(f.name, source)}: {f.name}")
+            setattr(cfg, f.name, t(_check_number(cls, f, v, where)))
         choices = f.metadata.get("choices")
         if choices and getattr(cfg, f.name) not in choices:
             raise ConfigError(f"{source}: option {f.name}={getattr(cfg, f.name)!r} not in {choices}")

@@ -32,8 +32,8 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are ordinary files
-    try:
+    try:  # from here on every failure (ENOSPC, EACCES, an exception in the block) removes the .tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs are ordinary files
         yield Path(tmp)
         # again: a writer may have replaced the file (safetensors' save_file writes a new 0600 one)
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -70,6 +70,32 @@ def atomic_dir(folder: str | Path):
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def writable_dir(folder: str | Path, label: str | None = None) -> Path:
+    """Create `folder` (and its parents) and check that a file can be written in it, before any
+    work: an output folder that cannot be made or written (a regular file in the path, no
+    permission, a read-only or full disk) is one InputError naming it, with nothing left behind."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise InputError(f"{label or f'--out {folder}'}: cannot write there ({describe_os_error(e)}); choose a "
+                         "folder you can write to") from None
+    return folder
+
+
+def describe_os_error(e: OSError) -> str:
+    """'No space left on device: runs/x/.a.tmp' -- an OSError as a reason, without the errno tuple."""
+    what = e.strerror or type(e).__name__
+    return f"{what}: {e.filename}" if e.filename else what
 
 
 def complete_dir(folder: str | Path) -> Path | None:
@@ -155,8 +181,15 @@ def iter_jsonl(path: str | Path, tolerate_torn_tail: bool = False) -> Iterator[t
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
+    with open(path, "rb") as f:
+        raw = f.readlines()
+    lines = []
+    for i, b in enumerate(raw, 1):
+        try:
+            lines.append(b.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{i}: not UTF-8 (byte 0x{b[e.start]:02x} at column {e.start + 1}); "
+                             "save the file as UTF-8") from None
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
