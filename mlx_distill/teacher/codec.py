@@ -1,0 +1,377 @@
+"""Store format 3: the compact coding of one shard of teacher targets, and a lazy shard reader.
+
+A shard holds, for a run of examples, one *row* per scored position (the teacher's targets for
+predicting the next token) and the scored token ids and their byte ends (what the cross-tokenizer
+alignment needs). A row is a set of (token id, teacher log-probability) slots: the top-M
+(``kind="topm"``; empty ``-inf`` slots are left out, so a row has 0..M slots) or the distinct ids
+of N draws with their counts (``kind="sampled"``, `logits --sampled-k`). Per row also the log-prob
+of the token actually there (``actual``) and, for top-M, the log of the teacher mass outside the
+row (``tail``, at T = 1).
+
+How each field is coded (chosen by measurement on the demo corpus scored by SmolLM2 at M = 25,
+2835 positions, bytes per position after compression; `scripts/bench_kd.py` has the totals):
+
+- **ids.** Each shard ranks the teacher ids it uses by frequency (the ``table``: rank -> id; a
+  frequent token gets a small rank). Each row's ranks are sorted ascending and delta-coded (the
+  first rank as is, then gaps - 1), in the narrowest unsigned integer width that holds the
+  shard's largest gap (the per-shard width: 1, 2 or 4 bytes), byte planes apart, then LZMA2.
+  Measured: raw ids sorted and delta-coded 18.8 B, frequency ranks 13.7 B (+ the table, amortised
+  over the shard); the ids in rank order instead cost 26.5 B.
+- **log-probs.** Relative to the row's top value: ``top`` as a 16-bit level of 0.001 nats (error
+  <= 0.0005); each slot's gap ``d = top - lp >= 0`` on a uniform grid of ``LP_STEP`` = 0.039 nats
+  down to ``FLOOR`` = -12 (so every log-prob >= -12 is within 0.0195 + 0.0005 = 0.02 nats of the
+  float32 value), and a coarse grid of ``COARSE_STEP`` = 0.5 nats below it (error <= 0.25 there:
+  a probability < 6e-6). 16-bit levels, byte planes, LZMA2: about 24 B at M = 25 (step 0.03 and
+  no coarse grid: 26.9 B; ids sorted by rank make the log-probs unordered, and the order that
+  would make them cheap, by value, makes the ids dearer: measured, both orders total ~40 B).
+- **actual**: when the token actually there is in its row (97% on the demo store), the index of its
+  slot (its log-prob is that slot's); else a 16-bit level of 0.002 nats (error <= 0.001). **tail** (0.01 nats: error <= 0.005),
+  **counts** (sampled: one byte, N <= 255), slots per row (one byte while M <= 255).
+- **tokens** (the scored ids, 2 or 4 bytes) and **ends** (byte offsets, coded as each token's
+  byte length): one LZMA2 stream per shard (the repeated system prompt compresses away).
+
+Rows are compressed in chunks of whole examples, ``CHUNK_ROWS`` rows or a few more, so that a random example costs one small
+decode (training reads examples in shuffled order), not the whole shard. Everything is stored as
+uint8 arrays in a safetensors file (header, then raw bytes): `ShardFile` maps it (``np.memmap``)
+and decodes only the chunk asked for, so a store larger than memory can be read.
+
+Why LZMA2 and not zlib: 8% smaller on these streams (the 48 B/token target has little slack);
+decoding stays a small share of a KD step (bench_kd: decode % of step).
+"""
+
+import json
+import lzma
+import struct
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 3
+LP_STEP = 0.039  # grid of d = top - lp for lp >= FLOOR
+TOP_STEP = 0.001  # grid of the row's top log-prob
+FLOOR = -12.0  # log-probs >= FLOOR are within MAX_ERROR of float32
+COARSE_STEP = 0.5  # grid below FLOOR
+MAX_ERROR = LP_STEP / 2 + TOP_STEP / 2  # 0.02 nats, for log-probs >= FLOOR
+ACTUAL_STEP = 0.002
+TAIL_STEP = 0.01
+CHUNK_ROWS = 1024  # a chunk closes once it holds this many rows (whole examples)
+NAN16 = 65535  # the 16-bit level of NaN (unknown) / -inf (no mass)
+_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9}]
+
+
+def _pack(raw: bytes) -> bytes:
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=_FILTERS)
+
+
+def _unpack(blob) -> bytes:
+    return lzma.decompress(bytes(blob), format=lzma.FORMAT_RAW, filters=_FILTERS)
+
+
+def _width(maxval: int) -> int:
+    return 1 if maxval < 1 << 8 else 2 if maxval < 1 << 16 else 4
+
+
+def _planes(a: np.ndarray, w: int) -> bytes:
+    """Unsigned values in `w` bytes each, written as w byte planes (low bytes first)."""
+    b = np.ascontiguousarray(np.asarray(a).astype(f"<u{w}")).view(np.uint8).reshape(-1, w)
+    return b.T.tobytes()
+
+
+def _unplanes(buf: memoryview | bytes, n: int, w: int) -> np.ndarray:
+    b = np.frombuffer(buf, np.uint8, count=n * w).reshape(w, n).T
+    return np.ascontiguousarray(b).view(f"<u{w}").reshape(n).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- scalar quantizers
+def quantize_top(top: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(-np.asarray(top, np.float64) / TOP_STEP), 0, NAN16 - 1).astype(np.int64)
+
+
+def dequantize_top(q: np.ndarray) -> np.ndarray:
+    return -np.asarray(q, np.float64) * TOP_STEP
+
+
+def _fine_levels(top: np.ndarray) -> np.ndarray:
+    """Per row n0: gaps d < (n0 + 0.5) * LP_STEP are on the fine grid (covers every lp >= FLOOR)."""
+    return np.ceil(np.maximum(top - FLOOR, 0.0) / LP_STEP).astype(np.int64)
+
+
+def quantize_gap(d: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """d = top - lp (>= 0, `top` the dequantized row top, broadcast per slot) -> 16-bit level."""
+    d = np.maximum(np.asarray(d, np.float64), 0.0)
+    n0 = _fine_levels(top)
+    edge = (n0 + 0.5) * LP_STEP
+    fine = np.round(d / LP_STEP)
+    coarse = n0 + 1 + np.round(np.maximum(d - edge, 0.0) / COARSE_STEP)
+    q = np.where(d < edge, fine, coarse)
+    q = np.where(np.isfinite(d), q, NAN16 - 1)
+    return np.clip(q, 0, NAN16 - 1).astype(np.int64)
+
+
+def dequantize_gap(q: np.ndarray, top: np.ndarray) -> np.ndarray:
+    q = np.asarray(q, np.int64)
+    n0 = _fine_levels(top)
+    edge = (n0 + 0.5) * LP_STEP
+    return np.where(q <= n0, q * LP_STEP, edge + (q - n0 - 1) * COARSE_STEP)
+
+
+def _quantize_neg(x: np.ndarray, step: float) -> np.ndarray:
+    """A value <= 0 (NaN / -inf allowed) as a 16-bit level of -x."""
+    x = np.asarray(x, np.float64)
+    q = np.clip(np.round(-np.minimum(np.nan_to_num(x, nan=0.0, neginf=-1e9), 0.0) / step), 0, NAN16 - 1)
+    return np.where(np.isfinite(x), q, NAN16).astype(np.int64)
+
+
+def _dequantize_neg(q: np.ndarray, step: float, missing: float) -> np.ndarray:
+    q = np.asarray(q, np.int64)
+    return np.where(q == NAN16, missing, -q * step).astype(np.float32)
+
+
+def tail_logmass(lps: np.ndarray) -> np.ndarray:
+    """log(1 - sum exp(lps)) per row (float64; -inf when the row holds all the mass)."""
+    lp = np.asarray(lps, np.float64)
+    s = np.exp(np.where(np.isfinite(lp), lp, -np.inf)).sum(-1)
+    with np.errstate(divide="ignore"):
+        return np.log(np.maximum(1.0 - s, 0.0))
+
+
+# ----------------------------------------------------------------------------- rows
+def _encode_rows(ids: np.ndarray, lps: np.ndarray, actual: np.ndarray, targets: np.ndarray | None,
+                 counts: np.ndarray | None, rank_of: np.ndarray, widths: dict) -> bytes:
+    """One chunk of rows -> its raw (uncompressed) bytes; see the module docstring."""
+    R = ids.shape[0]
+    keep = np.isfinite(lps) & (lps > -np.inf) if counts is None else counts > 0
+    k = keep.sum(1)
+    ranks = np.where(keep, rank_of[np.where(keep, ids, 0)], np.iinfo(np.int64).max)
+    order = np.argsort(ranks, axis=1, kind="stable")
+    r_sorted = np.take_along_axis(ranks, order, 1)
+    lp_sorted = np.take_along_axis(np.asarray(lps, np.float64), order, 1)
+    top = np.where(k > 0, np.max(np.where(keep, lps, -np.inf), 1, initial=-np.inf), 0.0)
+    qtop = quantize_top(top)
+    topd = dequantize_top(qtop)
+    slot = np.arange(ids.shape[1])[None, :] < k[:, None]  # the first k sorted slots are the kept ones
+    gaps = np.diff(np.where(slot, r_sorted, 0), axis=1, prepend=-1) - 1
+    gaps[:, 0] = np.where(k > 0, r_sorted[:, 0], 0)
+    gaps = gaps[slot]
+    levels = quantize_gap(topd[:, None] - lp_sorted, topd[:, None])[slot]
+    # the token actually there is in its row ~97% of the time: then its slot (1 + index in the
+    # rank-sorted row) stands for its log-prob; else 0 and the value itself (16-bit level)
+    ids_sorted = np.take_along_axis(np.asarray(ids, np.int64), order, 1)
+    hit = slot & (ids_sorted == (np.asarray(targets, np.int64)[:, None] if targets is not None else -1))
+    hit &= np.isfinite(np.asarray(actual))[:, None]
+    aslot = np.where(hit.any(1), hit.argmax(1) + 1, 0)
+    parts = [_planes(k, widths["k"]), _planes(qtop, 2), _planes(gaps, widths["gap"]), _planes(levels, 2),
+             _planes(aslot, widths["k"]), _planes(_quantize_neg(np.asarray(actual)[aslot == 0], ACTUAL_STEP), 2)]
+    if counts is None:
+        parts.append(_planes(_quantize_neg(tail_logmass(lps), TAIL_STEP), 2))
+    else:
+        parts.append(np.take_along_axis(counts, order, 1)[slot].astype(np.uint8).tobytes())
+    return b"".join(parts)
+
+
+def _decode_rows(raw: bytes, R: int, width: int, table: np.ndarray, widths: dict, sampled: bool) -> dict:
+    """Inverse of `_encode_rows`: ids (R, width) int32 (0 in empty slots), logprobs (R, width)
+    float32 sorted descending (-inf in empty slots), actual (R,), and tail (R,) or counts (R, width)."""
+    mv = memoryview(raw)
+    pos = 0
+
+    def take(n, w):
+        nonlocal pos
+        out = _unplanes(mv[pos: pos + n * w], n, w)
+        pos += n * w
+        return out
+
+    k = take(R, widths["k"])
+    topd = dequantize_top(take(R, 2))
+    S = int(k.sum())
+    gaps = take(S, widths["gap"])
+    levels = take(S, 2)
+    aslot = take(R, widths["k"])
+    miss = aslot == 0
+    actual = np.empty(R, np.float32)
+    actual[miss] = _dequantize_neg(take(int(miss.sum()), 2), ACTUAL_STEP, np.nan)
+    if sampled:
+        cnt = np.frombuffer(mv[pos: pos + S], np.uint8).astype(np.int64)
+        tail = None
+    else:
+        tail = _dequantize_neg(take(R, 2), TAIL_STEP, -np.inf)
+    row = np.repeat(np.arange(R), k)
+    start = np.cumsum(k) - k
+    col = np.arange(S) - np.repeat(start, k)
+    # ranks: the first of each row as is, then previous + gap + 1
+    step = np.where(col == 0, gaps, gaps + 1)
+    cs = np.cumsum(step)
+    base = np.zeros(R, np.int64)
+    nz = k > 0
+    base[nz] = cs[start[nz]] - step[start[nz]]
+    ranks = cs - np.repeat(base, k)
+    lp = (np.repeat(topd, k) - dequantize_gap(levels, np.repeat(topd, k))).astype(np.float32)
+    ids = np.zeros((R, width), np.int32)
+    lps = np.full((R, width), -np.inf, np.float32)
+    ids[row, col] = table[ranks]
+    lps[row, col] = lp
+    actual[~miss] = lps[~miss, aslot[~miss] - 1]  # the actual token's slot (before the sort below)
+    order = np.argsort(-lps, axis=1, kind="stable")
+    out = {"ids": np.take_along_axis(ids, order, 1), "logprobs": np.take_along_axis(lps, order, 1),
+           "actual": actual}
+    if sampled:
+        c = np.zeros((R, width), np.int32)
+        c[row, col] = cnt
+        out["counts"] = np.take_along_axis(c, order, 1)
+    else:
+        out["tail"] = tail
+    return out
+
+
+# ----------------------------------------------------------------------------- shards
+def encode_shard(blocks: list[dict], width: int, sampled: bool = False) -> tuple[dict, dict]:
+    """Examples -> (uint8 arrays, metadata strings) of one format-3 shard.
+
+    Each block is one example: ``ids`` (n, width) int, ``logprobs`` (n, width) float (-inf: empty
+    slot; top-M rows need not be sorted), ``actual`` (n,), ``tokens`` (L,) int, ``ends`` (L,) int
+    (non-decreasing), optionally ``targets`` (n,) int, the token actually there at each row (then
+    ``actual`` costs a slot index when that token is in the row), and with ``sampled`` ``counts``
+    (n, width) int (0: empty slot). `width` is M
+    (top-M) or N (sampled: the distinct ids of N draws fit in N slots)."""
+    ids_all = [np.asarray(b["ids"], np.int64) for b in blocks]
+    lps_all = [np.asarray(b["logprobs"], np.float32) for b in blocks]
+    if sampled:
+        used = [i[np.asarray(b["counts"]) > 0] for i, b in zip(ids_all, blocks)]
+    else:
+        used = [i[np.isfinite(lp)] for i, lp in zip(ids_all, lps_all)]
+    flat = np.concatenate(used) if used else np.zeros(0, np.int64)
+    uniq, cnt = np.unique(flat, return_counts=True)
+    table = uniq[np.lexsort((uniq, -cnt))]  # rank -> id, most frequent first (ties: by id)
+    rank_of = np.zeros(int(table.max()) + 1 if len(table) else 1, np.int64)
+    rank_of[table] = np.arange(len(table))
+    widths = {"k": _width(width), "gap": _width(len(table)), "table": _width(int(table.max()) if len(table) else 0)}
+    chunks, rows, first_ex = [], [0], []
+    bounds, c = [], 0
+    while c < len(blocks):  # whole examples per chunk, CHUNK_ROWS rows or more
+        e, n = c, 0
+        while e < len(blocks) and (n < CHUNK_ROWS or e == c):
+            n, e = n + len(ids_all[e]), e + 1
+        bounds.append((c, e))
+        c = e
+    for c, e in bounds:
+        part = blocks[c: e]
+        ids = np.concatenate(ids_all[c: e]).reshape(-1, width)
+        lps = np.concatenate(lps_all[c: e]).reshape(-1, width)
+        actual = np.concatenate([np.asarray(b["actual"], np.float32).reshape(-1) for b in part])
+        tg = [b.get("targets") for b in part]
+        targets = None if any(t is None for t in tg) else np.concatenate([np.asarray(t, np.int64) for t in tg])
+        counts = np.concatenate([np.asarray(b["counts"]) for b in part]).reshape(-1, width) if sampled else None
+        chunks.append(_pack(_encode_rows(ids, lps, actual, targets, counts, rank_of, widths)))
+        rows.append(rows[-1] + len(ids))
+        first_ex.append(c)
+    offsets = np.cumsum([0] + [len(b) for b in chunks]).astype(np.int64)
+    tokens = np.concatenate([np.asarray(b["tokens"], np.int64) for b in blocks]) if blocks else np.zeros(0, np.int64)
+    lengths = []
+    for b in blocks:
+        e = np.asarray(b["ends"], np.int64)
+        d = np.diff(e, prepend=0)
+        if len(d) and d.min() < 0:
+            raise ValueError("token ends must be non-decreasing within an example")
+        lengths.append(d)
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    widths.update(tokens=_width(int(tokens.max()) if len(tokens) else 0),
+                  ends=_width(int(lengths.max()) if len(lengths) else 0))
+    arrays = {
+        "table": np.frombuffer(_pack(_planes(table, widths["table"])), np.uint8),
+        "rows": np.frombuffer(b"".join(chunks), np.uint8),
+        "chunk_offsets": offsets.view(np.uint8),
+        "chunk_rows": np.asarray(rows, np.int64).view(np.uint8),
+        "chunk_examples": np.asarray(first_ex + [len(blocks)], np.int64).view(np.uint8),
+        "tokens": np.frombuffer(_pack(_planes(tokens, widths["tokens"]) + _planes(lengths, widths["ends"])), np.uint8),
+    }
+    meta = {"format": f"mlx_distill.teacher.store/{FORMAT}", "kind": "sampled" if sampled else "topm",
+            "width": str(width), "widths": json.dumps(widths), "table_size": str(len(table)),
+            "n_tokens": str(len(tokens)), "chunk_rows": str(CHUNK_ROWS), "examples": str(len(blocks)),
+            "lp_step": str(LP_STEP), "floor": str(FLOOR)}
+    return arrays, meta
+
+
+def write_shard(path: str | Path, arrays: dict, meta: dict) -> None:
+    from safetensors.numpy import save_file
+
+    # safetensors refuses zero-length arrays on some versions: pad empty ones to one byte (the
+    # lengths that matter are in the metadata and the offsets)
+    save_file({k: (v if v.size else np.zeros(1, np.uint8)) for k, v in arrays.items()}, str(path), metadata=meta)
+
+
+class ShardFile:
+    """A format-3 shard, mapped (not read): the header is parsed, each chunk of rows decoded on
+    demand (the last `cache` decoded chunks are kept); tokens/ends are decoded on first use."""
+
+    def __init__(self, path: str | Path, cache: int = 8):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.meta = header.pop("__metadata__", {})
+        if not self.meta.get("format", "").endswith(f"/{FORMAT}"):
+            raise ValueError(f"{self.path}: not a format-{FORMAT} shard ({self.meta.get('format')!r})")
+        self._map = np.memmap(self.path, np.uint8, mode="r")
+        self._base = 8 + n
+        self._spans = {k: tuple(v["data_offsets"]) for k, v in header.items()}
+        self.width = int(self.meta["width"])
+        self.sampled = self.meta["kind"] == "sampled"
+        self.widths = json.loads(self.meta["widths"])
+        self.chunk_examples = np.frombuffer(self._bytes("chunk_examples"), np.int64)
+        self.offsets = np.frombuffer(self._bytes("chunk_offsets"), np.int64)
+        self.chunk_rows = np.frombuffer(self._bytes("chunk_rows"), np.int64)
+        size = int(self.meta["table_size"])
+        self.table = _unplanes(_unpack(self._raw("table")), size, self.widths["table"]) if size else np.zeros(1, np.int64)
+        self._cache: OrderedDict[int, dict] = OrderedDict()
+        self._cache_size = cache
+        self._tokens = None
+
+    def _raw(self, name: str):
+        a, b = self._spans[name]
+        return self._map[self._base + a: self._base + b]
+
+    def _bytes(self, name: str) -> bytes:
+        return bytes(self._raw(name))
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._map = None  # the mapping goes when the last view does
+
+    def tokens_and_lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens (n,) int32, byte lengths (n,) int64) of every scored token of the shard; an
+        example's end offsets are the cumulative sum of its slice (`ends_of`)."""
+        if self._tokens is None:
+            n = int(self.meta["n_tokens"])
+            raw = _unpack(self._raw("tokens"))
+            wt, we = self.widths["tokens"], self.widths["ends"]
+            self._tokens = (_unplanes(raw[: n * wt], n, wt).astype(np.int32), _unplanes(raw[n * wt:], n, we))
+        return self._tokens
+
+    def chunk_of(self, c: int) -> dict:
+        if c in self._cache:
+            self._cache.move_to_end(c)
+            return self._cache[c]
+        R = int(self.chunk_rows[c + 1] - self.chunk_rows[c])
+        a, b = int(self.offsets[c]), int(self.offsets[c + 1])
+        lo = self._spans["rows"][0]
+        raw = _unpack(self._map[self._base + lo + a: self._base + lo + b])
+        out = _decode_rows(raw, R, self.width, self.table, self.widths, self.sampled)
+        self._cache[c] = out
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+    def rows(self, example_index: int, row: int, n: int) -> dict:
+        """The decoded fields of rows row..row+n of the shard, which belong to its example
+        `example_index` (so one chunk holds them all)."""
+        c = int(np.searchsorted(self.chunk_examples, example_index, side="right")) - 1
+        ch = self.chunk_of(c)
+        r0 = row - int(self.chunk_rows[c])
+        return {k: v[r0: r0 + n] for k, v in ch.items() if v is not None}
+
+
+def ends_of(lengths: np.ndarray) -> np.ndarray:
+    """One example's token byte lengths (a slice of `ShardFile.tokens_and_lengths`' second array) ->
+    its end offsets."""
+    return np.cumsum(np.asarray(lengths, np.int64))

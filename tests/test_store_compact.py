@@ -1,0 +1,127 @@
+"""Store format 3 (`mlx_distill.teacher.codec`): exact ids, bounded log-prob error, edge cases."""
+
+import numpy as np
+import pytest
+
+from mlx_distill.teacher import codec
+
+
+def _topm_block(rng, n, m, vocab=5000, length=None, hole=False):
+    z = rng.normal(0, 3, (n, vocab)).astype(np.float64)
+    z[:, :50] += 4  # frequent tokens, as in a real teacher
+    lp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    ids = np.argsort(-lp, 1)[:, :m]
+    lps = np.take_along_axis(lp, ids, 1).astype(np.float32)
+    if hole:  # slots a teacher left empty
+        lps[::3, m // 2:] = -np.inf
+        ids[::3, m // 2:] = 0
+    length = length or n + 5
+    tokens = rng.integers(0, vocab, length)
+    targets = tokens[length - n:]
+    targets[::2] = ids[::2, min(1, m - 1)]  # the token there is often in the row
+    actual = np.take_along_axis(lp, targets[:, None], 1)[:, 0].astype(np.float32)
+    ends = np.concatenate([np.zeros(length - n, np.int64), np.cumsum(rng.integers(0, 6, n))])
+    return {"ids": ids, "logprobs": lps, "actual": actual, "targets": targets, "tokens": tokens, "ends": ends}
+
+
+def _roundtrip(tmp_path, blocks, width, sampled=False):
+    arrays, meta = codec.encode_shard(blocks, width, sampled=sampled)
+    codec.write_shard(tmp_path / "s.safetensors", arrays, meta)
+    f = codec.ShardFile(tmp_path / "s.safetensors")
+    out, row = [], 0
+    for i, b in enumerate(blocks):
+        out.append(f.rows(i, row, len(b["ids"])))
+        row += len(b["ids"])
+    return f, out
+
+
+def _by_id(ids, lps):
+    o = np.argsort(np.where(np.isfinite(lps), np.asarray(ids, np.int64), 1 << 40), 1, kind="stable")
+    return np.take_along_axis(ids, o, 1), np.take_along_axis(lps, o, 1)
+
+
+def test_roundtrip_ids_exact_logprobs_within_bound(tmp_path):
+    rng = np.random.default_rng(0)
+    blocks = [_topm_block(rng, n, 25, hole=(i == 1)) for i, n in enumerate((40, 1100, 3, 900))]
+    f, out = _roundtrip(tmp_path, blocks, 25)
+    assert len(f.offsets) > 2  # several chunks: a lookup decodes one
+    tokens, lengths = f.tokens_and_lengths()
+    t0 = 0
+    for b, o in zip(blocks, out):
+        assert np.all(o["logprobs"][:, :-1] >= o["logprobs"][:, 1:])  # sorted descending, like format 2
+        ok = np.isfinite(b["logprobs"])
+        assert (np.isfinite(o["logprobs"]) == np.take_along_axis(ok, np.argsort(-b["logprobs"], 1), 1)).all()
+        ia, la = _by_id(b["ids"], b["logprobs"])
+        ib, lb = _by_id(o["ids"], o["logprobs"])
+        fin = np.isfinite(la)
+        assert (ia[fin] == ib[fin]).all()
+        sel = fin & (la >= codec.FLOOR)
+        err = np.abs(la[sel].astype(np.float64) - lb[sel])
+        assert err.max() <= codec.MAX_ERROR + 1e-6 and codec.MAX_ERROR <= 0.02 + 1e-12
+        low = fin & (la < codec.FLOOR)
+        assert np.abs(la[low] - lb[low]).max(initial=0) <= codec.COARSE_STEP / 2 + codec.MAX_ERROR
+        # the actual token's log-prob: from its slot (0.02) or its own level (0.001)
+        assert np.abs(o["actual"] - b["actual"]).max() <= codec.MAX_ERROR + 1e-6
+        # the tail mass (T = 1) of what was stored
+        assert np.allclose(o["tail"], codec.tail_logmass(b["logprobs"]), atol=0.006)
+        n = len(b["tokens"])
+        assert (tokens[t0: t0 + n] == b["tokens"]).all()
+        assert (codec.ends_of(lengths[t0: t0 + n]) == b["ends"]).all()
+        t0 += n
+
+
+def test_m1_nan_actual_and_empty_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    b = _topm_block(rng, 30, 1)
+    b["actual"][4] = np.nan  # a remote teacher that gave no log-prob there
+    b["logprobs"][7] = -np.inf  # a row without any teacher slot
+    _, (o,) = _roundtrip(tmp_path, [b], 1)
+    assert o["ids"].shape == (30, 1)
+    assert np.isnan(o["actual"][4]) and np.isfinite(np.delete(o["actual"], 4)).all()
+    assert o["logprobs"][7, 0] == -np.inf and o["ids"][7, 0] == 0
+    keep = np.isfinite(b["logprobs"][:, 0])
+    assert (o["ids"][keep, 0] == b["ids"][keep, 0]).all()
+
+
+def test_empty_shard(tmp_path):
+    f, out = _roundtrip(tmp_path, [], 25)
+    assert out == [] and len(f.tokens_and_lengths()[0]) == 0
+
+
+def test_sampled_rows_keep_counts(tmp_path):
+    rng = np.random.default_rng(2)
+    n, N = 50, 12
+    ids = rng.integers(0, 3000, (n, N))
+    counts = rng.integers(0, 4, (n, N))
+    ids[counts == 0] = 0
+    ids = np.where(counts > 0, ids + np.arange(N) * 3000, 0)  # distinct per row
+    lps = np.where(counts > 0, -rng.uniform(0, 9, (n, N)), -np.inf).astype(np.float32)
+    b = {"ids": ids, "logprobs": lps, "counts": counts, "actual": -rng.uniform(0, 5, n).astype(np.float32),
+         "tokens": rng.integers(0, 3000, n + 2), "ends": np.arange(n + 2)}
+    _, (o,) = _roundtrip(tmp_path, [b], N, sampled=True)
+    for r in range(n):
+        want = {int(i): int(c) for i, c in zip(ids[r], counts[r]) if c}
+        got = {int(i): int(c) for i, c in zip(o["ids"][r], o["counts"][r]) if c}
+        assert got == want
+
+
+def test_bytes_per_position_on_a_peaked_teacher(tmp_path):
+    """The coding is compact on a teacher-like distribution (the real target, <= 48 B/token on the
+    demo store with SmolLM2, is measured by `logits` and recorded in BENCHMARKS)."""
+    rng = np.random.default_rng(3)
+    blocks = [_topm_block(rng, 400, 25) for _ in range(3)]
+    arrays, meta = codec.encode_shard(blocks, 25)
+    n = sum(len(b["ids"]) for b in blocks)
+    per_pos = sum(a.nbytes for a in arrays.values()) / n
+    assert per_pos < (25 * 4 + 25 * 2) / 2, per_pos  # under half of format 2's int32 + float16 payload
+
+
+def test_lazy_reader_maps_the_file(tmp_path):
+    rng = np.random.default_rng(4)
+    blocks = [_topm_block(rng, 600, 25) for _ in range(4)]
+    f, _ = _roundtrip(tmp_path, blocks, 25)
+    assert isinstance(f._map, np.memmap)
+    f._cache_size = 1
+    f.rows(0, 0, 10)
+    f.rows(3, 1800, 10)
+    assert len(f._cache) == 1  # decoded chunks are bounded
