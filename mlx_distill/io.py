@@ -114,6 +114,30 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
 
     path = Path(path)
     with atomic_path(path) as tmp:
+def read_complete_dir(folder: str | Path, read, what: str = "checkpoint", fix: str = ""):
+    """``read(found)`` of the whole folder `atomic_dir` last wrote (`complete_dir`); when a file
+    in it cannot be read (truncated or damaged after it was written), ``read(folder.old)`` if
+    that folder is there, with a warning. Otherwise one InputError naming the folder, the
+    reason and `fix` (what to do). `read` raises on a damaged file (any Exception)."""
+    folder = Path(folder)
+    found = complete_dir(folder)
+    if found is None:
+        raise InputError(f"{folder}: no {what} (nor {folder.name}.old){'; ' + fix if fix else ''}")
+    tried = []
+    for p in dict.fromkeys((found, folder.with_name(folder.name + ".old"))):
+        if not p.is_dir():
+            continue
+        try:
+            value = read(p)
+        except Exception as e:  # noqa: BLE001 -- any failure to read a file (InputError too) is a damaged folder
+            tried.append(f"{p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}")
+            continue
+        if tried:
+            print(f"warning: {tried[0]}; using the {what} in {p}", file=sys.stderr, flush=True)
+        return value
+    raise InputError(f"cannot read the {what}: " + "; ".join(tried) + (f"; {fix}" if fix else ""))
+
+
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
 

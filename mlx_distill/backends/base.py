@@ -119,3 +119,10 @@ class BackendBase:
                 "fine_tune_type": cfg.fine_tune_type, "num_layers": self.num_layers,
                 "lora_parameters": self.lora_parameters(), "data": cfg.data, "seed": cfg.seed,
                 "max_seq_length": cfg.max_seq_length, "trained_by": "mlx_distill"}
+
+
+def checkpoint_fix(folder: Path) -> str:
+    """What to do when a run's checkpoint (RUN/checkpoints/last) cannot be read: both backends say the same."""
+    run = Path(folder).parent.parent
+    return (f"the run in {run} cannot be resumed: start over without --resume into a new --out "
+            f"(or delete {run} first)")

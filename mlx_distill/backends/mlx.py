@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_distill.models import resolve_model
-from mlx_distill.backends.base import BackendBase
+from mlx_distill.backends.base import BackendBase, checkpoint_fix
 
 # gradients travel in flat buffers of at most this many bytes (one all_sum each): few large
 # messages instead of one per LoRA matrix, without a full second copy of a large model's grads
@@ -345,18 +345,21 @@ class MLXBackend(BackendBase):
         the other ranks receive its arrays and state (they need no copy of the run folder)."""
         from mlx.utils import tree_flatten, tree_unflatten
 
-        from mlx_distill.io import InputError, complete_dir
+        from mlx_distill.io import read_complete_dir
 
         mx, dist = self.mx, self.dist
         state = None
         if dist.is_main:
-            found = complete_dir(folder)
-            if found is None:
-                raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
-            folder = found
-            self.model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
-            self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
-            state = json.loads((folder / "state.json").read_text())
+            def read(found: Path):  # every file read (and evaluated) before any is applied
+                weights = mx.load(str(found / "adapters.safetensors"))
+                opt = mx.load(str(found / "optimizer.safetensors"))
+                mx.eval(list(weights.values()), list(opt.values()))
+                return weights, opt, json.loads((found / "state.json").read_text())
+
+            # a damaged (e.g. truncated) file: `last.old` when it is there, else one error line
+            weights, opt, state = read_complete_dir(folder, read, "checkpoint", checkpoint_fix(folder))
+            self.model.load_weights(list(weights.items()), strict=False)
+            self.optimizer.state = tree_unflatten(list(opt.items()))
         if dist.world > 1:
             weights = _broadcast_tree(dist, self.model.trainable_parameters())
             self.model.load_weights(tree_flatten(weights), strict=False)

@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 
 from mlx_distill.models import resolve_model
-from mlx_distill.backends.base import BackendBase
+from mlx_distill.backends.base import BackendBase, checkpoint_fix
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
 
@@ -396,21 +396,21 @@ class TorchBackend(BackendBase):
         reads `folder` and the other ranks receive its weights, optimizer and loop state."""
         from safetensors.torch import load_file
 
-        from mlx_distill.io import InputError, complete_dir
+        from mlx_distill.io import read_complete_dir
 
         dist, state = self.dist, None
         if dist.is_main:
-            found = complete_dir(folder)
-            if found is None:
-                raise InputError(f"{folder}: no checkpoint (nor {Path(folder).name}.old)")
-            folder = found
-            self.set_adapter_weights(load_file(str(folder / "adapters.safetensors")))
-            opt = load_file(str(folder / "optimizer.safetensors"))
+            def read(found: Path):  # every file read before any is applied
+                return (load_file(str(found / "adapters.safetensors")), load_file(str(found / "optimizer.safetensors")),
+                        json.loads((found / "state.json").read_text()))
+
+            # a damaged (e.g. truncated) file: `last.old` when it is there, else one error line
+            weights, opt, state = read_complete_dir(folder, read, "checkpoint", checkpoint_fix(folder))
+            self.set_adapter_weights(weights)
             self.opt_step = int(opt["step"].item())
             for n, p, t in self.params:
                 m, v = opt[f"{n}.m"], opt[f"{n}.v"]
                 self.opt_state[n] = ((m.T if t else m).contiguous().to(p), (v.T if t else v).contiguous().to(p))
-            state = json.loads((folder / "state.json").read_text())
         if dist.world > 1:
             with self.torch.no_grad():
                 for n, p, _ in self.params:  # the same order on every rank: the model's

@@ -34,6 +34,51 @@ def sft_loss(logits, targets, mask):
     return o.sum(nll), o.sum(mask)
 
 
+def sampled_kd_loss(student_logits, teacher_ids, teacher_logp, counts, mask, temperature: float = 2.0):
+    """Forward KL from a sampled teacher store (`logits --sampled-k N`): "Sparse Logit Sampling"
+    (Anshumann et al., ACL 2025, arXiv 2503.16870), random-sampling KD.
+
+    Shapes: student_logits (B, T, V); teacher_ids, teacher_logp, counts (B, T, K); mask (B, T).
+    At each position the store holds the distinct ids among N draws x_1..x_N, made with
+    replacement from the teacher's tempered distribution p_T = softmax(z_teacher / T), with
+    ``counts`` (how often each was drawn; 0 = empty slot, N = their sum) and ``teacher_logp``
+    = log p_T(id) (used only for the value, not the gradient).
+
+    With q_T = softmax(z / T) the student's tempered distribution, the estimator is
+
+        L_hat = T^2 * sum_k (c_k / N) * (log p_T(x_k) - log q_T(x_k))
+              = T^2 * (1/N) sum_{i=1..N} (log p_T(x_i) - log q_T(x_i)).
+
+    Unbiased: the draws are i.i.d. from p_T, so E[(1/N) sum_i f(x_i)] = E_{p_T}[f] for any f;
+    with f = log p_T - log q_T that is KL(p_T || q_T), the loss `kd_loss` computes over the
+    whole vocabulary (T^2 KL, forward kind). The gradient is unbiased too: p_T does not depend
+    on the student, so grad L_hat = -T^2 (1/N) sum_i grad log q_T(x_i), whose expectation is
+    -T^2 sum_x p_T(x) grad log q_T(x) = grad T^2 KL(p_T || q_T) (the teacher's entropy is a
+    constant). In logits, d L_hat / d z = T (q_T - c / N): the full-KL gradient T (q_T - p_T)
+    with p_T replaced by the empirical distribution of the draws. This holds only when the
+    draws were made at the training temperature T (the store records its temperature; `train`
+    refuses another). Reverse KL and JSD need q's mass on ids the teacher never drew and have
+    no such estimator here (`train` refuses them with a sampled store).
+
+    Returns (sum over masked positions with draws of L_hat, their number), like `kd_loss`.
+    """
+    o = ops(student_logits)
+    if not temperature > 0:
+        raise ValueError(f"kd temperature must be > 0, got {temperature}")
+    z = o.f32(student_logits) / temperature
+    c = o.f32(counts)
+    valid = c > 0
+    ids = o.where(valid, o.as_index(teacher_ids), 0)
+    logq = o.take(z, ids, -1) - o.logsumexp(z, -1)
+    n = o.sum(c, -1)
+    has = o.f32(n > 0)
+    w = c / o.expand(o.maximum(n, o.full_like(n, 1.0)), -1)
+    a = o.stop_gradient(o.where(valid, o.f32(teacher_logp), o.full_like(logq, 0.0)))
+    per_pos = (temperature * temperature) * o.sum(w * (a - logq), -1)
+    m = o.f32(mask) * has
+    return o.sum(per_pos * m), o.sum(m)
+
+
 # ----------------------------------------------------------------------------- top-K logit distillation
 KD_KINDS = ("forward", "reverse", "jsd")
 EMPTY_BELOW = -1e8  # a teacher logit at or below this (e.g. -inf) marks an empty slot

@@ -31,8 +31,12 @@ def kd_objective(forward, cfg: TrainConfig, tail: bool = False):
 
     The SFT term is weighted by ``sft_weight`` (1 = the formula above). On-policy runs
     (`sources.OnPolicySource`) mark each batch with ``gold``: a rollout batch (gold 0) is the
-    student's own sample and carries no SFT term; ``sft_loss`` is then averaged over the gold
-    batches' tokens (``sft_tokens``). They always use the tail bucket (see `losses.kd_loss`), as
+    student's own sample and carries no SFT term. One step may hold gold and rollout
+    micro-batches (accumulation with 0 < lambda < 1): the SFT sum is then returned scaled by
+    ``sft_scale = N / N_gold`` of the step (`sft_step_scale`), so that after the backends'
+    division by N the step's objective is exactly w * S / N_gold + alpha_t * K / N_KD, whatever
+    the mix (not w * S / N, whose weight would move with the rollouts' length). They always use
+    the tail bucket (see `losses.kd_loss`), as
     does KD across tokenizers (``tail=True``: teacher candidates the student cannot spell).
     Batches aligned across tokenizers also carry the span / ULD arrays (`logits.TopMStore`)."""
     from mlx_distill.training.losses import kd_loss, ops
@@ -58,8 +62,9 @@ def kd_objective(forward, cfg: TrainConfig, tail: bool = False):
         kd = b["kd_alpha"] * scale * k
         if "gold" in b:
             g = b["gold"]
-            return cfg.sft_weight * g * s + kd, n, {"sft_loss": g * s, "sft_tokens": g * n, "kd_loss": k,
-                                                    "kd_positions": nk}
+            gs = g * b["sft_scale"] if "sft_scale" in b else g  # no step scale: the micro-batch's own (N / N = 1)
+            return cfg.sft_weight * gs * s + kd, n, {"sft_loss": g * s, "sft_tokens": g * n, "kd_loss": k,
+                                                     "kd_positions": nk}
         return cfg.sft_weight * s + kd, n, {"sft_loss": s, "kd_loss": k, "kd_positions": nk}
 
     return objective
@@ -81,14 +86,57 @@ def window_parts(parts: dict, ntokens: int) -> dict:
     """A report window's averages of the objective's parts: ``sft_loss`` per completion token;
     ``kd_loss`` per position carrying a teacher target (None when none did) and
     ``kd_coverage``, the share of completion tokens that carried one."""
-    out = {k: v / max(ntokens, 1) for k, v in parts.items() if k not in ("kd_loss", "kd_positions", "sft_tokens")}
-    if "sft_tokens" in parts:  # on-policy: the SFT term lives on gold (corpus) batches only
+    out = {k: v / max(ntokens, 1) for k, v in parts.items()
+           if k not in ("kd_loss", "kd_positions", "kd_weight", "sft_tokens", "hidden_loss", "hidden_positions")}
+    if "hidden_positions" in parts:  # --kd-hidden: per position it covers
+        nh = parts["hidden_positions"]
+        out["hidden_loss"] = parts.get("hidden_loss", 0.0) / nh if nh else None
+    if "sft_tokens" in parts:  # the SFT term's own weight (on-policy: gold batches only; `fold_step`)
         out["sft_loss"] = parts.get("sft_loss", 0.0) / parts["sft_tokens"] if parts["sft_tokens"] else None
     if "kd_positions" in parts:
         nk = parts["kd_positions"]
-        out["kd_loss"] = parts.get("kd_loss", 0.0) / nk if nk else None
+        w = parts.get("kd_weight", nk)  # `fold_step` windows weigh steps by N; raw sums by N_KD
+        out["kd_loss"] = parts.get("kd_loss", 0.0) / w if nk and w else None
         out["kd_coverage"] = round(nk / max(ntokens, 1), 4)
     return out
+
+def sft_step_scale(step_arrays: list[dict]) -> float:
+    """N / N_gold over the micro-batches of one on-policy step (arrays with ``gold``): the SFT sum
+    of the gold batches, so scaled, is averaged over the step's gold tokens once the backend
+    divides the step by N. 0 when the step holds no gold token (its objective has no SFT term)."""
+    n = sum(float(a["mask"].sum()) for a in step_arrays)
+    gold = sum(float(a["mask"].sum()) * float(a.get("gold", 1.0)) for a in step_arrays)
+    return n / gold if gold else 0.0
+
+
+def fold_step(window: dict, parts: dict, ntokens: float) -> None:
+    """Add one optimizer step's objective parts (sums over its micro-batches, as the objective
+    returns them) to a report window, so that `window_parts` gives each term as the objective
+    takes it: per step, ``sft_loss`` over the step's gold tokens and ``kd_loss`` over its KD
+    positions; across the window's steps, both weighted by the step's tokens N, as
+    ``train_loss`` (the steps' summed objective / their N) is. Then, with alpha constant over
+    the window and every step holding both terms, ``train_loss == sft_weight * sft_loss +
+    kd_alpha * kd_loss`` exactly (on-policy mixes and off-policy KD alike). Other parts are
+    summed as they come (`window_parts` divides them by the window's tokens)."""
+    for k, v in parts.items():
+        if k not in ("sft_loss", "sft_tokens", "kd_loss", "kd_positions"):
+            window[k] = window.get(k, 0.0) + v
+    if "sft_loss" in parts:
+        gold = parts.get("sft_tokens", ntokens)
+        if gold:
+            window["sft_loss"] = window.get("sft_loss", 0.0) + ntokens * parts["sft_loss"] / gold
+            window["sft_tokens"] = window.get("sft_tokens", 0.0) + ntokens
+        else:  # a step of rollouts only: no SFT term
+            window.setdefault("sft_tokens", 0.0)
+    if "kd_positions" in parts:
+        nk = parts["kd_positions"]
+        window["kd_positions"] = window.get("kd_positions", 0.0) + nk
+        window.setdefault("kd_loss", 0.0)
+        window.setdefault("kd_weight", 0.0)
+        if nk:
+            window["kd_loss"] += ntokens * parts.get("kd_loss", 0.0) / nk
+            window["kd_weight"] += ntokens
+
 
 
 def kd_alpha_at(cfg: TrainConfig, step: int) -> float:

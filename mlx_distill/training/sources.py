@@ -123,17 +123,21 @@ class KDSource(CorpusSource):
         return self._corpus_batch(j)
 
     def batch(self, k: int, step: int) -> tuple[dict, int]:
-        from mlx_distill.training.objectives import kd_alpha_at, kd_step_scale
+        from mlx_distill.training.objectives import kd_alpha_at, kd_step_scale, sft_step_scale
 
         if k not in self._step:  # the step's first micro-batch: its KD normaliser needs all of them
             self._step.clear()
             group = [(j, *self._build(j)) for j in range(k, k + self.cfg.grad_accumulation)]
             scale, n, nk = kd_step_scale([a for _, a, _ in group])
+            # on-policy: the SFT term is averaged over the step's gold tokens, not all its tokens
+            sft_scale = sft_step_scale([a for _, a, _ in group]) if "gold" in group[0][1] else None
             if self.dry_check is not None:
                 self.dry_check(step, nk)
             for j, a, b in group:
                 a["kd_alpha"] = np.array(kd_alpha_at(self.cfg, step), dtype=np.float32)
                 a["kd_scale"] = np.array(scale, dtype=np.float32)
+                if sft_scale is not None:
+                    a["sft_scale"] = np.array(sft_scale, dtype=np.float32)
                 self._step[j] = data.trim_prompt(a, b), b.ntokens
         return self._step[k]
 
