@@ -19,7 +19,8 @@ COMMANDS = {
     "plot": ("mlx_distill.plots", "main", "training curves of run folders (RUN/training.png, or several runs overlaid)"),
     "export": ("mlx_distill.export", "main", "fuse a run's adapter into its base model (mlx-lm folder, optional GGUF)"),
     "convert-adapter": ("mlx_distill.adapters", "main", "convert adapters between mlx-lm and PEFT folders"),
-    "model": ("mlx_distill.embedded", "main", "prepare the embedded SmolLM2-135M-Instruct model (`model prepare`)"),
+    "model": ("mlx_distill.models", "model_main",
+              "prepare the offline models (`model prepare [smollm2|gemma3-270m]`, `model info ...`)"),
 }
 
 

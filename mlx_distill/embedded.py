@@ -302,6 +302,37 @@ def cached(folder: Path, gguf_file: Path) -> bool:
     return src.get("size") == stat.st_size and src.get("sha256") == sha256_file(gguf_file)
 
 
+def build_folder(folder: Path, is_cached, convert_into, force: bool = False) -> tuple[Path, dict | None]:
+    """Build a converted model folder atomically: `convert_into(tmp)` writes a temporary folder beside
+    `folder` (returning its manifest), which is then renamed into place, so a crash or a concurrent
+    run never leaves a half-written model. `is_cached(folder)` says whether a folder is already good
+    (checked again before replacing, in case a concurrent conversion finished first).
+    Returns the folder and the new manifest (None when another process's folder was kept).
+    Shared by every offline model (SmolLM2 here, Gemma-3 in `mlx_distill.gemma`)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a shared read-only asset
+        man = convert_into(tmp)
+        if folder.exists():
+            # Stale (or forced): move it aside first so the rename below is a single step.
+            if not force and is_cached(folder):  # another process finished first
+                return folder, None
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}-{time.time_ns()}")
+            os.rename(folder, old)
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if is_cached(folder):  # lost a race to a concurrent conversion: theirs is as good
+                return folder, None
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, man
+
+
 def ensure_smollm2(cache: str | Path | None = None, force: bool = False) -> Path:
     """The converted SmolLM2-135M-Instruct folder under `cache` (default `paths.cache_dir()`),
     converting it first if it is missing, incomplete or made from another GGUF / converter."""
@@ -309,32 +340,13 @@ def ensure_smollm2(cache: str | Path | None = None, force: bool = False) -> Path
     folder = model_dir(cache)
     if not force and cached(folder, src):
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
     _log(f"converting {src} -> {folder} (once)")
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER}.", suffix=".tmp", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is a shared read-only asset
-        man = convert(src, tmp)
-        if folder.exists():
-            # Stale (or forced): move it aside first so the rename below is a single step.
-            if not force and cached(folder, src):  # another process finished first
-                return folder
-            old = folder.with_name(f".{FOLDER}.old-{os.getpid()}-{time.time_ns()}")
-            os.rename(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if cached(folder, src):  # lost a race to a concurrent conversion: theirs is as good
-                return folder
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    t = man["timings"]
-    _log(f"done in {time.perf_counter() - t0:.1f}s (read {t['read_s']:.1f}s, dequantize "
-         f"{t['dequantize_s']:.1f}s, write {t['write_s']:.1f}s): {folder}")
+    folder, man = build_folder(folder, lambda f: cached(f, src), lambda tmp: convert(src, tmp), force)
+    if man is not None:
+        t = man["timings"]
+        _log(f"done in {time.perf_counter() - t0:.1f}s (read {t['read_s']:.1f}s, dequantize "
+             f"{t['dequantize_s']:.1f}s, write {t['write_s']:.1f}s): {folder}")
     return folder
 
 
@@ -379,5 +391,5 @@ def main(argv=None) -> None:
         print(json.dumps(info(args.cache), indent=2))
 
 
-__all__ = ["ensure_smollm2", "gguf_path", "convert", "build_tokenizer", "unpermute",
+__all__ = ["ensure_smollm2", "build_folder", "read_metadata", "gguf_path", "convert", "build_tokenizer", "unpermute",
            "info", "main", "MissingWheelError", "INSTALL_HINT"]

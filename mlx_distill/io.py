@@ -114,6 +114,10 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> None:
 
     path = Path(path)
     with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
+
+
 def read_complete_dir(folder: str | Path, read, what: str = "checkpoint", fix: str = ""):
     """``read(found)`` of the whole folder `atomic_dir` last wrote (`complete_dir`); when a file
     in it cannot be read (truncated or damaged after it was written), ``read(folder.old)`` if
@@ -136,10 +140,6 @@ def read_complete_dir(folder: str | Path, read, what: str = "checkpoint", fix: s
             print(f"warning: {tried[0]}; using the {what} in {p}", file=sys.stderr, flush=True)
         return value
     raise InputError(f"cannot read the {what}: " + "; ".join(tried) + (f"; {fix}" if fix else ""))
-
-
-        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

