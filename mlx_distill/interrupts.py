@@ -73,6 +73,8 @@ class Interrupts:
             # this one took is handed back on exit, so the outer loop stops too
             outer = getattr(self._prev.get(signal.SIGINT), "__self__", None)
             self._outer = outer if isinstance(outer, Interrupts) else None
+            if self._outer is not None and self._outer.signum is not None:
+                self.signum = self._outer.signum  # it came already: this one stops at its first boundary
         return self
 
     def __exit__(self, *exc) -> None:

@@ -40,6 +40,10 @@ def atomic_path(path: str | Path):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user asked for, not the temporary one (removed below)
+        if e.filename is not None and str(e.filename) == str(tmp):
+            e.filename = str(path)
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -68,6 +72,10 @@ def atomic_dir(folder: str | Path):
             os.replace(folder, old)
         os.replace(tmp, folder)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # name the folder the user asked for, not the temporary one (removed below)
+        if e.filename is not None and str(e.filename).startswith(str(tmp)):
+            e.filename = str(folder) + str(e.filename)[len(str(tmp)):]
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -77,6 +85,12 @@ def writable_dir(folder: str | Path, label: str | None = None) -> Path:
     work: an output folder that cannot be made or written (a regular file in the path, no
     permission, a read-only or full disk) is one InputError naming it, with nothing left behind."""
     folder = Path(folder)
+    label = label or f"--out {folder}"
+    for p in (folder, *folder.parents):  # the nearest part of the path that exists must be a folder
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                raise InputError(f"{label}: {p} is a file, not a folder; choose another --out")
+            break
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
@@ -87,7 +101,7 @@ def writable_dir(folder: str | Path, label: str | None = None) -> Path:
             os.close(fd)
             os.unlink(probe)
     except OSError as e:
-        raise InputError(f"{label or f'--out {folder}'}: cannot write there ({describe_os_error(e)}); choose a "
+        raise InputError(f"{label}: cannot write there ({describe_os_error(e)}); choose a "
                          "folder you can write to") from None
     return folder
 

@@ -64,6 +64,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,7 @@ from typing import Any
 import yaml
 
 from mlx_distill import config as C
+from mlx_distill.interrupts import Interrupted, Interrupts
 from mlx_distill.io import InputError, atomic_write_json, atomic_write_text, read_json, scrub, sha256_file
 from mlx_distill.paths import prompt_path
 
@@ -485,27 +487,44 @@ def load_state(root: Path) -> dict:
     return {"stages": {}}
 
 
-def run_stage(argv: list[str], log: Path) -> int:
-    """Run one command as a subprocess, its output both on our stdout and in `log`."""
+def run_stage(argv: list[str], log: Path, stop: Interrupts | None = None) -> int:
+    """Run one command as a subprocess, its output both on our stdout and in `log`. The stage runs
+    in a process group of its own, so a terminal's Ctrl-C reaches only the pipeline, which passes
+    each SIGINT/SIGTERM on to the stage (`stop`): the first makes the stage save and stop, the
+    second stops both at once."""
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as f:
         f.write(f"$ {shown(argv)}\n")
         proc = subprocess.Popen([sys.executable, "-m", "mlx_distill", *argv], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+                                stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, start_new_session=True)
+
+        def pass_on(signum: int) -> None:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+        if stop is not None:
+            stop.on_signal(pass_on)
+            if stop.requested:  # it came while the stage was starting
+                pass_on(stop.signum)
         try:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 sys.stdout.flush()
                 f.write(line)
             return proc.wait()
-        except KeyboardInterrupt:
-            proc.wait()  # the child got the same SIGINT and writes its checkpoint
+        except KeyboardInterrupt as e:  # a second signal (or Ctrl-C without the policy): the stage stops at once too
+            pass_on(getattr(e, "signum", signal.SIGINT))
+            proc.wait()
             raise
 
 
 def run(recipe: Recipe, dry_run: bool = False, start: str | None = None, until: str | None = None,
-        force: bool = False) -> dict:
+        force: bool = False, stop: Interrupts | None = None) -> dict:
+    """Run the selected stages in order. `stop` (the interrupt policy, entered by `main`): a
+    SIGINT/SIGTERM goes to the running stage, which saves and stops; the pipeline then records it
+    as interrupted and raises `Interrupted` (exit 130/143). A re-run continues from that stage."""
+    stop = stop or Interrupts(quiet=True)  # not entered: never requested
     root = Path(recipe.root)
     selected = _select(recipe, start, until)
     state = load_state(root)
@@ -540,6 +559,7 @@ def run(recipe: Recipe, dry_run: bool = False, start: str | None = None, until: 
                 rebuilt.add(st.name)  # so the dry run shows the downstream re-runs too
             lines.append((st, dec))
             continue
+        stop.check()  # a signal between stages: the finished ones are recorded, nothing more starts
         moved = move_aside(st)
         if moved:
             print(f"     moved the old {st.out} aside to {moved}")
@@ -555,11 +575,15 @@ def run(recipe: Recipe, dry_run: bool = False, start: str | None = None, until: 
         _save_state(root, state)
         t0 = time.perf_counter()
         try:
-            rc = run_stage(argv, log)
+            rc = run_stage(argv, log, stop)
         except KeyboardInterrupt:
             rec.update(status="interrupted", seconds=round(time.perf_counter() - t0, 1))
             _save_state(root, state)
             raise
+        if stop.requested and rc != 0:  # the stage saved its work and stopped (130/143)
+            rec.update(status="interrupted", exit_code=rc, seconds=round(time.perf_counter() - t0, 1))
+            _save_state(root, state)
+            raise Interrupted(stop.signum, f"stage {st.name!r} interrupted; re-run the pipeline to continue it")
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         if rc != 0:
             rec.update(status="failed", exit_code=rc)
@@ -788,4 +812,6 @@ def main(argv=None) -> None:
     ap.add_argument("--force", action="store_true", help="Re-run the selected stages even when their output matches.")
     a = ap.parse_args(argv)
     recipe = load(a.recipe, a.out, a.sets)
-    run(recipe, dry_run=a.dry_run, start=a.start, until=a.until, force=a.force)
+    with Interrupts("the running stage saves its work and stops") as stop:
+        run(recipe, dry_run=a.dry_run, start=a.start, until=a.until, force=a.force, stop=stop)
+    stop.check()  # a signal after the last stage finished: all saved, the exit status says it came

@@ -278,7 +278,7 @@ def test_incomplete_corpus_stage_says_a_rerun_retries_only_the_failures(tmp_path
                                                          "base_url": "http://127.0.0.1:9/v1"}},
         {"name": "sft", "command": "train", "args": {"data": "${stages.corpus.out}"}},
     ], root=tmp_path / "root")
-    monkeypatch.setattr(pipeline, "run_stage", lambda argv, log: 3)  # corpus build's EXIT_INCOMPLETE
+    monkeypatch.setattr(pipeline, "run_stage", lambda argv, log, stop=None: 3)  # corpus build's EXIT_INCOMPLETE
     with pytest.raises(SystemExit) as e:
         pipeline.main([str(f)])
     assert e.value.code == 3

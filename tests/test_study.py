@@ -260,11 +260,13 @@ def test_cell_lock_refusal_and_stale_takeover(tmp_path, tiny_model, capsys):
 
 
 def test_cell_sigterm_releases_lock(tmp_path, tiny_model):
-    """A scheduler's SIGTERM (time limit, scancel) stops a cell without finishing it and releases its lock."""
+    """A scheduler's SIGTERM (time limit, scancel) stops a cell without finishing it and releases its lock
+    (one request in flight at a time: the policy finishes the one in hand, and the other three are left)."""
     import signal
     import time
 
-    cfg = {**_prompt_cfg(tmp_path, tiny_model, tmp_path / "s", max_tokens=400), "seeds": [0], "levels": [20]}
+    cfg = {**_prompt_cfg(tmp_path, tiny_model, tmp_path / "s", max_tokens=400, batch_size=1), "seeds": [0],
+           "levels": [20]}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
     assert _study(["-c", str(tmp_path / "study.yaml"), "--plan"]).returncode == 0
     cell = tmp_path / "s" / "cells" / "0-20-words-seed0"

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_distill import config as C
-from mlx_distill.io import InputError, atomic_dir, atomic_write_json, read_json, sha256_file, versions, write_jsonl
+from mlx_distill.io import InputError, atomic_dir, atomic_write_json, read_json, sha256_file, versions, writable_dir, \
+    write_jsonl
 from mlx_distill.tasks.problems import normalize_text
 
 GENERATOR = "mlx_distill.corpus.synth/1"  # bump when the templates or the draw change
@@ -423,6 +424,9 @@ def generate(cfg: C.SynthConfig) -> dict[str, list[dict]]:
 
 def write(cfg: C.SynthConfig) -> Path:
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a folder; choose another --out")
+    writable_dir(out.parent, f"--out {out} (its parent folder {out.parent})")  # before any work
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         man = out / "manifest.json"
         stage = read_json(man).get("stage") if man.is_file() else None

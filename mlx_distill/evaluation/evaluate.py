@@ -37,6 +37,7 @@ import asyncio
 import random
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -47,10 +48,11 @@ from mlx_distill import config, tasks
 from mlx_distill.training import trackers
 from mlx_distill.tasks.answers import FORMAT_INSTRUCTIONS
 from mlx_distill.config import EvalConfig, GradeConfig
+from mlx_distill.interrupts import Interrupts
 from mlx_distill.generation import full_response, generate, make_eval_client, make_judge_client, parameter_counts, \
     problem_seed, _gather
 from mlx_distill.io import InputError, JsonlAppender, atomic_write_json, iter_jsonl, read_json, read_jsonl, scrub, \
-    sha256_file, sha256_text, write_jsonl, write_manifest
+    sha256_file, sha256_text, writable_dir, write_jsonl, write_manifest
 from mlx_distill.evaluation.metrics import failure_kind, grade_fields, summarise
 from mlx_distill.tasks.overlap import adapter_train_config, check_overlap
 from mlx_distill.paths import prompt_path
@@ -66,12 +68,15 @@ IDENTITY = ("model", "adapter", "backend", "base_url", "dataset", "data", "split
 
 # ============================================================================= problems
 def load_eval_problems(dataset: str, data: str = "", split: str = "test", limit: int = 0,
-                       provenance: Optional[dict] = None) -> list[dict]:
+                       provenance: Optional[dict] = None, skipped: Optional[list] = None) -> list[dict]:
     """Problems ``{id, question, answer, source, meta}`` of an evaluation set: a registry task
-    (``tasks.NAMES``; ``corpus`` = a corpus folder's test split), or a Hugging Face dataset name."""
-    probs = load_problems(dataset, path=data or None, split=split, provenance=provenance)
+    (``tasks.NAMES``; ``corpus`` = a corpus folder's test split), or a Hugging Face dataset name.
+    `skipped`: if a list, the problems that cannot be graded from text (no answer, a figure) are
+    appended there with their ``reason``."""
+    probs = load_problems(dataset, path=data or None, split=split, provenance=provenance, skipped=skipped)
     if not probs:
-        raise InputError(f"--dataset {dataset}: no problems loaded from {data or dataset}")
+        raise InputError(f"--dataset {dataset}: no problems loaded from {data or dataset}"
+                         + (f" ({len(skipped)} skipped: {skipped[0].get('reason')} ...)" if skipped else ""))
     return probs[:limit] if limit and limit > 0 else probs
 
 
@@ -286,18 +291,68 @@ def prepare_out(cfg: EvalConfig, out: Path, log) -> dict[str, dict]:
 
 
 # ============================================================================= the eval stage
+class Stopped(Exception):
+    """A request not started because a SIGINT/SIGTERM came (it is asked on the re-run)."""
+
+
+class _Gated:
+    """`client.complete` with at most `n` requests in flight (the client's batch or concurrency):
+    after a signal, the requests in hand finish and are saved, the ones not started end as
+    `Stopped`. (A continuous-batching client takes the next request as one finishes, as before.)"""
+
+    def __init__(self, client, stop: Interrupts):
+        self.client, self.stop = client, stop
+        n = getattr(client, "capacity", None) or getattr(client, "batch_size", None) or getattr(client, "concurrency", 1)
+        self.sem = asyncio.Semaphore(max(1, int(n)))
+
+    async def complete(self, messages, **kw):
+        async with self.sem:
+            if self.stop.requested:
+                raise Stopped
+            return await self.client.complete(messages, **kw)
+
+
+def close_client(client) -> None:
+    """Close a client after its requests ran in an event loop that is gone now (each `generate` is
+    an ``asyncio.run``): the connections a keep-alive server (vLLM, any HTTP/1.1 server) left open
+    belonged to that loop, and closing them from a new one raises "Event loop is closed" after
+    every record was saved. They are dead already; that one error is not the run's."""
+    try:
+        asyncio.run(client.aclose())
+    except RuntimeError as e:
+        if "Event loop is closed" not in str(e):
+            raise
+
+
 def evaluate(cfg: EvalConfig, client=None, quiet: bool = False, write: bool = True) -> dict:
     """Generate, grade and write records/summary/report to ``cfg.out``; return the summary.
 
     `client`: an already-built client (the length study reuses one model across levels);
     otherwise one is made from the config and closed at the end. With `write`, finished
     records are appended to ``records.jsonl`` as they land and an interrupted run continues.
+    SIGINT/SIGTERM (whatever disposition was inherited): the requests in flight finish and are
+    saved, then `Interrupted` (exit 130/143); the same command continues.
     """
+    with Interrupts("finishing the requests in flight, then saving") as stop:
+        summary = _evaluate(cfg, client, quiet, write, stop)
+    stop.check()  # a signal after the last request: everything is saved, and the exit status says it came
+    return summary
+
+
+def _evaluate(cfg: EvalConfig, client, quiet: bool, write: bool, stop: Interrupts) -> dict:
     log = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
     out = Path(cfg.out)
     trackers.require(cfg.report_to if write else [])  # --report-to names an installed tracker, before any work
     source: dict = {}
-    problems = load_eval_problems(cfg.dataset, cfg.data, cfg.split, cfg.limit, provenance=source)
+    skipped: list[dict] = []
+    problems = load_eval_problems(cfg.dataset, cfg.data, cfg.split, cfg.limit, provenance=source, skipped=skipped)
+    skipped = [{"id": str(s.get("id")), "reason": s.get("reason")} for s in skipped]
+    if skipped:  # said, and recorded in the manifest: a skipped problem is never silently out of the denominator
+        reasons = Counter(s["reason"].split(" (")[0] for s in skipped)
+        log(f"skipped {len(skipped)} problem(s) that cannot be graded from text ("
+            + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + "): "
+            + ", ".join(s["id"] for s in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+            + "; their ids are in manifest.json 'skipped'")
     kind = answer_kind_for(cfg.dataset, problems, cfg.answer_kind)
     problems, overlap = check_overlap(cfg.overlap, problems, cfg.adapter, cfg.train_data, log)
     seen = set(overlap["ids"]) if overlap.get("flagged") else set()
@@ -320,18 +375,14 @@ def evaluate(cfg: EvalConfig, client=None, quiet: bool = False, write: bool = Tr
     ident = identity(cfg)
     man_extra = dict(identity=ident, data=_data_provenance(source),
                      prompt_template={"path": tpl_path, "sha256": sha256_text(template), "answer_format": fmt},
-                     fewshot_ids=[s["id"] for s in shots], overlap=overlap, answer_kind=kind)
+                     fewshot_ids=[s["id"] for s in shots], overlap=overlap, answer_kind=kind, skipped=skipped)
 
     done: dict[str, dict] = {}
     if write:
         done = prepare_out(cfg, out, log)
         if done and all(p["id"] in done for p in problems) and (out / "summary.json").is_file():
-            summary = read_json(out / "summary.json")
-            if not quiet:
-                print(f"{out}: this evaluation is already complete ({len(problems)} problems); nothing to do "
-                      "(--overwrite redoes it)")
-                print_summary(summary)
-            return summary
+            return _already_complete(out, problems, done, quiet)
+        writable_dir(out)  # a --out that cannot be made or written: one error line, before the model loads
         if done:
             log(f"resuming {out}: {sum(p['id'] in done for p in problems)} of {len(problems)} problems already done")
         out.mkdir(parents=True, exist_ok=True)
@@ -351,6 +402,8 @@ def evaluate(cfg: EvalConfig, client=None, quiet: bool = False, write: bool = Tr
     new: dict[int, dict] = {}
 
     def on_done(j: int, result) -> None:
+        if isinstance(result, Stopped):
+            return
         i = todo[j]
         rec = make_record(problems[i], indices[i], prompts[i], result, seeds[i], kind, cfg.grade_timeout)
         new[i] = rec
@@ -360,12 +413,15 @@ def evaluate(cfg: EvalConfig, client=None, quiet: bool = False, write: bool = Tr
     wall = 0.0
     try:
         if todo:
-            _, wall = generate(client, [messages[i] for i in todo], [seeds[i] for i in todo], cfg, quiet, on_done)
+            _, wall = generate(_Gated(client, stop), [messages[i] for i in todo], [seeds[i] for i in todo], cfg, quiet,
+                               on_done)
+        if len(new) < len(todo):  # stopped by a signal: the finished records are appended; the rest on a re-run
+            stop.check(f"{len(new)} of {len(todo)} problems generated")
     finally:
         if appender is not None:
             appender.close()
         if own and client is not None:
-            asyncio.run(client.aclose())
+            close_client(client)
     peak = round(mx.get_peak_memory() / 1e9, 3) if mx is not None else None
     records = [new[i] if i in new else done[p["id"]] for i, p in enumerate(problems)]
     for r in records:
@@ -410,6 +466,29 @@ def evaluate(cfg: EvalConfig, client=None, quiet: bool = False, write: bool = Tr
         print_summary(summary)
         if write:
             print("wrote " + ", ".join(str(f) for f in written))
+    return summary
+
+
+def _already_complete(out: Path, problems: list[dict], done: dict[str, dict], quiet: bool) -> dict:
+    """The summary of exactly the problems asked for, from the finished records in `out`: the
+    folder's own summary when they are all of it; when they are fewer (``--limit 10`` onto a
+    finished 20-problem evaluation), a summary of those alone, said as such (summary.json keeps
+    the whole evaluation; nothing is rewritten)."""
+    summary = read_json(out / "summary.json")
+    if summary.get("n") != len(problems):
+        keep = ("dataset", "answer_kind", "model", "adapter", "backend", "prompt", "answer_format", "fewshot",
+                "word_budget", "max_tokens", "temperature", "seed")
+        whole = summary.get("n")
+        summary = summarise([done[p["id"]] for p in problems], **{k: summary[k] for k in keep if k in summary},
+                            subset_of=whole)
+        msg = (f"{out}: this evaluation is already complete ({whole} problems); the {len(problems)} asked for are "
+               f"among them, so nothing to do. The summary below is of those {len(problems)} problems "
+               f"(n={len(problems)}); {out}/summary.json keeps all {whole}")
+    else:
+        msg = f"{out}: this evaluation is already complete ({len(problems)} problems); nothing to do"
+    if not quiet:
+        print(msg + " (--overwrite redoes it)")
+        print_summary(summary)
     return summary
 
 
