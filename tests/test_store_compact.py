@@ -125,3 +125,24 @@ def test_lazy_reader_maps_the_file(tmp_path):
     f.rows(0, 0, 10)
     f.rows(3, 1800, 10)
     assert list(f._cache) == [1]  # decoded chunks are bounded
+
+
+def test_lazy_shard_serves_format2_slices(tmp_path):
+    """`LazyShard` answers the slices `TopMStore` takes of a format-2 shard (rows of one example,
+    its scored tokens and their byte ends)."""
+    rng = np.random.default_rng(5)
+    blocks = [_topm_block(rng, n, 8) for n in (700, 500, 20)]
+    arrays, meta = codec.encode_shard(blocks, 8)
+    codec.write_shard(tmp_path / "s.safetensors", arrays, meta)
+    sh = codec.LazyShard(tmp_path / "s.safetensors")
+    assert "tail" in sh and "counts" not in sh
+    row = tok = 0
+    for b in blocks:
+        n, L = len(b["ids"]), len(b["tokens"])
+        assert sh["ids"][row: row + n].shape == (n, 8)
+        assert (np.sort(sh["ids"][row: row + n], 1) == np.sort(b["ids"], 1)).all()
+        assert (sh["tokens"][tok: tok + L] == b["tokens"]).all()
+        assert (sh["ends"][tok: tok + L] == b["ends"]).all()
+        row, tok = row + n, tok + L
+    assert sh["logprobs"][0:row].shape == (row, 8)  # across chunks
+    assert sh["ids"][row: row + 5].shape == (0, 8)
