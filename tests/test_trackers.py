@@ -89,6 +89,19 @@ def read_wandb_records(path):
     return out
 
 
+def wandb_log(folder):
+    """The transaction log of the one offline run under `folder`, read only after W&B has written
+    it out: ``run.finish()`` returns before wandb-core's writer has flushed the file (measured: 7
+    bytes, the header alone, right after finish), so wait for the service to shut down
+    (``wandb.teardown()``: it flushes every stream), never for time."""
+    import wandb
+
+    wandb.teardown()
+    logs = list(folder.glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1, f"expected one offline run log under {folder}, found {logs}"
+    return read_wandb_records(logs[0])
+
+
 def numeric_fields(row):
     return {k: v for k, v in trackers.flatten(row).items() if k != "iter" and trackers.is_scalar(v)}
 
@@ -132,7 +145,7 @@ def test_train_reports_to_tensorboard_and_wandb_offline(tiny_model, corpus, tmp_
     runs = list((wandb_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and runs[0].is_dir()
     assert runs[0].name.endswith(where["wandb"]["id"]) and where["wandb"]["offline"] is True
-    records = read_wandb_records(next(runs[0].glob("run-*.wandb")))
+    records = wandb_log(wandb_dir / "wandb")
     kinds = [r.WhichOneof("record_type") for r in records]
     assert {"run", "history", "summary", "exit"} <= set(kinds)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
@@ -173,7 +186,7 @@ def test_eval_reports_its_summary(tiny_model, tmp_path, monkeypatch):
     want = {trackers.tb_tag(k): float(v) for k, v in numeric_fields(s).items()}
     assert {"accuracy", "n", "correct", "failure_kinds/truncated_at_max_tokens"} <= set(want) and set(acc.Tags()["scalars"]) == set(want)
     assert {k: acc.Scalars(k)[0].value for k in want} == pytest.approx(want)
-    records = read_wandb_records(next((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")))
+    records = wandb_log(tmp_path / "wb" / "wandb")
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert {u.key: json.loads(u.value_json) for u in run.config.update}["dataset"] == "corpus"
     summary = {}
