@@ -164,6 +164,21 @@ class TrainConfig:
     rollout_top_p: float = opt(1.0, "On-policy: nucleus sampling of the rollouts (1 = off).")
     save_rollouts: int = opt(0, "On-policy: write N rollouts of the latest rollout batches to rollouts.jsonl at each "
                              "validation (prompt, student text, truncation, teacher log-prob summary per token).")
+    # the LM head and the losses chunk by chunk (issue 20 item 3)
+    loss_chunk: int = opt(-1, "Positions per chunk of the LM head and the SFT/KD losses: the logits of at most N "
+                          "positions x vocabulary exist at once, each chunk recomputed in the backward pass. 0 = off "
+                          "(one full logits tensor); -1 = auto: 1024 when the student's vocabulary has >= 100,000 "
+                          "rows (Gemma's 262,144), else off (measured: docs/BENCHMARKS.md, scripts/bench_loss_chunk.py).")
+    # feature (hidden-state) distillation (issue 20 item 5); needs --kd-teacher (MLX)
+    kd_hidden: float = opt(0.0, "Weight gamma of the hidden-state loss: L = w*L_SFT + alpha*L_KD + gamma*L_hidden "
+                           "(0 = off). The student's block outputs, mapped by a learned linear projection to the "
+                           "teacher's width, match the --kd-teacher's (`mlx_distill.training.hidden`); the projection "
+                           "is saved as hidden_projection.safetensors beside the adapter.")
+    kd_hidden_layers: str = opt("auto", "Block pairs S:T,S:T... (0-based: the output of student block S matches "
+                                "that of teacher block T); auto = up to 4 evenly spaced pairs, the last blocks "
+                                "included.")
+    kd_hidden_loss: str = opt("cosine", "Hidden-state distance per position: cosine (1 - cosine similarity) or mse "
+                              "(mean squared error over the teacher's width).", choices=["cosine", "mse"])
 
 
 # ----------------------------------------------------------------------------- logits (issue 4; owner: KD)

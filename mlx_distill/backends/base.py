@@ -3,9 +3,22 @@ description. (Model names are resolved by `mlx_distill.models.resolve_model`, th
 every command uses.)"""
 
 from pathlib import Path
-from typing import Any, Optional, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 from mlx_distill.backends.distributed import SINGLE, Group
+
+
+@dataclass
+class SplitHead:
+    """A student's output before its LM head, for losses that apply the head `chunk` positions at
+    a time (`training.losses.lm_losses`): at most `chunk` x vocabulary logits exist at once, and
+    `checkpoint(fn)` makes each chunk's backward recompute its logits instead of keeping them."""
+
+    hidden: Any  # (B, T, D) final hidden states (after the last norm) of the positions that get logits
+    head: Callable  # (1, C, D) -> (1, C, V) logits, soft-capping included where the model has it
+    chunk: int  # positions per chunk
+    checkpoint: Callable  # fn -> fn with the same outputs whose backward recomputes (mx.checkpoint, torch's)
 
 
 @runtime_checkable
@@ -39,8 +52,10 @@ class Backend(Protocol):
     def adapter_config(self) -> dict:
         """mlx-lm's adapter_config.json for this run."""
 
-    def forward(self, model, inputs, keep: Optional[int] = None) -> Any:
-        """Logits of the last `keep` positions (all when None)."""
+    def forward(self, model, inputs, keep: Optional[int] = None, split: bool = False) -> Any:
+        """Logits of the last `keep` positions (all when None). With `split` and a loss chunk
+        (``--loss-chunk``), a `SplitHead` instead: the final hidden states and the output head, so
+        the losses apply the head chunk by chunk (`training.losses.lm_losses`)."""
 
     def to_arrays(self, arrays: dict) -> dict:
         """NumPy batch -> the backend's arrays (under torchrun: this rank's rows)."""
@@ -93,6 +108,18 @@ def backend_members() -> tuple[str, ...]:
     names = set(Backend.__annotations__)
     names.update(k for k, v in vars(Backend).items() if callable(v) and not k.startswith("_"))
     return tuple(sorted(names))
+
+
+# --loss-chunk -1 (auto): chunk the LM head from this vocabulary size on (docs/BENCHMARKS.md, "Chunked LM-head loss")
+AUTO_CHUNK_VOCAB = 100_000
+AUTO_CHUNK = 1024
+
+
+def resolve_loss_chunk(setting: int, vocab_size: int) -> int:
+    """Positions per loss chunk for ``--loss-chunk setting`` (-1 = auto) and a vocabulary; 0 = off."""
+    if setting >= 0:
+        return int(setting)
+    return AUTO_CHUNK if vocab_size >= AUTO_CHUNK_VOCAB else 0
 
 
 class BackendBase:

@@ -22,11 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from mlx_distill.models import resolve_model
-from mlx_distill.backends.base import BackendBase, checkpoint_fix
+from mlx_distill.backends.base import BackendBase, SplitHead, checkpoint_fix, resolve_loss_chunk
 
 # gradients travel in flat buffers of at most this many bytes (one all_sum each): few large
 # messages instead of one per LoRA matrix, without a full second copy of a large model's grads
 BUCKET_BYTES = 64 << 20
+# --kd-hidden: the model's child module holding the learned projection (`training.hidden`), trained
+# with the adapter and written beside it as hidden_projection.safetensors
+PROJECTION = "hidden_projection"
 
 
 def sum_over_ranks(grads, all_reduce, bucket_bytes: int = BUCKET_BYTES):
@@ -122,31 +125,69 @@ class MLXBackend(BackendBase):
         if cfg.grad_checkpoint:
             grad_checkpoint(model.layers[0])
         self._head = self._find_head()
+        self.loss_chunk = self._resolve_loss_chunk()
         return model
+
+    def _resolve_loss_chunk(self) -> int:
+        """Positions per loss chunk (0 = off) for --loss-chunk (-1 = auto by vocabulary size)."""
+        from mlx_distill.io import InputError
+
+        chunk = resolve_loss_chunk(self.cfg.loss_chunk, getattr(self, "_vocab", 0))
+        if chunk and self._head is None:
+            if self.cfg.loss_chunk > 0:
+                raise InputError(f"--loss-chunk {self.cfg.loss_chunk}: the logits of {self.cfg.model} are not its "
+                                 "output head applied to its final hidden states, so they cannot be computed chunk "
+                                 "by chunk; use --loss-chunk 0")
+            return 0
+        return chunk
 
     def _find_head(self):
         """The output projection, when the model's logits are exactly head(model.model(x)).
 
         Then `forward(..., keep=n)` projects only the last n positions: the vocabulary
         projection is a large share of a small model's FLOPs, and the masked prompt
-        positions need no logits. Checked numerically once, so an architecture with extra
-        output processing (soft-capping, scaling) silently keeps the full path."""
+        positions need no logits; and ``--loss-chunk`` applies it chunk by chunk. The head is
+        ``lm_head``, or the tied embedding's ``as_linear`` (quantized embeddings included),
+        followed by ``c * tanh(z / c)`` when the model's args name a final logit soft-cap (Gemma 2).
+        Checked numerically once, so an architecture with other output processing silently
+        keeps the full path (and ``--loss-chunk N`` is refused)."""
         mx, model = self.mx, self.model
         inner = getattr(model, "model", None)
         head = getattr(model, "lm_head", None)
+        self._head_module = head
         if head is None and inner is not None and hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
-            head = inner.embed_tokens.as_linear
+            head, self._head_module = inner.embed_tokens.as_linear, inner.embed_tokens
         if inner is None or head is None:
             return None
+        cap = getattr(getattr(model, "args", None), "final_logit_softcapping", None)
+        if cap:
+            linear = head
+
+            def head(h):
+                return mx.tanh(linear(h) / cap) * cap
         was_training = model.training
         model.eval()
         try:
             x = mx.array([[1, 2, 3, 4]])
-            ok = mx.allclose(model(x)[:, -2:], head(inner(x)[:, -2:]), rtol=1e-4, atol=1e-4).item()
+            full = model(x)
+            ok = mx.allclose(full[:, -2:], head(inner(x)[:, -2:]), rtol=1e-4, atol=1e-4).item()
+            self._vocab = int(full.shape[-1])
         except Exception:  # noqa: BLE001 - any mismatch in structure means "use the full path"
             ok = False
         model.train(was_training)
         return head if ok else None
+
+    def _checkpoint(self, fn):
+        """`fn` whose backward recomputes its outputs (mx.checkpoint), the head's trainable
+        weights (if any: lm_head in --lora-keys) passed in explicitly so they get their gradient."""
+        mx, mod = self.mx, self._head_module
+
+        def inner(params, *args):
+            mod.update(params)
+            return fn(*args)
+
+        ck = mx.checkpoint(inner)
+        return lambda *args: ck(mod.trainable_parameters(), *args)
 
     def parameter_counts(self) -> dict:
         from mlx.utils import tree_flatten
@@ -155,8 +196,13 @@ class MLXBackend(BackendBase):
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         return {"total": int(total), "trainable": int(trainable)}
 
-    def forward(self, model, inputs, keep: int | None = None):
-        """Logits for the last `keep` positions (all when None)."""
+    def forward(self, model, inputs, keep: int | None = None, split: bool = False):
+        """Logits for the last `keep` positions (all when None); with `split` and a loss chunk
+        (``--loss-chunk``), a `SplitHead` (hidden states + head) for `training.losses.lm_losses`."""
+        if split and getattr(self, "loss_chunk", 0):
+            h = model.model(inputs)
+            return SplitHead(h if keep is None or keep >= inputs.shape[1] else h[:, -keep:], self._head,
+                             self.loss_chunk, self._checkpoint)
         if keep is None or keep >= inputs.shape[1]:
             return model(inputs)
         if self._head is not None:
@@ -322,12 +368,25 @@ class MLXBackend(BackendBase):
 
     # ------------------------------------------------------------------ persistence
     def adapter_weights(self) -> dict:
+        """The trainable weights mlx-lm loads as an adapter (the feature-KD projection, a training aid
+        the adapter never needs, apart: `projection_weights`)."""
         from mlx.utils import tree_flatten
 
-        return dict(tree_flatten(self.model.trainable_parameters()))
+        return {k: v for k, v in tree_flatten(self.model.trainable_parameters()) if not k.startswith(PROJECTION + ".")}
+
+    def projection_weights(self) -> dict:
+        """--kd-hidden: the learned student -> teacher width projection (`training.hidden`), {} without it."""
+        from mlx.utils import tree_flatten
+
+        if PROJECTION not in self.model:
+            return {}
+        return {k: v for k, v in tree_flatten(self.model.trainable_parameters()) if k.startswith(PROJECTION + ".")}
 
     def save_adapter(self, folder: Path, name: str = "adapters.safetensors") -> None:
         save_arrays_atomic(Path(folder) / name, self.adapter_weights())
+        proj = self.projection_weights()
+        if proj and name == "adapters.safetensors":
+            save_arrays_atomic(Path(folder) / f"{PROJECTION}.safetensors", proj)
 
     def save_checkpoint(self, folder: Path, state: dict) -> None:
         """Adapter + optimizer + loop state (RNG is derived from it), written to a temp folder and renamed."""
@@ -337,6 +396,8 @@ class MLXBackend(BackendBase):
 
         with atomic_dir(folder) as tmp:
             save_arrays_atomic(tmp / "adapters.safetensors", self.adapter_weights())
+            if self.projection_weights():
+                save_arrays_atomic(tmp / f"{PROJECTION}.safetensors", self.projection_weights())
             save_arrays_atomic(tmp / "optimizer.safetensors", dict(tree_flatten(self.optimizer.state)))
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
 

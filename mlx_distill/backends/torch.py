@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 
 from mlx_distill.models import resolve_model
-from mlx_distill.backends.base import BackendBase, checkpoint_fix
+from mlx_distill.backends.base import BackendBase, SplitHead, checkpoint_fix, resolve_loss_chunk
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
 
@@ -207,15 +207,62 @@ class TorchBackend(BackendBase):
             if p.requires_grad:
                 name, transpose = mlx_name(n)
                 self.params.append((name, p, transpose))
+        self._split = self._find_split()
         return self.model
+
+    def _find_split(self):
+        """(decoder, head) when the logits are exactly head(decoder(x).last_hidden_state) (the CausalLM's
+        output embeddings, soft-capped where its config says so), checked numerically once; and
+        ``self.loss_chunk`` for --loss-chunk (as `MLXBackend._resolve_loss_chunk`)."""
+        from mlx_distill.io import InputError
+
+        torch = self.torch
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        decoder, linear = getattr(base, "model", None), base.get_output_embeddings()
+        cap = getattr(base.config, "final_logit_softcapping", None)
+
+        def head(h):
+            z = linear(h)
+            return torch.tanh(z / cap) * cap if cap else z
+
+        found, vocab = None, 0
+        if decoder is not None and linear is not None:
+            was = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                x = torch.tensor([[1, 2, 3, 4]], device=self.device)
+                full = self.model(input_ids=x, use_cache=False).logits
+                mine = head(decoder(input_ids=x, use_cache=False).last_hidden_state)
+                vocab = int(full.shape[-1])
+                if torch.allclose(full.float(), mine.float(), rtol=1e-4, atol=1e-4):
+                    found = (decoder, head)
+            self.model.train(was)
+        self.loss_chunk = resolve_loss_chunk(self.cfg.loss_chunk, vocab)
+        if self.loss_chunk and found is None:
+            if self.cfg.loss_chunk > 0:
+                raise InputError(f"--loss-chunk {self.cfg.loss_chunk}: the logits of {self.cfg.model} are not its "
+                                 "output head applied to its final hidden states; use --loss-chunk 0")
+            self.loss_chunk = 0
+        return found
+
+    def _checkpoint(self, fn):
+        from torch.utils.checkpoint import checkpoint
+
+        return lambda *args: checkpoint(fn, *args, use_reentrant=False)
 
     def parameter_counts(self) -> dict:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for _, p, _ in self.params)
         return {"total": int(total), "trainable": int(trainable)}
 
-    def forward(self, model, inputs, keep: int | None = None):
-        """Logits for the last `keep` positions (all when None); transformers projects only those."""
+    def forward(self, model, inputs, keep: int | None = None, split: bool = False):
+        """Logits for the last `keep` positions (all when None); transformers projects only those.
+        With `split` and a loss chunk (``--loss-chunk``), a `SplitHead` for `training.losses.lm_losses`."""
+        if split and getattr(self, "loss_chunk", 0):
+            decoder, head = self._split
+            h = decoder(input_ids=inputs, use_cache=False).last_hidden_state
+            return SplitHead(h if keep is None or keep >= inputs.shape[1] else h[:, -keep:], head, self.loss_chunk,
+                             self._checkpoint)
         if keep is None or keep >= inputs.shape[1]:
             return model(input_ids=inputs, use_cache=False).logits
         return model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits

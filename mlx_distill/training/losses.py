@@ -275,3 +275,85 @@ def _uld_distance(o, student_logits, lse, teacher_logp):
     q = o.sort_desc(o.exp(o.take(z, o.topk_idx(o.stop_gradient(z), k), -1) - lse))
     p = o.sort_desc(o.exp(o.where(teacher_logp > EMPTY_BELOW, teacher_logp, o.full_like(teacher_logp, _FILL))))
     return o.sum(o.abs(p - q), -1)
+
+
+# ----------------------------------------------------------------------------- the LM head chunk by chunk (issue 20)
+def lm_losses(out, targets, mask, kd: dict | None = None):
+    """SFT and (with `kd`, `kd_loss`'s keyword arguments but the logits and the mask) KD terms of one
+    batch -> ``(sft_sum, ntokens, kd_sum, kd_count)`` (the last two None without `kd`).
+
+    `out` is the backend's forward: logits (B, T, V), or a `SplitHead` (``--loss-chunk``). Then the
+    B*T positions are taken `chunk` at a time: the head makes that chunk's logits, `sft_loss` and
+    `kd_loss` sum over it, and the sums add up (the same (sum, count) as the whole batch; float32
+    reduction order aside). Each chunk runs under the backend's checkpoint, so its backward
+    recomputes its logits: at most `chunk` x V logits (and their softmax) are alive at once, forward
+    and backward, instead of B*T x V.
+
+    The one term not local to a position, the span KL across tokenizers, needs the student's
+    log-probability of its own token over each span's positions, which a chunk border may cut: each
+    chunk returns those log-probabilities (B*T floats in all) and the span term is computed once
+    after the loop, from them, by `_span_divergence` (fed them as one-entry "logits" with a zero
+    log-sum-exp). Inside the chunks the span arrays still mark the covered positions (the count)."""
+    from mlx_distill.backends.base import SplitHead
+
+    if not isinstance(out, SplitHead):
+        s, n = sft_loss(out, targets, mask)
+        if kd is None:
+            return s, n, None, None
+        k, nk = kd_loss(out, mask=mask, **kd)
+        return s, n, k, nk
+    o = ops(out.hidden)
+    B, T = targets.shape[0], targets.shape[1]
+    per_pos = {"targets": targets, "mask": mask}
+    opts, spans = {}, False
+    if kd is not None:
+        per_pos.update(teacher_ids=kd["teacher_ids"], teacher_logits=kd["teacher_logits"])
+        opts = {k: v for k, v in kd.items() if k in ("temperature", "kind", "tail", "top_k", "beta")}
+        if kd.get("uld") is not None:
+            per_pos["uld"] = kd["uld"]
+        spans = kd.get("span_logp") is not None
+        if spans:
+            per_pos["span_in"] = kd["span_in"]
+
+    def flat(x):
+        return x.reshape((1, B * T) + tuple(x.shape[2:]))
+
+    h = flat(out.hidden)
+    arrays = {k: flat(v) for k, v in per_pos.items()}
+
+    def piece(h_c, a):
+        logits = out.head(h_c)
+        s, n = sft_loss(logits, a["targets"], a["mask"])
+        if kd is None:
+            return s, n
+        extra = {}
+        if spans:  # marks the span positions as covered; the span KL itself comes after the loop
+            zero = o.f32(a["span_in"]) * 0.0
+            extra = {"targets": a["targets"], "span_logp": zero, "span_len": o.as_index(zero), "span_in": a["span_in"]}
+        k, nk = kd_loss(logits, a["teacher_ids"], a["teacher_logits"], a["mask"], uld=a.get("uld"), **opts, **extra)
+        if not spans:
+            return s, n, k, nk
+        z = o.f32(logits)
+        lq = o.squeeze(o.take(z, o.expand(o.as_index(a["targets"]), -1), -1) - o.logsumexp(z, -1), -1)
+        return s, n, k, nk, lq
+
+    sums, lqs = None, []
+    for i in range(0, B * T, out.chunk):
+        # the batch's arrays enter as constants (closure), the hidden states as the one input: no
+        # cotangent is asked of token ids (MLX refuses one) or of the teacher's numbers
+        a = {k: v[:, i:i + out.chunk] for k, v in arrays.items()}
+        r = out.checkpoint(lambda h_c, a=a: piece(h_c, a))(h[:, i:i + out.chunk])
+        if spans:
+            lqs.append(r[4])
+            r = r[:4]
+        sums = list(r) if sums is None else [x + y for x, y in zip(sums, r)]
+    if kd is None:
+        return sums[0], sums[1], None, None
+    s, n, k, nk = sums
+    if spans:
+        lq = o.concat(lqs, 1).reshape((B, T))
+        zero = o.stop_gradient(lq) * 0.0
+        d_span, at_end = _span_divergence(o, o.expand(lq, -1), o.expand(zero, -1), o.as_index(zero), kd["span_logp"],
+                                          kd["span_len"], kd["span_in"])
+        k = k + o.sum(d_span * at_end * o.f32(mask))
+    return s, n, k, nk

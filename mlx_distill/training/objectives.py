@@ -6,19 +6,21 @@ schedule helpers here, so neither imports the other for them."""
 import numpy as np
 
 from mlx_distill.config import TrainConfig
-from mlx_distill.training.losses import sft_loss
+from mlx_distill.training.losses import lm_losses
 
 
-def sft_objective(forward):
+def sft_objective(forward, split: bool = False):
+    """SFT. `split`: ask the backend's forward for a `SplitHead` (``--loss-chunk``): the losses then
+    apply the LM head chunk by chunk (`losses.lm_losses`); plain logits otherwise."""
     def objective(model, b):
-        logits = forward(model, b["inputs"], b["targets"].shape[1])
-        s, n = sft_loss(logits, b["targets"], b["mask"])
+        out = forward(model, b["inputs"], b["targets"].shape[1], **({"split": True} if split else {}))
+        s, n, _, _ = lm_losses(out, b["targets"], b["mask"])
         return s, n, {"sft_loss": s}
 
     return objective
 
 
-def kd_objective(forward, cfg: TrainConfig, tail: bool = False):
+def kd_objective(forward, cfg: TrainConfig, tail: bool = False, split: bool = False, hidden=None):
     """Per optimizer step, L = S / N + alpha_t * K / N_KD: the SFT sum S over its N completion
     tokens, the KD sum K over the N_KD positions that carry teacher targets (never over SFT
     tokens, so positions without a teacher do not dilute it); alpha_t rises linearly to
@@ -38,28 +40,39 @@ def kd_objective(forward, cfg: TrainConfig, tail: bool = False):
     the mix (not w * S / N, whose weight would move with the rollouts' length). They always use
     the tail bucket (see `losses.kd_loss`), as
     does KD across tokenizers (``tail=True``: teacher candidates the student cannot spell).
-    Batches aligned across tokenizers also carry the span / ULD arrays (`logits.TopMStore`)."""
-    from mlx_distill.training.losses import kd_loss, ops
+    Batches aligned across tokenizers also carry the span / ULD arrays (`teacher.store.TopMStore`).
+
+    `split`: as in `sft_objective` (``--loss-chunk``). `hidden` (``--kd-hidden``, a
+    `hidden.HiddenKD`): gamma * H / N_H is added, H the hidden-state loss summed over the N_H
+    positions it covers (`HiddenKD.loss`), returned scaled by N / N_H of the micro-batch; the parts
+    gain ``hidden_loss`` and ``hidden_positions``."""
+    from mlx_distill.training.losses import ops
 
     tail = cfg.kd_tail or cfg.on_policy_fraction > 0 or tail
 
     def objective(model, b):
-        logits = forward(model, b["inputs"], b["targets"].shape[1])
-        s, n = sft_loss(logits, b["targets"], b["mask"])
+        out = forward(model, b["inputs"], b["targets"].shape[1], **({"split": True} if split else {}))
         cross = {}
         if "kd_span_len" in b:
             cross = {"targets": b["targets"], "span_logp": b["kd_span_logp"], "span_len": b["kd_span_len"],
                      "span_in": b["kd_span_in"]}
         if "kd_uld" in b:
             cross["uld"] = b["kd_uld"]
-        k, nk = kd_loss(logits, b["kd_ids"], b["kd_logits"], b["mask"], temperature=cfg.kd_temperature,
-                        kind=cfg.kd_kind, tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta, **cross)
+        s, n, k, nk = lm_losses(out, b["targets"], b["mask"], kd=dict(
+            teacher_ids=b["kd_ids"], teacher_logits=b["kd_logits"], temperature=cfg.kd_temperature, kind=cfg.kd_kind,
+            tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta, **cross))
         if "kd_scale" in b:
             scale = b["kd_scale"]
         else:
             o = ops(nk)
             scale = n / o.maximum(nk, o.full_like(nk, 1.0))
         kd = b["kd_alpha"] * scale * k
+        if hidden is not None:  # feature KD: its own average over the positions it covers
+            h, nh = hidden.loss(model, b)
+            o = ops(nh)
+            kd = kd + cfg.kd_hidden * (n / o.maximum(nh, o.full_like(nh, 1.0))) * h
+            parts = {"sft_loss": s, "kd_loss": k, "kd_positions": nk, "hidden_loss": h, "hidden_positions": nh}
+            return cfg.sft_weight * s + kd, n, parts
         if "gold" in b:
             g = b["gold"]
             gs = g * b["sft_scale"] if "sft_scale" in b else g  # no step scale: the micro-batch's own (N / N = 1)
@@ -81,24 +94,6 @@ def kd_step_scale(step_arrays: list[dict]) -> tuple[float, float, float]:
              for a in step_arrays)
     return (n / nk if nk else 0.0), n, nk
 
-
-def window_parts(parts: dict, ntokens: int) -> dict:
-    """A report window's averages of the objective's parts: ``sft_loss`` per completion token;
-    ``kd_loss`` per position carrying a teacher target (None when none did) and
-    ``kd_coverage``, the share of completion tokens that carried one."""
-    out = {k: v / max(ntokens, 1) for k, v in parts.items()
-           if k not in ("kd_loss", "kd_positions", "kd_weight", "sft_tokens", "hidden_loss", "hidden_positions")}
-    if "hidden_positions" in parts:  # --kd-hidden: per position it covers
-        nh = parts["hidden_positions"]
-        out["hidden_loss"] = parts.get("hidden_loss", 0.0) / nh if nh else None
-    if "sft_tokens" in parts:  # the SFT term's own weight (on-policy: gold batches only; `fold_step`)
-        out["sft_loss"] = parts.get("sft_loss", 0.0) / parts["sft_tokens"] if parts["sft_tokens"] else None
-    if "kd_positions" in parts:
-        nk = parts["kd_positions"]
-        w = parts.get("kd_weight", nk)  # `fold_step` windows weigh steps by N; raw sums by N_KD
-        out["kd_loss"] = parts.get("kd_loss", 0.0) / w if nk and w else None
-        out["kd_coverage"] = round(nk / max(ntokens, 1), 4)
-    return out
 
 def sft_step_scale(step_arrays: list[dict]) -> float:
     """N / N_gold over the micro-batches of one on-policy step (arrays with ``gold``): the SFT sum
@@ -137,6 +132,24 @@ def fold_step(window: dict, parts: dict, ntokens: float) -> None:
             window["kd_loss"] += ntokens * parts.get("kd_loss", 0.0) / nk
             window["kd_weight"] += ntokens
 
+
+def window_parts(parts: dict, ntokens: int) -> dict:
+    """A report window's averages of the objective's parts: ``sft_loss`` per completion token;
+    ``kd_loss`` per position carrying a teacher target (None when none did) and
+    ``kd_coverage``, the share of completion tokens that carried one."""
+    out = {k: v / max(ntokens, 1) for k, v in parts.items()
+           if k not in ("kd_loss", "kd_positions", "kd_weight", "sft_tokens", "hidden_loss", "hidden_positions")}
+    if "hidden_positions" in parts:  # --kd-hidden: per position it covers
+        nh = parts["hidden_positions"]
+        out["hidden_loss"] = parts.get("hidden_loss", 0.0) / nh if nh else None
+    if "sft_tokens" in parts:  # the SFT term's own weight (on-policy: gold batches only; `fold_step`)
+        out["sft_loss"] = parts.get("sft_loss", 0.0) / parts["sft_tokens"] if parts["sft_tokens"] else None
+    if "kd_positions" in parts:
+        nk = parts["kd_positions"]
+        w = parts.get("kd_weight", nk)  # `fold_step` windows weigh steps by N; raw sums by N_KD
+        out["kd_loss"] = parts.get("kd_loss", 0.0) / w if nk and w else None
+        out["kd_coverage"] = round(nk / max(ntokens, 1), 4)
+    return out
 
 
 def kd_alpha_at(cfg: TrainConfig, step: int) -> float:

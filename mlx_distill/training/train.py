@@ -126,7 +126,7 @@ class Reporter:
 def fmt_row(row: dict) -> str:
     parts = [f"iter {row['iter']:>5}"]
     for k, f in (("train_loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("val_accuracy", "{:.3f}"), ("sft_loss", "{:.4f}"),
-                 ("kd_loss", "{:.4f}"),
+                 ("kd_loss", "{:.4f}"), ("hidden_loss", "{:.4f}"),
                  ("kd_coverage", "{:.2f}"), ("on_policy", "{:.2f}"), ("rollout_tokens_per_sec", "{:.1f}"),
                  ("rollout_truncated", "{:.2f}"), ("learning_rate", "{:.2e}"), ("tokens_per_sec", "{:.1f}"), ("peak_memory_gb", "{:.2f}")):
         if row.get(k) is not None:
@@ -284,6 +284,10 @@ def _open(cfg: TrainConfig) -> Any:
     out = Path(cfg.out)
     _check_options(cfg)
     backend = get_backend(cfg)  # under torchrun / mlx.launch: joins the group of ranks
+    if cfg.kd_hidden > 0:  # before any model is loaded: --kd-hidden needs a local MLX --kd-teacher
+        from mlx_distill.training.hidden import check_options as check_hidden_options
+
+        check_hidden_options(cfg, backend.name)
     # rank 0 alone reads and writes the run folder (`mlx_distill.backends.distributed`): the other ranks,
     # maybe on other machines, get the resumed state from it and write nothing
     if backend.dist.is_main:
@@ -318,10 +322,16 @@ def _load(r: _Run) -> None:
 
         r.phase("loading the teacher")
         r.kd_store = kd_setup(cfg, {"train": r.train_ex, "valid": r.val_ex}, r.tokenizer)
-        r.train_objective = kd_objective(backend.forward, cfg, tail=getattr(r.kd_store, "cross", False))
+        hidden_kd = None
+        if cfg.kd_hidden > 0:  # feature KD: the teacher's block outputs join the batches (`training.hidden`)
+            from mlx_distill.training import hidden
+
+            r.kd_store, hidden_kd = hidden.setup(cfg, backend, r.kd_store)
+        r.train_objective = kd_objective(backend.forward, cfg, tail=getattr(r.kd_store, "cross", False), split=True,
+                                         hidden=hidden_kd)
     else:
-        r.train_objective = sft_objective(backend.forward)
-    r.val_objective = sft_objective(backend.forward)  # early stopping watches the data's own cross-entropy
+        r.train_objective = sft_objective(backend.forward, split=True)  # split: --loss-chunk (backend's choice)
+    r.val_objective = sft_objective(backend.forward, split=True)  # early stopping watches the data's own cross-entropy
     pad = data.pad_id_of(r.tokenizer)
     r.stream = data.BatchStream(r.train_ex, cfg.batch_size, cfg.seed, pad)
     r.val_collated = list(data.eval_batches(r.val_ex, cfg.batch_size, pad, cfg.val_batches))
@@ -350,6 +360,8 @@ def _manifest_extra(r: _Run) -> dict:
     }
     if r.kd_store is not None:  # per split: the resolved --kd-align and the positions of each alignment class
         extra["kd_alignment"] = r.kd_store.alignment_summary()
+        if cfg.kd_hidden > 0:  # --kd-hidden: layer pairs, loss, widths, position share (`training.hidden`)
+            extra["kd_hidden"] = r.kd_store.summary
     if cfg.prompt_template:
         from mlx_distill.paths import prompt_path
 
