@@ -146,3 +146,26 @@ def test_lazy_shard_serves_format2_slices(tmp_path):
         row, tok = row + n, tok + L
     assert sh["logprobs"][0:row].shape == (row, 8)  # across chunks
     assert sh["ids"][row: row + 5].shape == (0, 8)
+
+
+def test_draw_rows_follow_the_tempered_teacher(tmp_path):
+    rng = np.random.default_rng(6)
+    V, N, T = 7, 12, 2.0
+    z = rng.normal(0, 2, V)
+    p = np.exp(z / T) / np.exp(z / T).sum()
+    logits = np.tile(z, (3000, 1))
+    d = codec.draw_rows(logits, N, T, codec.example_seed(0, "ex-1"))
+    assert (d["counts"].sum(1) == N).all()
+    freq = np.zeros(V)
+    np.add.at(freq, d["ids"][d["counts"] > 0], d["counts"][d["counts"] > 0])
+    freq /= freq.sum()
+    se = np.sqrt(p * (1 - p) / (3000 * N))
+    assert np.all(np.abs(freq - p) <= 5 * se), (freq, p)
+    assert np.allclose(d["logprobs"][d["counts"] > 0], np.log(p)[d["ids"][d["counts"] > 0]], atol=1e-5)
+    again = codec.draw_rows(logits[:5], N, T, codec.example_seed(0, "ex-1"))
+    assert (again["ids"] == d["ids"][:5]).all()  # the same seed and example id draw the same tokens
+    # a sampled shard holds them in a few bytes per position
+    blocks = [{**d, "actual": np.full(3000, -1.0, np.float32), "tokens": np.zeros(3001, np.int64),
+               "ends": np.zeros(3001, np.int64)}]
+    arrays, _ = codec.encode_shard(blocks, N, sampled=True)
+    assert sum(a.nbytes for a in arrays.values()) / 3000 < 32

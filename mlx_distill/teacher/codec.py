@@ -445,3 +445,40 @@ def example_block(tokens: np.ndarray, prompt_len: int, first: int, ids: np.ndarr
     if counts is not None:
         b["counts"] = counts
     return b
+
+
+# ----------------------------------------------------------------------------- the sampled store
+def example_seed(seed: int, example_id: str) -> np.random.Generator:
+    """The generator of one example's draws: keyed by the store's seed and the example id (never
+    by batch), so a resumed or re-batched run draws the same tokens."""
+    import hashlib
+
+    h = int.from_bytes(hashlib.sha256(example_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([int(seed), h])
+
+
+def draw_rows(logits: np.ndarray, n: int, temperature: float, rng: np.random.Generator) -> dict:
+    """Teacher logits (L, V) of one example's scored positions -> N draws per position, with
+    replacement, from p_T = softmax(logits / T), as ``ids`` (L, N) int32 (the distinct ids first,
+    0 after), ``counts`` (L, N) int32 (0: empty slot) and ``logprobs`` (L, N) float32 = log p_T(id)
+    (-inf in empty slots): the rows of a sampled shard (`encode_shard(..., sampled=True)`)."""
+    z = np.asarray(logits, np.float64) / float(temperature)
+    z = z - z.max(-1, keepdims=True)
+    lse = np.log(np.exp(z).sum(-1, keepdims=True))
+    logp = z - lse
+    cdf = np.cumsum(np.exp(logp), -1)
+    u = rng.random((len(z), n)) * cdf[:, -1:]
+    x = np.stack([np.searchsorted(cdf[r], u[r], side="right") for r in range(len(z))]) if len(z) else \
+        np.zeros((0, n), np.int64)
+    x = np.minimum(x, z.shape[-1] - 1)
+    s = np.sort(x, -1)
+    start = np.ones_like(s, bool)
+    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    run = np.cumsum(start, -1) - 1
+    rows = np.repeat(np.arange(len(s)), n)
+    ids = np.zeros((len(s), n), np.int64)
+    counts = np.zeros((len(s), n), np.int32)
+    ids[rows, run.ravel()] = s.ravel()
+    np.add.at(counts, (rows, run.ravel()), 1)
+    lp = np.where(counts > 0, np.take_along_axis(logp, ids, -1), -np.inf).astype(np.float32)
+    return {"ids": ids.astype(np.int32), "counts": counts, "logprobs": lp}
