@@ -262,6 +262,82 @@ def test_lambda_zero_corpus_batches_equal_online_kd(tiny_llama, tiny_model, corp
         assert x["train_loss"] == pytest.approx(x["sft_loss"] + 0.5 * x["kd_loss"], rel=1e-5)
 
 
+def test_mixed_step_objective_is_w_sft_over_gold_plus_alpha_kd():
+    """One step of a gold and a rollout micro-batch (accumulation 2, lambda 0.5): the summed
+    objective over the step's N tokens is exactly w * S / N_gold + alpha * K / N_KD (the
+    backends divide by N once), not w * S / N. Sums from `losses` computed independently."""
+    import mlx.core as mx
+
+    from mlx_distill.training.losses import kd_loss, sft_loss
+
+    rng = np.random.default_rng(3)
+    cfg = TrainConfig(on_policy_fraction=0.5, kd_kind="reverse", kd_top_k=3, sft_weight=0.7, kd_alpha=0.5)
+    z = {0: rng.normal(size=(2, 6, 9)).astype(np.float32), 1: rng.normal(size=(2, 6, 9)).astype(np.float32)}
+    obj = objectives.kd_objective(lambda m, x, keep: mx.array(z[int(x[0, 0].item())]), cfg)
+    mask = {0: np.ones((2, 6), np.float32), 1: np.ones((2, 6), np.float32)}
+    mask[0][:, :2] = 0  # the gold batch: 8 tokens; the rollout batch: 12
+    step = []
+    for j in (0, 1):
+        ids = np.stack([rng.permutation(9)[:3] for _ in range(12)]).reshape(2, 6, 3).astype(np.int32)
+        lp = np.log(rng.dirichlet(np.ones(3), size=(2, 6)) * 0.9).astype(np.float32)
+        step.append({"inputs": np.full((2, 7), j, np.int32), "targets": rng.integers(0, 9, (2, 6)).astype(np.int32),
+                     "mask": mask[j], "kd_ids": ids, "kd_logits": lp, "gold": np.array(1.0 - j, np.float32)})
+    scale, n, nk = objectives.kd_step_scale(step)
+    sft_scale = objectives.sft_step_scale(step)
+    assert (n, nk, sft_scale) == (20.0, 20.0, 20.0 / 8.0)
+    total, parts = 0.0, {}
+    for a in step:
+        b = {k: mx.array(v) for k, v in {**a, "kd_alpha": np.array(0.5, np.float32), "kd_scale": np.array(scale, np.float32),
+                                         "sft_scale": np.array(sft_scale, np.float32)}.items()}
+        s, _, pr = obj(None, b)
+        total += s.item()
+        for k, v in pr.items():
+            parts[k] = parts.get(k, 0.0) + v.item()
+    s_gold, n_gold = sft_loss(mx.array(z[0]), mx.array(step[0]["targets"]), mx.array(mask[0]))
+    k_sum = sum(kd_loss(mx.array(z[j]), mx.array(step[j]["kd_ids"]), mx.array(step[j]["kd_logits"]), mx.array(mask[j]),
+                        temperature=cfg.kd_temperature, kind="reverse", tail=True, top_k=3)[0].item() for j in (0, 1))
+    want = 0.7 * s_gold.item() / n_gold.item() + 0.5 * k_sum / 20.0
+    assert total / n == pytest.approx(want, rel=1e-5)
+    assert total / n != pytest.approx(0.7 * s_gold.item() / n + 0.5 * k_sum / 20.0, rel=1e-3)  # the old weighting
+    win = {}
+    objectives.fold_step(win, parts, n)
+    row = objectives.window_parts(win, n)
+    assert total / n == pytest.approx(0.7 * row["sft_loss"] + 0.5 * row["kd_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.0])
+def test_logged_train_loss_is_w_sft_plus_alpha_kd_per_row(tiny_llama, tiny_model, corpus, tmp_path, fraction):
+    """Accumulation 2, lambda 0.5 (each step holds a gold and a rollout micro-batch) and off-policy
+    online KD (lambda 0): every logged row has train_loss == sft_weight * sft_loss + kd_alpha *
+    kd_loss, within 2% (the identity outside checkers test; here it holds to float precision),
+    with report windows of 2 steps."""
+    run = tmp_path / "run"
+    train.run(op_cfg(tiny_llama, tiny_model, corpus, run, iters=6, val_every=6, report_every=2, grad_accumulation=2,
+                     on_policy_fraction=fraction, kd_alpha=0.5, sft_weight=0.8, kd_kind="jsd", kd_beta=0.5,
+                     rollout_max_tokens=16, compile=False), quiet=True)
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r]
+    assert [r["iter"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        if fraction:
+            assert r["on_policy"] == 0.5
+        assert r["sft_loss"] > 0 and r["kd_loss"] > 0 and r["kd_alpha"] == 0.5
+        assert r["train_loss"] == pytest.approx(0.8 * r["sft_loss"] + 0.5 * r["kd_loss"], rel=0.02), r
+        assert r["train_loss"] == pytest.approx(0.8 * r["sft_loss"] + 0.5 * r["kd_loss"], rel=1e-4), r
+
+
+def test_reverse_kl_without_sft_above_the_stable_rate_warns(capsys):
+    from mlx_distill.training.train import REVERSE_KL_STABLE_LR, _warn_unstable_rate
+
+    base = dict(kd_teacher="t", kd_kind="reverse", sft_weight=0.0)
+    _warn_unstable_rate(TrainConfig(**base, learning_rate=3e-3))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: reverse KL with no SFT term") and "3e-03" not in err
+    for kw in (dict(learning_rate=REVERSE_KL_STABLE_LR), dict(learning_rate=3e-3, sft_weight=0.5),
+               dict(learning_rate=3e-3, kd_kind="forward"), dict(learning_rate=3e-3, kd_teacher="")):
+        _warn_unstable_rate(TrainConfig(**{**base, **kw}))
+        assert capsys.readouterr().err == "", kw
+
+
 # ----------------------------------------------------------------------------- learning test
 DIGITS = "0123456789"
 
