@@ -169,3 +169,15 @@ def test_draw_rows_follow_the_tempered_teacher(tmp_path):
                "ends": np.zeros(3001, np.int64)}]
     arrays, _ = codec.encode_shard(blocks, N, sampled=True)
     assert sum(a.nbytes for a in arrays.values()) / 3000 < 32
+
+
+def test_map_safetensors_reads_format2_arrays_lazily(tmp_path):
+    from safetensors.numpy import save_file
+
+    a = {"ids": np.arange(60, dtype=np.int32).reshape(6, 10), "logprobs": np.linspace(-3, 0, 60).astype(np.float16)
+         .reshape(6, 10), "actual": np.zeros(6, np.float32)}
+    save_file(a, str(tmp_path / "s.safetensors"))
+    m = codec.map_safetensors(tmp_path / "s.safetensors")
+    assert all(isinstance(v.base, np.memmap) or isinstance(v, np.memmap) for v in m.values())
+    for k in a:
+        assert m[k].dtype == a[k].dtype and (np.asarray(m[k]) == a[k]).all()

@@ -482,3 +482,23 @@ def draw_rows(logits: np.ndarray, n: int, temperature: float, rng: np.random.Gen
     np.add.at(counts, (rows, run.ravel()), 1)
     lp = np.where(counts > 0, np.take_along_axis(logp, ids, -1), -np.inf).astype(np.float32)
     return {"ids": ids.astype(np.int32), "counts": counts, "logprobs": lp}
+
+
+def map_safetensors(path: str | Path) -> dict:
+    """A safetensors file's arrays as read-only views of one memory map (nothing is read until
+    sliced): how a format-2 shard is opened lazily."""
+    dtypes = {"I32": np.int32, "I64": np.int64, "F16": np.float16, "F32": np.float32, "U8": np.uint8,
+              "BF16": None}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    mm = np.memmap(path, np.uint8, mode="r")
+    out = {}
+    for name, h in header.items():
+        dt = dtypes.get(h["dtype"])
+        if dt is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {h['dtype']}, not one a logits store writes")
+        a, b = h["data_offsets"]
+        out[name] = mm[8 + n + a: 8 + n + b].view(dt).reshape(h["shape"])
+    return out
