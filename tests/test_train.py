@@ -305,3 +305,37 @@ def test_trimmed_prompt_positions_give_the_same_loss(tiny_model, corpus, tmp_pat
     s_full, n_full, _ = obj(be.model, be.to_arrays(full))
     s_trim, n_trim, _ = obj(be.model, be.to_arrays(trimmed))
     assert n_full.item() == n_trim.item() and abs(s_full.item() - s_trim.item()) < 1e-4 * abs(s_full.item())
+
+
+def test_progress_line_while_the_model_loads_off_a_terminal(tiny_model, corpus, tmp_path, monkeypatch, capsys):
+    """Off a terminal `train` prints a progress line at least every MLX_DISTILL_PROGRESS_EVERY
+    seconds (README: 10 s), also while nothing else prints: here a model load that does not
+    return until such a line has been printed (no timing assumed: it waits for the line)."""
+    import threading
+
+    from mlx_distill import progress
+    from mlx_distill.backends.mlx import MLXBackend
+    from mlx_distill.training.train import run
+
+    monkeypatch.setenv("MLX_DISTILL_PROGRESS_EVERY", "0.05")
+    printed = threading.Event()
+    real_line, real_load = progress.Heartbeat.line, MLXBackend.load
+
+    def line(self):
+        text = real_line(self)
+        if "phase loading the model" in text:
+            printed.set()
+        return text
+
+    def slow_load(self):
+        assert printed.wait(timeout=300), "no progress line while the model loaded"
+        return real_load(self)
+
+    monkeypatch.setattr(progress.Heartbeat, "line", line)
+    monkeypatch.setattr(MLXBackend, "load", slow_load)
+    run(cfg_for(tiny_model, corpus, tmp_path / "run", iters=2, val_every=2), quiet=False)
+    out = capsys.readouterr().out
+    beats = [x for x in out.splitlines() if x.startswith("train: ")]
+    assert any("phase loading the model" in x for x in beats), out
+    assert all(" steps" in x and "elapsed" in x for x in beats), beats
+    assert "finished 2 iterations" in out
