@@ -127,7 +127,8 @@ class TrainConfig:
                         "matched (positions whose token spans the same text on both sides, teacher candidates "
                         "mapped by their text), spans (matched + the probability of each span of text whose "
                         "token boundaries disagree), uld (matched + ULD's sorted-probability distance on those "
-                        "spans). auto: exact when the tokenizers are equal, else spans. Across tokenizers the "
+                        "spans; it compares sorted probabilities only, so it cannot say which token is right: "
+                        "it sharpens the student's own argmax, right or wrong). auto: exact when the tokenizers are equal, else spans. Across tokenizers the "
                         "tail bucket is always used (teacher candidates the student cannot spell go there).",
                         choices=["auto", "exact", "matched", "spans", "uld"])
     kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher signal (any class: exact, matched, spans, uld) "
