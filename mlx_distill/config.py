@@ -134,7 +134,7 @@ class TrainConfig:
     kd_min_coverage: float = opt(0.95, "Refuse KD when the teacher signal (any class: exact, matched, spans, uld) "
                                  "covers less than this share of the "
                                  "student's completion positions (the error says why and how to fix it; see "
-                                 "`mlx_distill.teacher.logits.TopMStore.check`). The KD loss is averaged over the covered "
+                                 "`mlx_distill.teacher.plan.Planner.check`). The KD loss is averaged over the covered "
                                  "positions only (kd_coverage in metrics.jsonl), and a run whose batches carry no "
                                  "teacher target for a whole --val-every interval stops whatever this threshold.")
     kd_teacher: str = opt("", "Online KD: a teacher model held in memory that scores each batch as it is trained "

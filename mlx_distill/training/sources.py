@@ -7,16 +7,16 @@ Every source yields, for micro-batch index k of optimizer step s, the NumPy arra
 ``gold``, 1 where the batch has a gold completion) and the batch's completion token count:
 
 - `CorpusSource`: the corpus stream (`data.BatchStream`), SFT.
-- `KDSource`: corpus batches + a teacher's top-K: the offline store (`logits.TopMStore`,
-  ``--kd``) or the online teacher (`logits.OnlineTeacher`, ``--kd-teacher``; a teacher of
-  another tokenizer family is `logits.OnlineCrossTeacher`, aligned as the store is: `align`).
+- `KDSource`: corpus batches + a teacher's top-K: the offline store (`teacher.store.TopMStore`,
+  ``--kd``) or the online teacher (`teacher.local.OnlineTeacher`, ``--kd-teacher``; a teacher of
+  another tokenizer family is `teacher.cross.OnlineCrossTeacher`, aligned as the store is: `align`).
 - `OnPolicySource` (``--on-policy-fraction`` lambda > 0): a share lambda of the micro-batches
   are the student's own rollouts of the corpus prompts (`rollouts.sample`, the live model and
   its current adapter), scored by the teacher with teacher forcing (`Teacher.score`); the
   others are `KDSource` batches. Which micro-batches are rollouts is `on_policy_at(seed, k,
   lambda)`; the sampling key is `rollouts.rollout_key(seed, k)`. A teacher of another
   tokenizer family scores a rollout in its own tokens: the online cross-tokenizer teacher
-  (`logits.OnlineCrossTeacher.rollout_arrays`) encodes the rollout's text after its own
+  (`teacher.cross.OnlineCrossTeacher.rollout_arrays`) encodes the rollout's text after its own
   rendering of the prompt and aligns it like any example (`align`).
 
 Resumable state: the data position is the loop's micro-batch count (a checkpoint is only
@@ -27,8 +27,8 @@ loop state (`state_dict` / `load_state_dict`).
 
 The teacher interface (`Teacher`) takes token ids and returns, at every position, the top-K
 ids and log-probabilities, the log of the mass outside them (the tail bucket) and the
-log-probability of the token actually there: `MLXTeacher` runs a local model;
-`remote_teacher.RemoteTeacher` asks a vLLM server (``prompt_logprobs`` of the rollout's token
+log-probability of the token actually there: `teacher.local.LocalTeacher` runs a local model;
+`teacher.remote.RemoteTeacher` asks a vLLM server (``prompt_logprobs`` of the rollout's token
 ids; the student's tokenizer must be the served model's) and fills the same `TeacherScores`.
 """
 
@@ -43,7 +43,7 @@ from mlx_distill.io import InputError, JsonlAppender
 from mlx_distill.backends.rollouts import rollout_key
 
 
-from mlx_distill.teacher.base import MLXTeacher, Teacher, TeacherScores  # noqa: F401  (the teachers a source takes)
+from mlx_distill.teacher.base import Teacher, TeacherScores  # the teacher a source takes
 
 
 # ----------------------------------------------------------------------------- which batches are on-policy
@@ -187,7 +187,7 @@ class OnPolicySource(KDSource):
         exs = [data.Example(eid, np.asarray(p + r.tokens, np.int32), len(p)) for eid, p, r in zip(src.ids, prompts, rolls)]
         b = data.collate(exs, list(range(len(exs))), self.pad)
         tic = time.perf_counter()
-        if getattr(self.store, "cross", False):  # another tokenizer: re-rendered and aligned (`logits.OnlineCrossTeacher`)
+        if getattr(self.store, "cross", False):  # another tokenizer: re-rendered and aligned (`cross.OnlineCrossTeacher`)
             a = {**data.batch_arrays(b), **self.store.rollout_arrays(b, cfg.kd_top_k),
                  "gold": np.array(0.0, dtype=np.float32)}
             self.stats["teacher_seconds"] = self.stats.get("teacher_seconds", 0.0) + time.perf_counter() - tic
@@ -195,7 +195,7 @@ class OnPolicySource(KDSource):
             if cfg.save_rollouts > 0:
                 self._keep(j, prompts, rolls, None)
             return a, b
-        sc = self.teacher.score(b.tokens, cfg.kd_top_k)
+        sc = self.teacher.score(b.tokens, cfg.kd_top_k, lengths=b.lengths)  # no padding sent to a server
         self.stats["teacher_seconds"] = self.stats.get("teacher_seconds", 0.0) + time.perf_counter() - tic
         self._count_rollouts(rolls, gen_s)
         if cfg.save_rollouts > 0:
@@ -282,7 +282,6 @@ def make_source(cfg, backend, stream: data.BatchStream, store, tokenizer, dry_ch
         return KDSource(stream, cfg, store, dry_check)
     teacher = getattr(store, "teacher", None)
     cross = getattr(store, "cross", False)  # another tokenizer: the store scores rollouts itself (rollout_arrays)
-    remote = getattr(teacher, "backend", None) == "api"  # remote_teacher.RemoteTeacher: a `Teacher` itself
     if teacher is None or getattr(teacher, "backend", "mlx") not in ("mlx", "api"):
         raise InputError(f"--on-policy-fraction: the teacher {cfg.kd_teacher} must run on MLX or a vLLM server")
     print(f"on-policy: {cfg.on_policy_fraction:.0%} of micro-batches are student rollouts (<= {cfg.rollout_max_tokens} "
@@ -292,7 +291,5 @@ def make_source(cfg, backend, stream: data.BatchStream, store, tokenizer, dry_ch
              if cross else ""), file=sys.stderr)
     if cross:
         return OnPolicySource(stream, cfg, store, None, backend, tokenizer, dry_check)
-    if remote:
-        teacher.score_vocab = store.vocab_size  # ids beyond the student's rows become empty slots
-    scorer = teacher if remote else MLXTeacher(teacher.model, cfg.kd_teacher, store.vocab_size)
-    return OnPolicySource(stream, cfg, store, scorer, backend, tokenizer, dry_check)
+    teacher.score_vocab = store.vocab_size  # ids beyond the student's rows become empty slots (local or a server)
+    return OnPolicySource(stream, cfg, store, teacher, backend, tokenizer, dry_check)
