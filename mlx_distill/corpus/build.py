@@ -12,8 +12,6 @@
     # a pool of servers of one model (least-outstanding spread; a server that dies is set aside)
     python -m mlx_distill corpus build --base-url http://mac1:8080/v1 http://mac2:8080/v1 --model default_model \
         --concurrency 4 --source gsm8k --out corpora/gsm8k-pool
-    # exit status: 0 a corpus was written; 3 incomplete (requests failed for good: re-run to retry them);
-    # 1 nothing verified (0 of N attempts: the last line names the top rejection reasons); 2 bad input
 
 Every server is probed before any work: one that cannot be reached is an error (a pool starts
 when at least one answers). A build where attempts failed for good (after their retries) ends
@@ -58,6 +56,9 @@ from mlx_distill.corpus.store import CorpusStore, RunLock, latest, rewrite_key, 
 
 EXIT_INCOMPLETE = 3  # exit code of a build that ended with attempts failed for good (status "incomplete")
 EXIT_EMPTY = 1  # exit code of a finished build that verified nothing (0 of N): an error, not a retry
+EXIT_STATUS = ("exit status: 0 a corpus was written; 3 incomplete (requests failed for good: run the same command "
+               "again to retry only those); 1 nothing verified (0 of N attempts: the last line names the top three "
+               "rejection reasons); 2 bad input; 130/143 interrupted (SIGINT/SIGTERM; the same command continues)")
 
 # settings that change what is asked of the teacher: a folder built with other values is refused
 # (unless it holds no finished attempt: see check_identity)
@@ -554,7 +555,7 @@ def main(argv=None) -> None:
         stats(a.path, a.json)
         return
     ap = argparse.ArgumentParser(prog="mlx_distill corpus build", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXIT_STATUS)
     C.add_arguments(ap, C.CorpusConfig)
     cfg = config_from_args(ap.parse_args(rest))
     man = build(cfg)
