@@ -67,7 +67,7 @@ def _quantized(model_cfg: dict) -> bool:
 
 def export(cfg: ExportConfig, quiet: bool = False) -> dict:
     """Fuse, save (and convert / upload); returns the manifest written to <out>/manifest.json."""
-    from mlx_distill.teacher.logits import teacher_fingerprint
+    from mlx_distill.teacher.base import teacher_fingerprint
     from mlx_distill.models import resolve_model
 
     if not cfg.run:

@@ -112,7 +112,8 @@ def main():
     from mlx_distill.training import sources
     from mlx_distill.backends import get_backend
     from mlx_distill.config import LogitsConfig, TrainConfig, build
-    from mlx_distill.teacher.logits import TopMStore, extract
+    from mlx_distill.teacher.logits import extract
+    from mlx_distill.teacher.store import TopMStore
     from mlx_distill.training.kd import kd_setup, student_vocab_size
     from mlx_distill.training.objectives import kd_objective, sft_objective
 

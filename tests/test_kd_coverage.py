@@ -13,7 +13,8 @@ from mlx_distill.training import train
 from mlx_distill.training import objectives
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError, read_jsonl
-from mlx_distill.teacher.logits import TopMStore, extract
+from mlx_distill.teacher.logits import extract
+from mlx_distill.teacher.store import TopMStore
 from mlx_distill.training.losses import kd_loss, sft_loss
 from mlx_distill.paths import REPO
 

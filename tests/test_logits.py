@@ -9,7 +9,8 @@ import pytest
 from mlx_distill import data
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError
-from mlx_distill.teacher.logits import TopMStore, extract, load_all_examples, main
+from mlx_distill.teacher.logits import extract, load_all_examples, main
+from mlx_distill.teacher.store import TopMStore
 from mlx_distill.training.kd import kd_setup
 from mlx_distill.training.losses import kd_loss
 from mlx_distill.paths import REPO
@@ -376,7 +377,7 @@ def test_online_teacher_across_tokenizers_matches_the_offline_store(tiny_model, 
         assert np.allclose(np.where(fin, x[k], 0), np.where(fin, y[k], 0), atol=4e-3), k  # float16 cache
     # rollouts: the teacher re-encodes the text after its own prompt; a corpus completion as a rollout
     z = on.rollout_arrays(b, M)
-    assert set(z) == set(y) and not any(k.endswith("rollout0") for k in on._plans)
+    assert set(z) == set(y) and not any(k.endswith("rollout0") for k in on.planner.plans)
     for k in y:
         assert np.array_equal(np.nan_to_num(z[k], neginf=-9), np.nan_to_num(y[k], neginf=-9)), k
     # a sampled byte piece that spells no character: the text before it keeps its signal, the rest none

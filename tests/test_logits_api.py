@@ -36,7 +36,9 @@ from mlx_distill.teacher import logits
 from mlx_distill.training import train
 from mlx_distill.config import LogitsConfig, TrainConfig, build
 from mlx_distill.io import InputError, read_json
-from mlx_distill.teacher.logits import TopMStore, extract, load_all_examples
+from mlx_distill.teacher.logits import extract, load_all_examples
+from mlx_distill.teacher.local import LocalTeacher
+from mlx_distill.teacher.store import TopMStore
 from mlx_distill.training.kd import kd_setup
 from mlx_distill.paths import REPO
 
@@ -51,12 +53,14 @@ class VLLMStandIn:
     """``POST /v1/completions`` (prompt: text or token ids; ``prompt_logprobs``, ``return_token_ids``) and
     ``GET /v1/models``, answering as vLLM 0.32 does, from an MLX model. ``tokenizer`` tokenises text prompts
     (another one than the model's = a server whose tokenizer differs); ``max_logprobs`` is vLLM's
-    --max-logprobs; prompts longer than ``max_model_len`` get vLLM's 400; ``prompt_logprobs=False`` answers
-    like a server that ignores the field (mlx_lm server); after ``drop_after`` requests every connection is
-    closed unanswered (a server that went away)."""
+    --max-logprobs; prompts longer than ``max_model_len`` get vLLM's 400, and ``GET /v1/models`` lists it
+    (``report_max_len``, as vLLM does); ``prompt_logprobs=False`` answers like a server that ignores the field
+    (mlx_lm server); after ``drop_after`` requests every connection is closed unanswered (a server that went
+    away); requests after the first ``gate_after`` wait for ``gate`` (a threading.Event) to be set.
+    ``lengths`` records the length of every token-id prompt received."""
 
     def __init__(self, model_dir, tokenizer_dir=None, name="tiny", max_logprobs=20, max_model_len=4096,
-                 prompt_logprobs=True, drop_after=None):
+                 prompt_logprobs=True, drop_after=None, report_max_len=True, gate_after=None):
         from mlx_lm import load
         from mlx_lm.utils import load_tokenizer
 
@@ -64,6 +68,8 @@ class VLLMStandIn:
         self.tok = load_tokenizer(Path(tokenizer_dir)) if tokenizer_dir else tok
         self.name, self.max_logprobs, self.max_model_len = name, max_logprobs, max_model_len
         self.prompt_logprobs, self.drop_after = prompt_logprobs, drop_after
+        self.report_max_len, self.gate_after, self.gate = report_max_len, gate_after, threading.Event()
+        self.lengths: list[int] = []
         self.lock = threading.Lock()  # one MLX forward at a time
         self.requests = 0
         owner = self
@@ -83,7 +89,10 @@ class VLLMStandIn:
                 self.wfile.write(body)
 
             def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": owner.name, "object": "model"}]})
+                entry = {"id": owner.name, "object": "model", "owned_by": "vllm", "root": owner.name}
+                if owner.report_max_len:
+                    entry["max_model_len"] = owner.max_model_len
+                self._send(200, {"object": "list", "data": [entry]})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
@@ -105,13 +114,19 @@ class VLLMStandIn:
     def answer(self, body):
         import mlx.core as mx
 
-        self.requests += 1
+        with self.lock:
+            self.requests += 1
+            n = self.requests
+        if self.gate_after is not None and n > self.gate_after:
+            self.gate.wait(120)
         k = body.get("prompt_logprobs")
         if k is not None and k > self.max_logprobs:
             return self.error(f"Requested prompt logprobs of {k}, which is greater than max allowed: "
                               f"{self.max_logprobs}", "prompt_logprobs")
         prompt = body["prompt"]
         tokens = [int(t) for t in prompt] if isinstance(prompt, list) else list(self.tok.encode(prompt))
+        if isinstance(prompt, list):
+            self.lengths.append(len(tokens))
         if len(tokens) + 1 > self.max_model_len:
             return self.error(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                               f"requested {len(tokens) + 1} tokens.")
@@ -146,6 +161,7 @@ class VLLMStandIn:
         return self
 
     def __exit__(self, *exc):
+        self.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
@@ -235,10 +251,12 @@ def test_remote_store_equals_local_store_and_trains(tiny_model, tiny_llama, corp
 
 def test_resume_pool_and_incomplete_exit(tiny_model, corpus, local_store, tmp_path, capsys):
     out = tmp_path / "r"
-    exs = load_all_examples(lcfg(corpus, out, teacher=str(tiny_model)), logits.Teacher(str(tiny_model)).tokenizer)
+    exs = load_all_examples(lcfg(corpus, out, teacher=str(tiny_model)), LocalTeacher(str(tiny_model)).tokenizer)
     lens = sorted(len(e.tokens) for e in exs)
     cut = lens[len(lens) // 2]  # the longer half of the examples do not fit this server
-    with VLLMStandIn(tiny_model, max_model_len=cut) as short, VLLMStandIn(tiny_model, max_model_len=cut) as short2:
+    # one server lists its --max-model-len (as vLLM does), the other does not: the pool's limit is known
+    with VLLMStandIn(tiny_model, max_model_len=cut) as short, \
+            VLLMStandIn(tiny_model, max_model_len=cut, report_max_len=False) as short2:
         argv = ["--teacher", "api", "--base-url", short.base_url, short2.base_url, "--model", "tiny",
                 "--teacher-tokenizer", str(tiny_model), "--data", str(corpus), "--out", str(out),
                 "--top-m", str(M), "--prompt-template", TEMPLATE, "--max-seq-length", "512", "--max-retries", "0",
@@ -251,7 +269,10 @@ def test_resume_pool_and_incomplete_exit(tiny_model, corpus, local_store, tmp_pa
     man = read_json(out / "manifest.json")
     n_short = sum(1 for n in lens if n + 1 <= cut)
     assert man["status"] == "incomplete" and len(man["examples"]) == n_short
-    assert len(man["failures"]) == 16 - n_short and all("maximum context length" in w for w in man["failures"].values())
+    # the rows over the limit were refused here, never sent: the servers saw the probes and the short rows only
+    assert short.requests + short2.requests == 2 + n_short and max(short.lengths + short2.lengths) + 1 <= cut
+    assert len(man["failures"]) == 16 - n_short
+    assert all(w.startswith("too_long: ") and f"--max-model-len {cut} (not sent)" in w for w in man["failures"].values())
     # the server is fixed: --resume scores only what is missing
     with VLLMStandIn(tiny_model) as srv:
         with pytest.raises(InputError, match="--resume"):
@@ -304,12 +325,12 @@ def test_remote_score_equals_the_mlx_teacher_for_on_policy(tiny_model):
     from mlx_lm import load
 
     from mlx_distill.teacher.remote import RemoteTeacher
-    from mlx_distill.teacher.base import MLXTeacher, Teacher
+    from mlx_distill.teacher.base import Teacher
 
     model, tok = load(str(tiny_model))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 500, size=(3, 20)).astype(np.int32)
-    want = MLXTeacher(model, "local", vocab_size=500).score(tokens, 6, start=4)
+    want = LocalTeacher.from_model(model, "local", 500, score_vocab=500).score(tokens, 6, start=4)
     with VLLMStandIn(tiny_model) as srv:
         t = RemoteTeacher(srv.base_url, "tiny", str(tiny_model), concurrency=4, score_vocab=500)
         try:
@@ -334,7 +355,6 @@ def test_on_policy_rollouts_scored_by_a_remote_teacher(tiny_model):
 
     from mlx_distill.teacher.remote import RemoteTeacher
     from mlx_distill.training.sources import OnPolicySource, make_source
-    from mlx_distill.teacher.base import MLXTeacher
 
     model, tok = load(str(tiny_model))
     prompts = np.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]], np.int32)  # right-padded prompts
@@ -358,9 +378,13 @@ def test_on_policy_rollouts_scored_by_a_remote_teacher(tiny_model):
         finally:
             t.close()
     assert srv.requests == 2  # one request per rollout
-    want = MLXTeacher(model, "local", 400).score(b.tokens, 6)
-    assert (a["kd_ids"] == want.ids).mean() > 0.98
-    np.testing.assert_allclose(a["kd_logits"], want.logprobs, atol=1e-4)
+    # each request is the rollout row without its padding (collate pads the rows to a multiple of 16)
+    assert b.tokens.shape[1] == 16 and sorted(srv.lengths) == sorted(int(n) for n in b.lengths) == [7, 9]
+    want = LocalTeacher.from_model(model, "local", 500, score_vocab=400).score(b.tokens, 6)
+    real = np.arange(b.tokens.shape[1] - 1)[None, :] < (np.asarray(b.lengths)[:, None] - 1)
+    assert (a["kd_ids"][real] == want.ids[real]).mean() > 0.98
+    np.testing.assert_allclose(a["kd_logits"][real], want.logprobs[real], atol=1e-4)
+    assert np.all(np.isneginf(a["kd_logits"][~real]))  # never sent: empty slots
 
 
 def test_train_kd_teacher_api_serves_the_online_teacher_arrays(tiny_model, corpus, tmp_path, capsys):
@@ -370,7 +394,7 @@ def test_train_kd_teacher_api_serves_the_online_teacher_arrays(tiny_model, corpu
 
     common = dict(model=str(tiny_model), data=str(corpus), max_seq_length=512, prompt_template=TEMPLATE,
                   kd_top_k=6, lora_layers=1)
-    tok = logits.Teacher(str(tiny_model)).tokenizer
+    tok = LocalTeacher(str(tiny_model)).tokenizer
     exs = load_all_examples(lcfg(corpus, "unused", teacher=str(tiny_model)), tok)[:4]
     batch = data.collate(exs, list(range(4)), data.pad_id_of(tok))
     local = kd_setup(build(TrainConfig, dict(kd_teacher=str(tiny_model), **common)), {"train": exs}, tok)
@@ -396,6 +420,79 @@ def test_train_kd_teacher_api_serves_the_online_teacher_arrays(tiny_model, corpu
     assert man["kd_alignment"]["train"]["mode"] == "exact" and man["kd_alignment"]["train"]["coverage"] == 1.0
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("kd_loss") is not None and np.isfinite(r["kd_loss"]) for r in rows)
+
+
+def test_training_refuses_a_max_seq_length_the_server_cannot_take(tiny_model, corpus):
+    """`train --kd-teacher api`: rows up to --max-seq-length (+ 1 generated) must fit the server's --max-model-len
+    (read from its model list at the probe); refused before any work, with both ways out."""
+    tok = LocalTeacher(str(tiny_model)).tokenizer
+    with VLLMStandIn(tiny_model, max_model_len=200) as srv:  # the probe text (~100 tokens) fits
+        cfg = build(TrainConfig, dict(model=str(tiny_model), data=str(corpus), max_seq_length=512, kd_top_k=6,
+                                      prompt_template=TEMPLATE, kd_teacher="api", kd_teacher_base_url=[srv.base_url],
+                                      kd_teacher_model="tiny"))
+        with pytest.raises(InputError, match=r"--max-seq-length 512: .*--max-model-len 200; lower --max-seq-length "
+                                             r"to <= 199, or restart vLLM with --max-model-len >= 513"):
+            kd_setup(cfg, {"train": []}, tok)
+        assert srv.requests == 1  # the probe only
+
+
+def _wait(what, check, proc, seconds=600):
+    """Poll `check()` until it holds; fail when the process ended first (evidence, not a fixed sleep)."""
+    t_end = time.monotonic() + seconds
+    while not check():
+        if proc.poll() is not None:
+            raise AssertionError(f"the logits process exited ({proc.returncode}) before {what}")
+        if time.monotonic() > t_end:
+            raise AssertionError(f"no {what} within {seconds} s")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signame, code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_stores_the_examples_in_hand_and_resume_completes(tiny_model, corpus, local_store, tmp_path,
+                                                                    signame, code):
+    """`python -m mlx_distill logits` started as from a script in the background (SIGINT ignored): SIGTERM or
+    SIGINT finishes the example in hand, stores it and exits 143 / 130; `--resume` then completes the store,
+    nothing lost or duplicated (equal to an uninterrupted run). The stand-in server holds the 4th request
+    until the signal has been seen, so the test waits for evidence, never for time."""
+    import signal
+
+    out = tmp_path / "store"
+    log = tmp_path / "stderr.txt"
+    with VLLMStandIn(tiny_model, gate_after=3) as srv:  # the probe, 2 examples, then the 3rd waits
+        cmd = [sys.executable, "-m", "mlx_distill", "logits", "--teacher", "api", "--base-url", srv.base_url,
+               "--model", "tiny", "--teacher-tokenizer", str(tiny_model), "--data", str(corpus), "--out", str(out),
+               "--top-m", str(M), "--prompt-template", TEMPLATE, "--max-seq-length", "512", "--concurrency", "1",
+               "--shard-size", "1"]
+        with open(log, "w") as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            def stored():
+                try:
+                    return len(read_json(out / "manifest.json")["examples"]) >= 2
+                except (InputError, ValueError, KeyError):
+                    return False
+
+            _wait("2 stored examples and the 3rd request in flight", lambda: stored() and srv.requests >= 4, proc)
+            proc.send_signal(getattr(signal, signame))
+            _wait("the interrupt message", lambda: f"interrupted ({signame})" in log.read_text(), proc)
+            srv.gate.set()  # the example in hand is answered: it is stored, then the run stops
+            assert proc.wait(timeout=300) == code, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = log.read_text()
+    assert "Traceback" not in err and "--resume" in err
+    man = read_json(out / "manifest.json")
+    assert len(man["examples"]) == 3 and sum(s["examples"] for s in man["shards"]) == 3  # the one in hand too
+    assert man["status"] == "interrupted" and man["failures"] == {}
+    with VLLMStandIn(tiny_model) as srv:
+        s = extract(lcfg(corpus, out, resume=True, **api(srv, tiny_model)), quiet=True)
+    assert s["new_examples"] == 13 and s["examples"] == 16 and s["failed"] == 0
+    man = read_json(out / "manifest.json")
+    assert man["status"] == "complete" and sum(x["examples"] for x in man["shards"]) == len(man["examples"]) == 16
+    assert_same_store(local_store, out)
 
 
 # ----------------------------------------------------------------------------- a real vLLM server (slow)

@@ -197,7 +197,7 @@ def test_safetensors_files_get_the_usual_permissions(tmp_path):
 
     from mlx_distill import adapters
 
-    from mlx_distill.teacher import logits
+    from mlx_distill.teacher import store
     from mlx_distill.backends.mlx import save_arrays_atomic
     from mlx_distill.io import _UMASK, atomic_write_text
 
@@ -206,7 +206,7 @@ def test_safetensors_files_get_the_usual_permissions(tmp_path):
     assert usual == 0o666 & ~_UMASK
     save_arrays_atomic(tmp_path / "a.safetensors", {"w": mx.zeros((2, 2))})
     adapters.save_tensors(tmp_path / "b.safetensors", {"w": np.zeros((2, 2), np.float32)})
-    logits._write_shard(tmp_path / "c.safetensors", {"ids": np.zeros((2, 2), np.int32)})
+    store.write_shard(tmp_path / "c.safetensors", {"ids": np.zeros((2, 2), np.int32)})
     written = ["a", "b", "c"]
     try:
         import torch

@@ -14,7 +14,8 @@ from mlx_distill.training import train  # noqa: E402
 from mlx_distill.config import EvalConfig, LogitsConfig, TrainConfig  # noqa: E402
 from mlx_distill.evaluation.evaluate import evaluate  # noqa: E402
 from mlx_distill.io import read_jsonl  # noqa: E402
-from mlx_distill.teacher.logits import TopMStore, extract  # noqa: E402
+from mlx_distill.teacher.logits import extract  # noqa: E402
+from mlx_distill.teacher.store import TopMStore  # noqa: E402
 
 
 @pytest.fixture(scope="module")

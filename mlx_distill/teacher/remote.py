@@ -5,14 +5,14 @@
         --top-m 20 --data corpora/gsm8k --out runs/logits-72b
 
 For a teacher too large for the Mac: the corpus is rendered and tokenised here exactly as for a
-local teacher (`logits.extract`, with the tokenizer of ``--teacher-tokenizer``), and every example
+local teacher (`teacher.logits`, with the tokenizer of ``--teacher-tokenizer``), and every example
 is one ``POST /v1/completions`` whose prompt is its token ids, with ``max_tokens: 1`` and
 ``prompt_logprobs: M`` (through the ``openai`` package's ``extra_body``). vLLM answers, in
 ``choices[0].prompt_logprobs``, one entry per prompt token: ``None`` for the first, then for
 token t a map ``{"<id>": {"logprob", "rank", "decoded_token"}}`` holding the M most likely ids
 at that position *and* the token actually there (so M or M + 1 entries). Entry t + 1 is what
 the store keeps for target index t (the prediction of token t + 1), so the store is the one a
-local `logits.Teacher` writes: same ids, same values (log-probabilities over the whole
+local `teacher.local.LocalTeacher` writes: same ids, same values (log-probabilities over the whole
 vocabulary at T = 1; vLLM's default ``--logprobs-mode raw_logprobs``), float16, keyed by
 example id. Its manifest names the teacher as ``{"api": model, "base_url": [...]}`` (public URLs).
 
@@ -33,14 +33,17 @@ Start-up checks (one probe request per server, before any work):
 
 Concurrency and failures: requests go through the project's clients (`generation.clients`): one
 URL is an ``OpenAIClient``, several a ``pool.PoolClient`` (least outstanding first, per-server
-``--concurrency``, retries, servers marked down and back). Each `top_m` call sends its batch at
-once; a request that fails for good (its retries spent, or a 400 such as a prompt longer than
-the server's ``--max-model-len``) marks that row failed (`failures`), the other rows are stored,
-and `extract` ends the run "incomplete" with exit code 3 (``EXIT_INCOMPLETE``, as ``corpus
-build``); ``--resume`` scores what is missing.
+``--concurrency``, retries, servers marked down and back). Each `score` call sends its batch at
+once, each row without its padding; a row longer than the server's ``--max-model-len`` (read from
+its ``GET /v1/models`` entry, ``max_model_len``, at the probe) is refused before it is sent; a
+request that fails for good (its retries spent, or another 400) marks that row failed
+(`failures`), the other rows are stored, and the `logits` command ends the run "incomplete" with
+exit code 3 (``EXIT_INCOMPLETE``, as ``corpus build``); ``--resume`` scores what is missing.
+Training (`for_training`) refuses a --max-seq-length the server cannot take before it starts.
 
-The same object is the on-policy `sources.Teacher` (`score`), so rollouts can be scored by a
-server: there the token ids are the student's, so the student's tokenizer must be the teacher's.
+The same object is the `Teacher` of online and on-policy KD (`score`), so rollouts can be scored
+by a server: there the token ids are the student's, so the student's tokenizer must be the
+teacher's (or the rollouts are re-rendered in the teacher's tokens: `teacher.cross`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_distill.io import InputError, public_url
+from mlx_distill.teacher.base import TeacherScores, finish_scores, vocab_strings
 
 EXIT_INCOMPLETE = 3  # the exit code of `corpus build` when work failed for good
 # the tokenizer probe: words, digits, punctuation, whitespace runs and non-ASCII, so that two
@@ -136,7 +140,7 @@ def parse_prompt_logprobs(entries, tokens, k: int) -> tuple[np.ndarray, np.ndarr
 
 
 class RemoteTeacher:
-    """A vLLM server as the teacher: `top_m` for `logits.extract`, `score` for on-policy KD (module doc)."""
+    """A vLLM server as the `Teacher` (`teacher.base`): `score` for the `logits` command and for KD (module doc)."""
 
     backend = "api"
     adapter = ""
@@ -146,7 +150,6 @@ class RemoteTeacher:
                  concurrency: int = 8, max_retries: int = 6, timeout: float = 600.0, score_vocab: int | None = None):
         from mlx_distill.generation.clients import base_urls
         from mlx_distill.generation import make_client
-        from mlx_distill.teacher.base import vocab_strings
 
         if not base_urls(base_url):
             raise InputError("--teacher api needs --base-url: the vLLM server's OpenAI-compatible endpoint, e.g. "
@@ -167,9 +170,10 @@ class RemoteTeacher:
         self.model = self.client.describe()["model"]
         self.base_urls = [public_url(u) for u in base_urls(base_url)]
         self.name = self.path = f"api:{self.model}"
-        self.failures: dict[int, str] = {}  # rows of the last top_m call that failed for good
-        self.stalled = False  # every row of the last top_m call failed after its retries (servers down)
+        self.failures: dict[int, str] = {}  # rows of the last score call that failed for good
+        self.stalled = False  # every row of the last score call failed after its retries (servers down)
         self.cap: int | None = None  # the server's --max-logprobs, when it told us
+        self.max_model_len: int | None = None  # the smallest --max-model-len of the servers (GET /v1/models)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -180,6 +184,11 @@ class RemoteTeacher:
         t = cls(cfg.kd_teacher_base_url, cfg.kd_teacher_model, cfg.kd_teacher_tokenizer or cfg.model)
         try:
             t.verify(cfg.kd_top_k)
+            if t.too_long(cfg.max_seq_length):
+                raise InputError(f"--max-seq-length {cfg.max_seq_length}: a training row of that length (+ 1) does "
+                                 f"not fit the server's --max-model-len {t.max_model_len}; lower --max-seq-length to "
+                                 f"<= {t.max_model_len - 1}, or restart vLLM with --max-model-len "
+                                 f">= {cfg.max_seq_length + 1}")
         except BaseException:
             t.close()
             raise
@@ -201,7 +210,7 @@ class RemoteTeacher:
     # -------------------------------------------------------------- identity
     @property
     def capacity(self) -> int:
-        """Requests in flight at most (servers x --concurrency): the examples one `top_m` call should carry."""
+        """Requests in flight at most (servers x --concurrency): the examples one `score` call should carry."""
         return int(getattr(self.client, "capacity", None) or self.client.concurrency)
 
     def fingerprint(self) -> dict:
@@ -215,7 +224,7 @@ class RemoteTeacher:
     # -------------------------------------------------------------- the event loop (one per teacher)
     def _run(self, coro):
         """Run `coro` on this teacher's event loop (a background thread: the client and its pool belong to one
-        loop, and `top_m` / `score` are called from synchronous code)."""
+        loop, and `score` is called from synchronous code)."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
             self._thread = threading.Thread(target=self._loop.run_forever, name="remote-teacher", daemon=True)
@@ -236,11 +245,28 @@ class RemoteTeacher:
     # -------------------------------------------------------------- start-up checks
     def verify(self, m: int) -> None:
         """One probe per server (text prompt, ``prompt_logprobs: m``, ``return_token_ids``): prompt log-probs
-        supported, --top-m within the server's cap, and the server's token ids == --teacher-tokenizer's."""
+        supported, --top-m within the server's cap, and the server's token ids == --teacher-tokenizer's;
+        and each server's --max-model-len (its model list), the smallest kept."""
         members = [x.client for x in getattr(self.client, "members", []) if x.up] or [self.client]
         want = [int(t) for t in self.tokenizer.encode(PROBE_TEXT)]
         for c in members:
             self._verify_one(c, m, want)
+            n = self._run(self._served_max_len(c))
+            if n is not None:
+                self.max_model_len = n if self.max_model_len is None else min(self.max_model_len, n)
+
+    async def _served_max_len(self, client) -> int | None:
+        """vLLM lists ``max_model_len`` with each model in ``GET /v1/models``; None when it is not there."""
+        try:
+            page = await client._client.models.list()
+        except Exception:  # noqa: BLE001 - a server without a model list: the server's own 400 will say it
+            return None
+        for entry in page.data:
+            if entry.id == self.model:
+                n = getattr(entry, "max_model_len", None) or (getattr(entry, "model_extra", None) or {}).get(
+                    "max_model_len")
+                return int(n) if isinstance(n, (int, float)) and n > 0 else None
+        return None
 
     def _verify_one(self, client, m: int, want: list[int]) -> None:
         from mlx_distill.generation.clients import ClientError
@@ -305,61 +331,46 @@ class RemoteTeacher:
     def _why(e: BaseException) -> str:
         return f"{getattr(e, 'kind', type(e).__name__)}: {str(e)[:200]}"
 
-    def top_m(self, inputs: np.ndarray, m: int, start: int = 0, lengths: np.ndarray | None = None,
-              targets: np.ndarray | None = None) -> tuple:
-        """`logits.Teacher.top_m` over the server: inputs (B, L) -> ids (B, L - start, M) int32 and logprobs
-        float32, sorted descending. Only each row's first `lengths[r]` ids are sent (padding never is), with
-        one more id after them: its prompt entry is the prediction after the last input. That id is the
-        row's last target when `targets` (B, L: the tokens actually there) is given, and a third array,
-        the log-probability of each actual next token (B, L - start) float32, is returned (vLLM reports
-        every prompt token's own log-probability beside the top-k, so this costs nothing); without
-        `targets` it is a filler. Rows whose request failed for good are zeros and listed in
-        `self.failures` {row: why}; `self.stalled` says every row failed after its retries (connections,
-        timeouts, 5xx: the servers are unwell, not the prompts)."""
-        B, L = inputs.shape
+    def too_long(self, n: int) -> str | None:
+        """Why a prompt of `n` token ids cannot be sent (None: it fits): vLLM needs prompt + max_tokens (1)
+        <= its --max-model-len, which the probe read from ``GET /v1/models``."""
+        if self.max_model_len is None or n + 1 <= self.max_model_len:
+            return None
+        return (f"too_long: {n} tokens + 1 > the server's --max-model-len {self.max_model_len} (not sent); restart "
+                f"vLLM with --max-model-len >= {n + 1}, or lower --max-seq-length")
+
+    def score(self, tokens: np.ndarray, top_k: int, start: int = 0,
+              lengths: np.ndarray | None = None) -> TeacherScores:
+        """`Teacher.score` over the server: teacher-forced scores of `tokens` (B, L) at positions start .. L-2.
+        Only each row's first `lengths[r]` ids are sent (padding never is; all L without `lengths`): the
+        prompt entry of token t + 1 is the prediction at t, and vLLM reports every prompt token's own
+        log-probability beside the top-k, so the actual tokens' log-probabilities cost nothing. A row
+        longer than the server's --max-model-len is not sent. Positions past a row's length, and rows
+        whose request failed for good, are empty slots with NaN token log-probabilities; the failed rows
+        are listed in `self.failures` {row: why} (`raise_on_failure`: a `ClientError` instead), and
+        `self.stalled` says every row failed after its retries (connections, timeouts, 5xx: the servers
+        are unwell, not the prompts)."""
+        from mlx_distill.generation.clients import ClientError
+
+        B, L = tokens.shape
         lengths = np.full(B, L) if lengths is None else np.asarray(lengths)
-        last = [int(targets[r, lengths[r] - 1]) if targets is not None else int(inputs[r, 0]) for r in range(B)]
-        rows = [inputs[r, : lengths[r]].tolist() + [last[r]] for r in range(B)]
-        ids = np.zeros((B, L - start, m), np.int32)
-        lps = np.full((B, L - start, m), -np.inf, np.float32)
-        act = np.full((B, L - start), np.nan, np.float32)
-        self.failures = {}
-        results = self.score_rows(rows, m)
-        self.stalled = all(getattr(x, "retryable", False) for x in results)
-        for r, res in enumerate(results):
+        rows = [np.asarray(tokens[r, : int(lengths[r])]).tolist() for r in range(B)]
+        ids = np.zeros((B, L - 1 - start, top_k), np.int32)
+        lps = np.full((B, L - 1 - start, top_k), -np.inf, np.float32)
+        act = np.full((B, L - 1 - start), np.nan, np.float32)
+        refused = {r: self.too_long(len(x)) for r, x in enumerate(rows) if self.too_long(len(x))}
+        sent = [r for r in range(B) if r not in refused]
+        results = dict(zip(sent, self.score_rows([rows[r] for r in sent], top_k)))
+        self.failures = dict(refused)
+        self.stalled = bool(results) and all(getattr(x, "retryable", False) for x in results.values())
+        for r, res in results.items():
             if isinstance(res, BaseException):
                 self.failures[r] = self._why(res)
                 continue
-            n = int(lengths[r])
-            ids[r, : n - start], lps[r, : n - start] = res[0][start:n], res[1][start:n]
-            act[r, : n - start] = res[2][start:n]
+            n = len(rows[r]) - 1 - start  # scored positions start .. length - 2
+            ids[r, :n], lps[r, :n], act[r, :n] = res[0][start:], res[1][start:], res[2][start:]
         if self.failures and self.raise_on_failure:
-            from mlx_distill.generation.clients import ClientError
-
             r, why = next(iter(self.failures.items()))
             raise ClientError(f"the remote teacher {self.name} could not score {len(self.failures)} of {B} rows; "
                               f"first: {why}", kind="teacher")
-        return (ids, lps, act) if targets is not None else (ids, lps)
-
-    def score(self, tokens: np.ndarray, top_k: int, start: int = 0):
-        """`sources.Teacher.score` over the server: teacher-forced scores of `tokens` (B, L) at positions
-        start .. L-2. Whole rows are sent (the protocol carries no lengths; right padding changes nothing
-        before it). A request that fails for good raises: a training step cannot go on without its teacher."""
-        from mlx_distill.teacher.base import TeacherScores, log1mexp_np
-
-        rows = [np.asarray(t).tolist() for t in tokens]
-        res = self.score_rows(rows, top_k)
-        bad = [(r, x) for r, x in enumerate(res) if isinstance(x, BaseException)]
-        if bad:
-            from mlx_distill.generation.clients import ClientError
-
-            raise ClientError(f"the remote teacher {self.name} could not score {len(bad)} of {len(rows)} rows; "
-                              f"first: {self._why(bad[0][1])}", kind="teacher")
-        ids = np.stack([x[0][start:] for x in res])
-        lps = np.stack([x[1][start:] for x in res])
-        tok = np.stack([x[2][start:] for x in res]).astype(np.float32)
-        if self.score_vocab is not None:
-            outside = ids >= self.score_vocab
-            ids, lps = np.where(outside, 0, ids), np.where(outside, -np.inf, lps)
-        tail = log1mexp_np(np.log(np.maximum(np.exp(lps.astype(np.float64)).sum(-1), 1e-300)))
-        return TeacherScores(ids.astype(np.int32), lps.astype(np.float32), tail, tok)
+        return finish_scores(ids, lps, act, self.score_vocab)

@@ -11,7 +11,9 @@ from mlx_distill.config import TrainConfig
 from mlx_distill.io import InputError
 from mlx_distill.teacher import align
 from mlx_distill.teacher.base import tokenizer_fingerprint, vocab_strings
-from mlx_distill.teacher.logits import OnlineCrossTeacher, OnlineTeacher, Teacher, TopMStore
+from mlx_distill.teacher.cross import OnlineCrossTeacher
+from mlx_distill.teacher.local import LocalTeacher, OnlineTeacher
+from mlx_distill.teacher.store import TopMStore
 
 
 def student_vocab_size(cfg: TrainConfig, tokenizer) -> int:
@@ -28,6 +30,36 @@ def student_vocab_size(cfg: TrainConfig, tokenizer) -> int:
     return len(vocab_strings(tokenizer))
 
 
+def _online(cfg: TrainConfig, examples_by_split: dict, tokenizer, v: int):
+    """The online teacher (`--kd-teacher`): same tokenizer -> `OnlineTeacher` (checked here, returned
+    with done=True), another -> `OnlineCrossTeacher` (checked by the caller like a store)."""
+    if cfg.kd_teacher == "api":
+        from mlx_distill.teacher.remote import RemoteTeacher
+
+        teacher = RemoteTeacher.for_training(cfg)
+    else:
+        teacher = LocalTeacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
+    same = tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher.tokenizer)
+    if cfg.kd_align == "exact" and not same:
+        raise InputError(f"--kd-align exact: the tokenizer of --kd-teacher {cfg.kd_teacher} differs from the "
+                         "student's; use --kd-align auto (aligns the two on the shared completion text)")
+    if same and cfg.kd_align in ("auto", "exact"):
+        print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, same tokenizer)", file=sys.stderr)
+        src = OnlineTeacher(tokenizer, v, teacher)
+        for split, exs in examples_by_split.items():
+            src.check(exs, split)
+        return src, True
+    t_ex = {}
+    for split, exs in examples_by_split.items():
+        if exs:
+            t_ex.update({e.id: e for e in data.load_examples(cfg, teacher.tokenizer, split)})
+    src = OnlineCrossTeacher(teacher, t_ex, cfg.kd_top_k, data_label=cfg.data)
+    src.vocab_size = v
+    print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, another tokenizer: the corpus rendered in "
+          f"its chat template too, aligned on the completion text)", file=sys.stderr)
+    return src, False
+
+
 def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: int | None = None):
     """Open cfg.kd_dir and check it against the student's examples (called by `train`), or
     load the online teacher (cfg.kd_teacher). Coverage is enforced on the train split; other
@@ -40,31 +72,10 @@ def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: i
     if cfg.kd_align not in align.MODES:
         raise InputError(f"--kd-align must be one of {', '.join(align.MODES)}, got {cfg.kd_align!r}")
     v = vocab_size or student_vocab_size(cfg, tokenizer)
-    if cfg.kd_teacher == "api":
-        from mlx_distill.teacher.remote import RemoteTeacher
-
-        teacher = RemoteTeacher.for_training(cfg)
-    elif cfg.kd_teacher:
-        teacher = Teacher(cfg.kd_teacher, backend=cfg.backend, flag="--kd-teacher")
     if cfg.kd_teacher:
-        same = tokenizer_fingerprint(tokenizer) == tokenizer_fingerprint(teacher.tokenizer)
-        if cfg.kd_align == "exact" and not same:
-            raise InputError(f"--kd-align exact: the tokenizer of --kd-teacher {cfg.kd_teacher} differs from the "
-                             "student's; use --kd-align auto (aligns the two on the shared completion text)")
-        if same and cfg.kd_align in ("auto", "exact"):
-            print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, same tokenizer)", file=sys.stderr)
-            src = OnlineTeacher(cfg, tokenizer, v, teacher)
-            for split, exs in examples_by_split.items():
-                src.check(exs, split)
+        src, done = _online(cfg, examples_by_split, tokenizer, v)
+        if done:
             return src
-        t_ex = {}
-        for split, exs in examples_by_split.items():
-            if exs:
-                t_ex.update({e.id: e for e in data.load_examples(cfg, teacher.tokenizer, split)})
-        src = OnlineCrossTeacher(cfg, teacher, t_ex, cfg.kd_top_k)
-        src.vocab_size = v
-        print(f"kd: online teacher {cfg.kd_teacher} (K={cfg.kd_top_k}, another tokenizer: the corpus rendered in "
-              f"its chat template too, aligned on the completion text)", file=sys.stderr)
     else:
         src = TopMStore(cfg.kd_dir)
         if cfg.kd_top_k > src.m:
