@@ -207,3 +207,33 @@ def test_coverage_error_mask_prompt_and_tokenizer_differs(tiny_model, corpus, tm
     msg = str(e.value)
     assert "matched alignment: different tokenizer" in msg and "the tokenizers differ (--kd-align matched)" in msg
     assert "--kd-align spans gives the rest the span signal" in msg and "never extracted" not in msg
+
+
+def test_a_store_of_another_corpus_is_named_as_such(tiny_model, corpus, tmp_path):
+    """Issue 18: a --kd store made from another corpus is named as such, not blamed on the prompt
+    template: the same ids holding other records (same tokenizer: prompt and completion both differ),
+    no id in common (not "never extracted: --resume"), and across tokenizers (no completion text matches)."""
+    from transformers import AutoTokenizer
+
+    from mlx_distill.tiny import build_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    exs = _examples(tok, corpus / "corpus")
+    (tmp_path / "other").mkdir()
+    write_jsonl(tmp_path / "other" / "train.jsonl", arith_records(24, seed=5))  # ids a0..a23 again, other sums
+    extract(build(LogitsConfig, dict(teacher=str(tiny_model), data=str(tmp_path / "other"), out=str(tmp_path / "s"),
+                                     top_m=8, batch_size=8, prompt_template=TEMPLATE, max_seq_length=512)), quiet=True)
+    with pytest.raises(InputError) as e:
+        TopMStore(tmp_path / "s").check(exs, len(tok), tok)
+    msg = str(e.value)
+    assert "made from another corpus than the student's" in msg and str(tmp_path / "other") in msg, msg
+    assert "prompt-template" not in msg and "the prompt differs" not in msg
+    with pytest.raises(InputError) as e:  # the `none` store: another corpus with other ids
+        TopMStore(corpus / "none").check(exs, len(tok), tok)
+    msg = str(e.value)
+    assert "none of the 24 example ids of this split is in the store, which holds 8 other example(s)" in msg, msg
+    assert "made from another corpus" in msg and "logits --resume" not in msg
+    other = build_tokenizer(tmp_path / "tok", texts=["user assistant system"], vocab_size=270)
+    with pytest.raises(InputError, match=r"24 example\(s\) have another completion text.*probably made from another "
+                                         r"corpus"):
+        TopMStore(tmp_path / "s").check(_examples(other, corpus / "corpus"), len(other), other)
