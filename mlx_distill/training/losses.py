@@ -180,18 +180,7 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
     no teacher signal contribute nothing and are not counted; an all-masked batch gives
     (0, 0), never NaN.
     """
-    if kind not in KD_KINDS:
-        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"kd beta must be in [0, 1], got {beta}")
-    if not temperature > 0:
-        raise ValueError(f"kd temperature must be > 0, got {temperature}")
-    if tuple(teacher_ids.shape) != tuple(teacher_logits.shape):
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have the same shape (B, T, M)")
-    if tuple(student_logits.shape[:-1]) != tuple(teacher_ids.shape[:-1]):
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher arrays "
-                         f"{tuple(teacher_ids.shape)} disagree on (B, T)")
+    _check_kd_args(student_logits, teacher_ids, teacher_logits, temperature, kind, beta)
     o = ops(student_logits)
     m_slots, vocab = teacher_ids.shape[-1], student_logits.shape[-1]
     a = o.stop_gradient(o.f32(teacher_logits))
@@ -221,16 +210,7 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
         b = o.where(valid, b, _FILL)
     a, b = a / temperature, b / temperature
     logp, logq = a - o.logsumexp(a, -1), b - o.logsumexp(b, -1)
-    p, q = o.exp(logp), o.exp(logq)
-    if kind == "jsd" and beta in (0.0, 1.0):  # the end points: forward / reverse KL (see above)
-        kind = "forward" if beta == 0.0 else "reverse"
-    if kind == "forward":
-        div = o.sum(p * (logp - logq), -1)
-    elif kind == "reverse":
-        div = o.sum(q * (logq - logp), -1)
-    else:
-        logm = o.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-        div = beta * o.sum(p * (logp - logm), -1) + (1.0 - beta) * o.sum(q * (logq - logm), -1)
+    div = _divergence(o, logp, logq, kind, beta)
     mask = o.f32(mask)
     w = mask * o.f32(o.sum(o.f32(valid), -1) > 0)
     total, covered = (temperature * temperature) * o.sum(div * w), w
@@ -248,6 +228,36 @@ def kd_loss(student_logits, teacher_ids, teacher_logits, mask, temperature: floa
         total = total + o.sum(d_uld * wu)
         covered = o.maximum(covered, wu)
     return total, o.sum(covered)
+
+
+def _check_kd_args(student_logits, teacher_ids, teacher_logits, temperature, kind, beta) -> None:
+    """`kd_loss`'s option and shape checks (one ValueError naming what is wrong)."""
+    if kind not in KD_KINDS:
+        raise ValueError(f"kd kind must be one of {KD_KINDS}, got {kind!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"kd beta must be in [0, 1], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"kd temperature must be > 0, got {temperature}")
+    if tuple(teacher_ids.shape) != tuple(teacher_logits.shape):
+        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (B, T, M)")
+    if tuple(student_logits.shape[:-1]) != tuple(teacher_ids.shape[:-1]):
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher arrays "
+                         f"{tuple(teacher_ids.shape)} disagree on (B, T)")
+
+
+def _divergence(o, logp, logq, kind: str, beta: float):
+    """Per-position divergence between the tempered bucket distributions (`kd_loss`'s docstring):
+    forward KL(p || q), reverse KL(q || p), or the generalized JSD with the teacher's weight beta."""
+    p, q = o.exp(logp), o.exp(logq)
+    if kind == "jsd" and beta in (0.0, 1.0):  # the end points: forward / reverse KL (see kd_loss)
+        kind = "forward" if beta == 0.0 else "reverse"
+    if kind == "forward":
+        return o.sum(p * (logp - logq), -1)
+    if kind == "reverse":
+        return o.sum(q * (logq - logp), -1)
+    logm = o.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+    return beta * o.sum(p * (logp - logm), -1) + (1.0 - beta) * o.sum(q * (logq - logm), -1)
 
 
 def _span_divergence(o, student_logits, lse, targets, span_logp, span_len, span_in):
