@@ -5,8 +5,8 @@ predicting the next token) and the scored token ids and their byte ends (what th
 alignment needs). A row is a set of (token id, teacher log-probability) slots: the top-M
 (``kind="topm"``; empty ``-inf`` slots are left out, so a row has 0..M slots) or the distinct ids
 of N draws with their counts (``kind="sampled"``, `logits --sampled-k`). Per row also the log-prob
-of the token actually there (``actual``) and, for top-M, the log of the teacher mass outside the
-row (``tail``, at T = 1).
+of the token actually there (``actual``); for top-M, the teacher mass outside the row (the tail
+bucket of `losses.kd_loss`, at T = 1) is kept through the top slot (below).
 
 How each field is coded (chosen by measurement on the demo corpus scored by SmolLM2 at M = 25,
 2835 positions, bytes per position after compression; `scripts/bench_kd.py` has the totals):
@@ -24,14 +24,19 @@ How each field is coded (chosen by measurement on the demo corpus scored by Smol
   a probability < 6e-6). 16-bit levels, byte planes, LZMA2: about 24 B at M = 25 (step 0.03 and
   no coarse grid: 26.9 B; ids sorted by rank make the log-probs unordered, and the order that
   would make them cheap, by value, makes the ids dearer: measured, both orders total ~40 B).
+- **tail mass.** Rounding every slot by up to 0.02 nats moves the row's mass by up to 2%, which
+  is the whole rest when the top-M hold 99.5%: measured on the demo store, the tail-bucket KD loss
+  (T = 2) was 1.4% off format 2. So the row's top slot (its index and a 16-bit correction of 1e-4
+  nats) is set so that the row's mass equals the float32 mass, within the same 0.02-nat bound:
+  0.14% off, for ~1.3 B/token (a stored tail field cost the same and did not fix the loss).
 - **actual**: when the token actually there is in its row (97% on the demo store), the index of its
-  slot (its log-prob is that slot's); else a 16-bit level of 0.002 nats (error <= 0.001). **tail** (0.01 nats: error <= 0.005),
+  slot (its log-prob is that slot's); else a 16-bit level of 0.002 nats (error <= 0.001).
   **counts** (sampled: one byte, N <= 255), slots per row (one byte while M <= 255).
 - **tokens** (the scored ids, 2 or 4 bytes) and **ends** (byte offsets, coded as each token's
   byte length): one LZMA2 stream per shard (the repeated system prompt compresses away).
 
-Rows are compressed in chunks of whole examples, ``CHUNK_ROWS`` rows or a few more, so that a random example costs one small
-decode (training reads examples in shuffled order), not the whole shard. Everything is stored as
+Rows are compressed in chunks of whole examples (``CHUNK_ROWS`` rows or a few more), so that a
+random example costs one small decode (training reads examples in shuffled order), not the whole shard. Everything is stored as
 uint8 arrays in a safetensors file (header, then raw bytes): `ShardFile` maps it (``np.memmap``)
 and decodes only the chunk asked for, so a store larger than memory can be read.
 
@@ -52,9 +57,9 @@ LP_STEP = 0.039  # grid of d = top - lp for lp >= FLOOR
 TOP_STEP = 0.001  # grid of the row's top log-prob
 FLOOR = -12.0  # log-probs >= FLOOR are within MAX_ERROR of float32
 COARSE_STEP = 0.5  # grid below FLOOR
-MAX_ERROR = LP_STEP / 2 + TOP_STEP / 2  # 0.02 nats, for log-probs >= FLOOR
+MAX_ERROR = LP_STEP / 2 + TOP_STEP / 2  # 0.02 nats, for log-probs >= FLOOR (the top slot: within it too)
 ACTUAL_STEP = 0.002
-TAIL_STEP = 0.01
+CORR_STEP = 1e-4  # the top slot's mass correction (`_mass_fix`)
 CHUNK_ROWS = 1024  # a chunk closes once it holds this many rows (whole examples)
 NAN16 = 65535  # the 16-bit level of NaN (unknown) / -inf (no mass)
 _FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]  # measured: as small as 9 on these streams, 3x faster to write
@@ -154,7 +159,8 @@ def _encode_rows(ids: np.ndarray, lps: np.ndarray, actual: np.ndarray, targets: 
     gaps = np.diff(np.where(slot, r_sorted, 0), axis=1, prepend=-1) - 1
     gaps[:, 0] = np.where(k > 0, r_sorted[:, 0], 0)
     gaps = gaps[slot]
-    levels = quantize_gap(topd[:, None] - lp_sorted, topd[:, None])[slot]
+    lv = quantize_gap(topd[:, None] - lp_sorted, topd[:, None])
+    levels = lv[slot]
     # the token actually there is in its row ~97% of the time: then its slot (1 + index in the
     # rank-sorted row) stands for its log-prob; else 0 and the value itself (16-bit level)
     ids_sorted = np.take_along_axis(np.asarray(ids, np.int64), order, 1)
@@ -163,11 +169,37 @@ def _encode_rows(ids: np.ndarray, lps: np.ndarray, actual: np.ndarray, targets: 
     aslot = np.where(hit.any(1), hit.argmax(1) + 1, 0)
     parts = [_planes(k, widths["k"]), _planes(qtop, 2), _planes(gaps, widths["gap"]), _planes(levels, 2),
              _planes(aslot, widths["k"]), _planes(_quantize_neg(np.asarray(actual)[aslot == 0], ACTUAL_STEP), 2)]
-    if counts is None:
-        parts.append(_planes(_quantize_neg(tail_logmass(lps), TAIL_STEP), 2))
+    if counts is None:  # top-M: the row's mass kept exact through its top slot (see `_mass_fix`)
+        tslot, corr = _mass_fix(lp_sorted, slot, lv, topd)
+        parts += [_planes(tslot, widths["k"]), _planes(corr, 2)]
     else:
         parts.append(np.take_along_axis(counts, order, 1)[slot].astype(np.uint8).tobytes())
     return b"".join(parts)
+
+
+def _mass_fix(lp_sorted: np.ndarray, slot: np.ndarray, lv: np.ndarray, topd: np.ndarray):
+    """(index of each row's top slot, its 16-bit zigzag correction in CORR_STEP units).
+
+    The tail bucket (`losses.kd_loss(tail=True)`) is 1 - the row's mass: with the rest small
+    (0.005 when the top-M hold 99.5%), rounding every slot by up to 0.02 nats could move it by
+    its own size. So the top slot's value is set to what makes the row's mass equal the
+    float32 mass, within the same error bound; the tail then needs no field of its own."""
+    R = len(lp_sorted)
+    if not R:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    true = np.where(slot, lp_sorted, -np.inf)
+    j = np.argmax(true, 1)
+    deq = np.where(slot, topd[:, None] - dequantize_gap(lv, topd[:, None]), -np.inf)
+    vj = deq[np.arange(R), j]
+    others = np.exp(deq).sum(1) - np.exp(vj)
+    mass = np.exp(true).sum(1)
+    tj = true[np.arange(R), j]
+    bound = MAX_ERROR - CORR_STEP
+    with np.errstate(divide="ignore", invalid="ignore"):  # rows without slots: -inf - -inf, set to 0 below
+        want = np.clip(np.log(np.maximum(mass - others, 1e-300)), tj - bound, tj + bound)
+        corr = np.round((want - vj) / CORR_STEP)
+    corr = np.where(np.isfinite(corr), np.clip(corr, -32767, 32767), 0).astype(np.int64)
+    return j, np.where(corr >= 0, 2 * corr, -2 * corr - 1)
 
 
 def _decode_rows(raw: bytes, R: int, width: int, table: np.ndarray, widths: dict, sampled: bool) -> dict:
@@ -193,9 +225,9 @@ def _decode_rows(raw: bytes, R: int, width: int, table: np.ndarray, widths: dict
     actual[miss] = _dequantize_neg(take(int(miss.sum()), 2), ACTUAL_STEP, np.nan)
     if sampled:
         cnt = np.frombuffer(mv[pos: pos + S], np.uint8).astype(np.int64)
-        tail = None
     else:
-        tail = _dequantize_neg(take(R, 2), TAIL_STEP, -np.inf)
+        tslot, z = take(R, widths["k"]), take(R, 2)
+        corr = np.where(z % 2 == 0, z // 2, -(z + 1) // 2) * CORR_STEP
     row = np.repeat(np.arange(R), k)
     start = np.cumsum(k) - k
     col = np.arange(S) - np.repeat(start, k)
@@ -211,6 +243,9 @@ def _decode_rows(raw: bytes, R: int, width: int, table: np.ndarray, widths: dict
     lps = np.full((R, width), -np.inf, np.float32)
     ids[row, col] = table[ranks]
     lps[row, col] = lp
+    if not sampled:
+        has = k > 0
+        lps[np.nonzero(has)[0], tslot[has]] += corr[has].astype(np.float32)
     actual[~miss] = lps[~miss, aslot[~miss] - 1]  # the actual token's slot (before the sort below)
     order = np.argsort(-lps, axis=1, kind="stable")
     out = {"ids": np.take_along_axis(ids, order, 1), "logprobs": np.take_along_axis(lps, order, 1),
@@ -220,7 +255,7 @@ def _decode_rows(raw: bytes, R: int, width: int, table: np.ndarray, widths: dict
         c[row, col] = cnt
         out["counts"] = np.take_along_axis(c, order, 1)
     else:
-        out["tail"] = tail
+        out["tail"] = tail_logmass(out["logprobs"]).astype(np.float32)
     return out
 
 
