@@ -17,6 +17,7 @@ The estimate, in bytes (``s`` = bytes per activation element, the model's comput
                      L_a * B * [T (9 d + 4.5 f) s + 1.5 h T^2 4]     saved per layer
                      + B * [3 h T^2 4 + 2 T (d + f) 4]              one layer's backward
                      + 3 * B n V 4                                   float32 logits, log-softmax, grad
+                   (with --loss-chunk C, min(B n, C) replaces B n in the vocabulary terms)
                    L_a = the blocks gradients flow through (the trained top --lora-layers; MLX
                    keeps nothing for the frozen blocks below them). --grad-checkpoint keeps
                    ~5 B T d s per block instead, plus one block's full activations.
@@ -46,6 +47,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mlx_distill.backends.base import resolve_loss_chunk
 from mlx_distill.io import InputError
 
 LIMIT_ENV = "MLX_DISTILL_MEMORY_LIMIT_GB"
@@ -110,17 +112,20 @@ def batch_shapes(examples, batch_size: int, pad_multiple: int = 16, trim_multipl
 
 
 def activation_bytes(dims: Dims, b: int, t: int, n: int, trained_layers: int, s: int,
-                     grad_checkpoint: bool = False, kd_slots: int = 0) -> int:
-    """Peak working memory of one training micro-step (see the module docstring)."""
+                     grad_checkpoint: bool = False, kd_slots: int = 0, loss_chunk: int = 0) -> int:
+    """Peak working memory of one training micro-step (see the module docstring). With a
+    `loss_chunk` (positions per chunk of the LM head, `--loss-chunk` resolved) at most that many
+    positions x vocabulary of logits exist at once."""
     d, f, h, v = dims.hidden, dims.intermediate, dims.heads, dims.vocab
+    wide = min(b * n, loss_chunk) if loss_chunk > 0 else b * n  # positions whose logits coexist
     layer = b * (t * (9 * d + 4.5 * f) * s + 1.5 * h * t * t * 4)
     work = b * (3 * h * t * t * 4 + 2 * t * (d + f) * 4)
     if grad_checkpoint:
         saved = trained_layers * 5 * b * t * d * s + layer
     else:
         saved = trained_layers * layer
-    logits = 3 * b * n * v * 4
-    kd = (b * n * kd_slots * 8 + b * n * v * 4) if kd_slots else 0
+    logits = 3 * wide * v * 4
+    kd = (b * n * kd_slots * 8 + wide * v * 4) if kd_slots else 0
     return int(saved + work + logits + kd)
 
 
@@ -142,9 +147,10 @@ def estimate(cfg, dims: Dims, weights: int, trainable: int, act_dtype_bytes: int
         shapes.append((cfg.batch_size, t, r))
         kv = cfg.batch_size * (prompt_max + r) * dims.layers * 2 * dims.kv_heads * dims.head_dim * s
         est.parts["rollout KV cache"] = int(kv)
+    chunk = resolve_loss_chunk(getattr(cfg, "loss_chunk", 0), dims.vocab)
     best = (0, (0, 0, 0))
     for b, t, n in shapes:
-        a = activation_bytes(dims, b, t, n, layers, s, cfg.grad_checkpoint, kd_slots)
+        a = activation_bytes(dims, b, t, n, layers, s, cfg.grad_checkpoint, kd_slots, chunk)
         if teacher_dims is not None:  # online teacher: its forward (no gradient) runs before the step, not during it
             tv, th, tf = teacher_dims.vocab, teacher_dims.hidden, teacher_dims.intermediate
             a = max(a, 3 * b * n * tv * 4 + 2 * b * t * (th + tf) * 4)
