@@ -263,7 +263,10 @@ class EvalConfig:
     temperature: float = opt(0.0, "0 = greedy; > 0 samples with a per-problem seed.")
     top_p: float = opt(1.0, "Nucleus sampling (with --temperature > 0).")
     seed: int = opt(0, "Sampling seed (combined with each problem id).")
-    grade_timeout: float = opt(5.0, "Seconds allowed for each math-verify call (thread-safe).")
+    grade_timeout: float = opt(5.0, "Seconds allowed to grade one answer (math-verify/sympy in a worker process, "
+                               "killed and replaced when it overruns; the case is invalid with reason timeout).")
+    grade_memory_mb: int = opt(2048, "Memory cap of each grading worker process in MB (RLIMIT_AS): a case that needs "
+                               "more is invalid with reason memory, and the worker is replaced.")
     judge: str = opt("", "Second-opinion LLM judge backend (empty = none).", choices=["", "api", "mlx"])
     judge_model: str = opt("", "Judge model (server model name, or MLX folder).")
     judge_base_url: str = opt("", "Judge endpoint for --judge api.")
@@ -295,7 +298,10 @@ class GradeConfig:
     limit: int = opt(0, "Grade against the first N problems only (0 = all); problems without a prediction count "
                      "as invalid.")
     answer_kind: str = opt("auto", "How answers are graded.", choices=["auto", "gsm8k", "math"])
-    grade_timeout: float = opt(5.0, "Seconds allowed for each math-verify call.")
+    grade_timeout: float = opt(5.0, "Seconds allowed to grade one answer (math-verify/sympy in a worker process; "
+                               "an overrun is invalid with reason timeout).")
+    grade_memory_mb: int = opt(2048, "Memory cap of each grading worker process in MB (RLIMIT_AS): a case that needs "
+                               "more is invalid with reason memory, and the worker is replaced.")
 
 
 @dataclass
@@ -366,7 +372,10 @@ class CorpusConfig:
     judge_api_key_env: str = opt("", "Judge's API-key variable (empty = the teacher's).")
     critic: bool = opt(False, "Have the judge rate each verified solution's reasoning 1-5 (needs --judge-model).")
     min_critic: int = opt(0, "Reject verified solutions the critic rates below this (0 = keep all).")
-    grade_timeout: float = opt(5.0, "Seconds allowed for each math-verify call.")
+    grade_timeout: float = opt(5.0, "Seconds allowed to grade one answer (math-verify/sympy in a worker process; "
+                               "an overrun is invalid with reason timeout).")
+    grade_memory_mb: int = opt(2048, "Memory cap of each grading worker process in MB (RLIMIT_AS): a case that needs "
+                               "more is invalid with reason memory, and the worker is replaced.")
     # filters and keep rule
     max_words: int = opt(0, "Reject solutions longer than this many words (0 = no limit).")
     max_solution_tokens: int = opt(0, "Reject solutions with more completion tokens than this (0 = no limit).")
@@ -471,13 +480,14 @@ RANGES: dict[str, dict[str, str]] = {
         max_retries=">=0", timeout=">0"),
     "EvalConfig": dict(
         concurrency=">=1", batch_size=">=1", limit=">=0", fewshot=">=0", word_budget=">=0", max_tokens=">=1",
-        temperature=">=0", top_p="(0,1]", seed=">=0", grade_timeout=">0", report_samples=">=0", show=">=0"),
-    "GradeConfig": dict(limit=">=0", grade_timeout=">0"),
+        temperature=">=0", top_p="(0,1]", seed=">=0", grade_timeout=">0", grade_memory_mb=">=256", report_samples=">=0",
+        show=">=0"),
+    "GradeConfig": dict(limit=">=0", grade_timeout=">0", grade_memory_mb=">=256"),
     "StudyConfig": dict(cell="-1|>=0"),
     "CorpusConfig": dict(
         limit=">=0", samples=">=1", temperature=">=0", max_tokens=">=1", seed=">=0", concurrency=">=1", rpm=">=0",
         tpm=">=0", max_retries=">=0", timeout=">0", backoff=">=0", min_critic="[0,5]", grade_timeout=">0",
-        max_words=">=0", max_solution_tokens=">=0", repeat_ngram=">=1", repeat_count=">=2",
+        grade_memory_mb=">=256", max_words=">=0", max_solution_tokens=">=0", repeat_ngram=">=1", repeat_count=">=2",
         valid_fraction="[0,1)", test_fraction="[0,1)", price_input=">=0", price_output=">=0"),
     "SynthConfig": dict(n_train=">=0", n_valid=">=0", n_test=">=0", seed=">=0", min_ops="[1,3]", max_ops="[1,3]"),
     "VariantConfig": dict(answer_only_fraction="[0,1]", seed=">=0"),

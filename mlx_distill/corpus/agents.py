@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from mlx_distill.config import CorpusConfig
 from mlx_distill.tasks.answers import grade, parse_verdict, word_count
 from mlx_distill.io import InputError
 from mlx_distill.paths import prompt_path
@@ -114,9 +115,11 @@ def parse_score(text: str) -> Optional[int]:
 
 class Verifier:
     def __init__(self, judge=None, judge_prompt: Optional[Prompt] = None, critic_prompt: Optional[Prompt] = None,
-                 grade_timeout: float = 5.0, judge_max_tokens: int = 1024):
+                 grade_timeout: float = CorpusConfig.grade_timeout, judge_max_tokens: int = 1024,
+                 grade_memory_mb: int = CorpusConfig.grade_memory_mb):
         self.judge, self.judge_prompt, self.critic_prompt = judge, judge_prompt, critic_prompt
         self.grade_timeout, self.judge_max_tokens = grade_timeout, judge_max_tokens
+        self.grade_memory_mb = grade_memory_mb
 
     async def verify(self, problem: dict, text: str, kind: str, allow_judge: bool = True) -> dict:
         """{status: correct|wrong|invalid, extracted, method, decided_by, reason, judge?: {...}}.
@@ -125,10 +128,9 @@ class Verifier:
         only when `allow_judge` (the builder skips it for traces another filter rejects). A
         judge request that fails for good leaves the verdict "invalid" with the error noted:
         the paid solution is kept, not lost with the judge call."""
-        if kind == "gsm8k":  # numbers: microseconds, not worth a thread hand-off
-            v = grade(text or "", problem["answer"], kind, self.grade_timeout)
-        else:  # math-verify (sympy) can take long: keep the event loop free
-            v = await asyncio.to_thread(grade, text or "", problem["answer"], kind, self.grade_timeout)
+        # a MATH comparison waits for a grading worker (up to --grade-timeout): keep the event loop free
+        v = await asyncio.to_thread(grade, text or "", problem["answer"], kind, self.grade_timeout,
+                                    self.grade_memory_mb)
         out = {"status": v.status, "extracted": v.extracted, "method": v.method, "decided_by": "programmatic",
                "reason": v.reason}
         if v.status == "invalid" and v.extracted is not None and self.judge is not None and allow_judge:

@@ -217,7 +217,8 @@ async def run_jobs(cfg: C.CorpusConfig, problems: list[dict], store: CorpusStore
     system = prompts.get("system")
     solvers = {k[len("solver_"):]: Solver(teacher, p, system, cfg.temperature, cfg.max_tokens, cfg.seed)
                for k, p in prompts.items() if k.startswith("solver_")}
-    verifier = Verifier(judge, prompts.get("judge"), prompts.get("critic"), cfg.grade_timeout, cfg.max_tokens)
+    verifier = Verifier(judge, prompts.get("judge"), prompts.get("critic"), cfg.grade_timeout, cfg.max_tokens,
+                        grade_memory_mb=cfg.grade_memory_mb)
     rewriter = Rewriter(rewriter_client, {lvl: prompts[f"rewrite_{lvl}"] for lvl in cfg.rewrite_levels},
                         cfg.rewrite_max_tokens, cfg.rewrite_ratios, cfg.max_tokens, cfg.temperature,
                         cfg.seed) if cfg.rewrite_levels else None

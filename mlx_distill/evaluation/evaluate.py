@@ -200,7 +200,8 @@ def budget_text(words: int) -> str:
 
 
 # ============================================================================= records
-def make_record(p: dict, index: int, prompt: str, result, seed: Optional[int], kind: str, timeout: float) -> dict:
+def make_record(p: dict, index: int, prompt: str, result, seed: Optional[int], kind: str, timeout: float,
+                memory_mb: int = GradeConfig.grade_memory_mb) -> dict:
     meta = p.get("meta") or {}
     rec = {"id": p["id"], "index": index, "source": p.get("source"), "subject": meta.get("subject"),
            "level": meta.get("level"), "prompt": prompt, "seed": seed}
@@ -211,7 +212,7 @@ def make_record(p: dict, index: int, prompt: str, result, seed: Optional[int], k
         rec.update(response=full_response(result), reasoning=result.reasoning, final=result.text,
                    tokens=result.completion_tokens, prompt_tokens=result.prompt_tokens,
                    finish_reason=result.finish_reason, latency_s=round(result.latency_s, 4), model=result.model)
-    rec.update(grade_fields(rec["response"], p["answer"], kind, timeout))
+    rec.update(grade_fields(rec["response"], p["answer"], kind, timeout, memory_mb))
     if rec["finish_reason"] == "error":
         rec.update(status="invalid", correct=False, reason="generation failed")
     rec["truncated"] = rec["finish_reason"] == "length"
@@ -405,7 +406,8 @@ def _evaluate(cfg: EvalConfig, client, quiet: bool, write: bool, stop: Interrupt
         if isinstance(result, Stopped):
             return
         i = todo[j]
-        rec = make_record(problems[i], indices[i], prompts[i], result, seeds[i], kind, cfg.grade_timeout)
+        rec = make_record(problems[i], indices[i], prompts[i], result, seeds[i], kind, cfg.grade_timeout,
+                          cfg.grade_memory_mb)
         new[i] = rec
         if appender is not None:
             appender.write(rec)
@@ -541,7 +543,7 @@ def grade_predictions(cfg: GradeConfig) -> dict:
         rec = {"id": p["id"], "index": pred.get("index"), "subject": meta.get("subject"), "level": meta.get("level"),
                "response": pred["response"], "tokens": pred.get("tokens"),
                "finish_reason": pred.get("finish_reason"), "latency_s": pred.get("latency_s")}
-        rec.update(grade_fields(pred["response"], p["answer"], kind, cfg.grade_timeout))
+        rec.update(grade_fields(pred["response"], p["answer"], kind, cfg.grade_timeout, cfg.grade_memory_mb))
         rec["truncated"] = rec["finish_reason"] == "length"
         rec["failure_kind"] = failure_kind(rec)
         graded[p["id"]] = rec

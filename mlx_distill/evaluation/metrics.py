@@ -15,7 +15,7 @@ import statistics
 from typing import Optional
 
 from mlx_distill.tasks import answers
-from mlx_distill.config import CorpusConfig
+from mlx_distill.config import CorpusConfig, GradeConfig
 
 # one repetition detector, with the corpus filter's defaults (config.py is the home of defaults)
 REPEAT = {"n": CorpusConfig.repeat_ngram, "count": CorpusConfig.repeat_count}
@@ -34,14 +34,18 @@ def failure_kind(rec: dict) -> Optional[str]:
         return "truncated at max tokens"
     if rec["status"] == "invalid":
         return {"no answer": "no final answer", "unparsable": "unparsable final answer",
-                "timeout": "grading timed out"}.get(rec.get("reason", ""), "invalid")
+                "timeout": "grading timed out", "memory": "grading ran out of memory",
+                "too large": "answer too large to grade"}.get(rec.get("reason", ""), "invalid")
     if rec.get("arithmetic_wrong"):
         return "arithmetic slip"
     return "wrong answer"
 
 
-def grade_fields(response: str, gold, kind: str, timeout: float) -> dict:
-    v = answers.grade(response, gold, kind, timeout=timeout)
+def grade_fields(response: str, gold, kind: str, timeout: float,
+                 memory_mb: int = GradeConfig.grade_memory_mb) -> dict:
+    """The record fields of one graded response; MATH-style comparisons run in a grading worker
+    bounded by `timeout` seconds and `memory_mb` (``tasks.grading``)."""
+    v = answers.grade(response, gold, kind, timeout=timeout, memory_mb=memory_mb)
     final = answers.final_text(response) or ""
     arith = answers.check_arithmetic(response)
     return {"extracted": v.extracted, "gold": v.gold, "correct": v.correct, "status": v.status,
@@ -97,6 +101,10 @@ def summarise(records: list[dict], **extra) -> dict:
         "accuracy_stderr": round(math.sqrt(acc * (1 - acc) / (n - 1)), 4) if n > 1 else None,
         "invalid_rate": round(invalid / n, 4) if n else 0.0,
         "invalid_reasons": dict(collections.Counter(r.get("reason") or "?" for r in records if r["status"] == "invalid")),
+        # answers the grader stopped (worker killed at --grade-timeout / --grade-memory-mb, or refused
+        # by the magnitude pre-check): invalid, and counted apart from unreadable answers
+        "grading_limits": {k: sum(r["status"] == "invalid" and r.get("reason") == k for r in records)
+                           for k in answers.LIMIT_REASONS},
         "truncated": truncated, "truncation_rate": round(truncated / n, 4) if n else 0.0,
         "words": _stats([r.get("words") for r in records]),
         "words_without_think": _stats([r.get("words_final") for r in records]),

@@ -141,6 +141,8 @@ def print_summary(s: dict) -> None:
     if s.get("throughput_tokens_per_s") is not None:
         line += f"  {s['throughput_tokens_per_s']} tok/s"
     print(line)
+    if s.get("grading_limits") is not None:  # invalid answers the grader stopped, apart from unreadable ones
+        print("  grading limits (invalid): " + "  ".join(f"{k}={v}" for k, v in s["grading_limits"].items()))
     if s.get("missing"):
         print(f"  {s['missing']} of {s['n']} problems have no prediction and count as invalid; over the "
               f"{s['predicted']} predicted: accuracy {s['accuracy_of_predicted']:.1%}")

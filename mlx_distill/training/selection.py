@@ -27,6 +27,7 @@ from pathlib import Path
 from mlx_distill.tasks import answers
 
 from mlx_distill import data
+from mlx_distill.config import GradeConfig
 from mlx_distill.io import InputError, iter_jsonl
 
 
@@ -82,10 +83,12 @@ def load_problems(cfg, tokenizer, path: str | Path, examples: list, n: int) -> l
 class AccuracyValidator:
     """Generate on the fixed problems with the live model and grade; one call = one validation."""
 
-    def __init__(self, problems: list[Problem], max_tokens: int, grade_timeout: float = 5.0):
+    def __init__(self, problems: list[Problem], max_tokens: int, grade_timeout: float = GradeConfig.grade_timeout,
+                 grade_memory_mb: int = GradeConfig.grade_memory_mb):
         if not problems:
             raise InputError("--select-by accuracy: the validation split has no problems to generate on")
         self.problems, self.max_tokens, self.grade_timeout = problems, max_tokens, grade_timeout
+        self.grade_memory_mb = grade_memory_mb  # each MATH comparison runs in a bounded worker (tasks.grading)
 
     @property
     def ids(self) -> list[str]:
@@ -96,7 +99,8 @@ class AccuracyValidator:
         t0 = time.perf_counter()
         outs = backend.generate([p.prompt for p in self.problems], self.max_tokens)
         texts = [backend.tokenizer.decode(o) for o in outs]
-        verdicts = [answers.grade(t, p.gold, p.kind, timeout=self.grade_timeout) for t, p in zip(texts, self.problems)]
+        verdicts = [answers.grade(t, p.gold, p.kind, timeout=self.grade_timeout, memory_mb=self.grade_memory_mb)
+                    for t, p in zip(texts, self.problems)]
         n = len(verdicts)
         return {"val_accuracy": sum(v.correct for v in verdicts) / n, "val_accuracy_n": n,
                 "val_invalid": sum(v.status == "invalid" for v in verdicts) / n,
