@@ -77,8 +77,8 @@ import yaml
 from mlx_distill import config as C
 from mlx_distill.corpus.variant import variant_main, write_variant  # noqa: F401  (`pipeline variant`)
 from mlx_distill.interrupts import Interrupted, Interrupts
-from mlx_distill.io import InputError, atomic_write_json, atomic_write_text, read_json, scrub, sha256_file
-from mlx_distill.paths import prompt_path
+from mlx_distill.fingerprint import fingerprint, fingerprint_diff, manifest_inputs_changed
+from mlx_distill.io import InputError, atomic_write_json, atomic_write_text, read_json, scrub
 
 # command -> (argv prefix, config dataclass)
 COMMANDS: dict[str, tuple[tuple[str, ...], type]] = {
@@ -313,92 +313,6 @@ def _config_diff(st: Stage, have: dict) -> list[str]:
     return diff
 
 
-# ----------------------------------------------------------------------------- input contents
-HASH_LIMIT = 64 << 20  # files of a named folder above this are compared by size and mtime, not read
-
-
-def _strings(v, key: str = ""):
-    """(key path, string) of every string inside a config value (lists and mappings walked)."""
-    if isinstance(v, str):
-        yield key, v
-    elif isinstance(v, dict):
-        for k, x in v.items():
-            yield from _strings(x, f"{key}.{k}" if key else str(k))
-    elif isinstance(v, (list, tuple)):
-        for i, x in enumerate(v):
-            yield from _strings(x, f"{key}[{i}]")
-
-
-def _file_digest(p: Path, whole: bool = True) -> str:
-    if whole or p.stat().st_size <= HASH_LIMIT:
-        return sha256_file(p)
-    st = p.stat()
-    return f"size {st.st_size} mtime {st.st_mtime_ns}"
-
-
-def fingerprint(st: Stage, outputs: set[Path] = frozenset()) -> dict:
-    """What the stage reads besides its config's text: the sha256 of every input file its options
-    name (a named folder: its files, not recursing; files over HASH_LIMIT by size and mtime), and
-    a sha256 of every URL in full. Folders written by the recipe's stages (`outputs`) are left
-    to the stage stamps. Only hashes are kept: a URL's query string (a key) is never stored."""
-    files, urls = {}, {}
-    outs = {Path(o).resolve() for o in outputs}
-    for key, v in _strings({k: x for k, x in C.to_dict(st.cfg).items() if k not in IGNORED | {"out"}}):
-        if "://" in v:
-            urls[key] = hashlib.sha256(v.encode()).hexdigest()
-            continue
-        if not v or len(v) > 4096 or "\n" in v:
-            continue
-        p = prompt_path(v) if "prompt" in key or "template" in key else Path(v)
-        try:
-            if not p.exists():
-                continue
-            rp = p.resolve()
-            if any(rp == o or o in rp.parents for o in outs):
-                continue
-            if p.is_file():
-                files[str(p)] = _file_digest(p)
-            elif p.is_dir():
-                for f in sorted(p.iterdir()):
-                    if f.is_file() and not f.name.startswith("."):
-                        files[str(f)] = _file_digest(f, whole=False)
-        except OSError:  # unreadable: the stage itself will say so
-            continue
-    return {"files": files, "urls": urls}
-
-
-def fingerprint_diff(old: dict, now: dict) -> list[str]:
-    """What changed between two fingerprints: input files (edited, added, removed) and URLs."""
-    changed = [f for f in sorted(set(old.get("files") or {}) | set(now["files"]))
-               if (old.get("files") or {}).get(f) != now["files"].get(f)]
-    changed += [f"URL {k}" for k in sorted(set(old.get("urls") or {}) | set(now["urls"]))
-                if (old.get("urls") or {}).get(k) != now["urls"].get(k)]
-    return changed
-
-
-def manifest_inputs_changed(st: Stage) -> list[str]:
-    """Input files the stage's own manifest records as ``{path, sha256}`` whose content differs now
-    (train's data_files, eval's data, corpus build's problem_source): an in-place edit is seen even
-    when pipeline.json does not know the stage."""
-    mpath = st.out / "manifest.json"
-    try:
-        man = read_json(mpath) if mpath.is_file() else {}
-    except InputError:
-        return []
-    changed, todo = [], [man]
-    while todo:
-        x = todo.pop()
-        if isinstance(x, dict):
-            path, h = x.get("path"), x.get("sha256")
-            if isinstance(path, str) and isinstance(h, str) and len(h) == 64 and Path(path).is_file():
-                if sha256_file(path) != h:
-                    changed.append(path)
-            todo.extend(x.values())
-        elif isinstance(x, list):
-            todo.extend(x)
-    return sorted(set(changed))
-
-
 @dataclass
 class Decision:
     run: bool
@@ -420,7 +334,7 @@ def decide(st: Stage, state: dict, rebuilt: set[str], force: bool, fp: dict | No
         return Decision(True, f"{st.out} holds an unfinished run")
     if kind == "differs":
         return Decision(True, f"config changed: {', '.join(diff[:6])}{' ...' if len(diff) > 6 else ''}")
-    edited = manifest_inputs_changed(st)
+    edited = manifest_inputs_changed(st.out)
     rec = state.get("stages", {}).get(st.name)
     if rec and fp is not None and rec.get("fingerprint") is not None:
         edited = sorted(set(edited) | set(fingerprint_diff(rec["fingerprint"], fp)))
@@ -548,7 +462,7 @@ def run(recipe: Recipe, dry_run: bool = False, start: str | None = None, until: 
             if d not in selected and manifest_diff(dep)[0] in ("missing", "incomplete"):
                 raise InputError(f"stage {st.name!r} needs stage {d!r}, which is outside --from/--until and has no "
                                  f"finished output in {dep.out}; run it first (e.g. without --from)")
-        fp = fingerprint(st, outputs)
+        fp = fingerprint(st.cfg, outputs, IGNORED)
         dec = decide(st, state, rebuilt, force, fp)
         tag = "run " if dec.run else "skip"
         print(f"[{tag}] {st.name} ({st.command}): {dec.reason}\n     {shown(argv)}", flush=True)

@@ -331,7 +331,7 @@ def test_a_changed_url_query_reruns_although_only_the_scrubbed_url_is_stored(tmp
 
     a, b = stage("http://h:8000/v1?key=one"), stage("http://h:8000/v1?key=two")
     assert pipeline.compared_config(a) == pipeline.compared_config(b)  # the scrub hides the query ...
-    fa, fb = pipeline.fingerprint(a), pipeline.fingerprint(b)
+    fa, fb = pipeline.fingerprint(a.cfg), pipeline.fingerprint(b.cfg)
     assert "one" not in json.dumps(fa) and "two" not in json.dumps(fb)  # ... and only a hash is kept
     # a finished stage (manifest with the scrubbed config) + its pipeline record with the first URL's hash
     a.out.mkdir(parents=True)
