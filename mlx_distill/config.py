@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
+from mlx_distill.io import read_text
 from mlx_distill.tasks import NAMES as EVAL_DATASETS  # the task registry: one definition per benchmark
 
 
@@ -615,7 +616,7 @@ def load_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_text(p)) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark else str(p)

@@ -316,6 +316,16 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A user's text file as UTF-8; a byte that is not is an InputError naming FILE:LINE."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None

@@ -606,6 +606,7 @@ def run(cfg: TrainConfig, quiet: bool = False) -> dict:
                   f"{r.counts['total'] / 1e6:.1f}M | train {len(r.train_ex)} valid {len(r.val_ex)} examples | "
                   f"{len(r.stream)} batches/epoch | {r.source.kind} | backend {backend.name}", flush=True)
         backend.train_mode(True)
+        agreed = False  # a signal, agreed by every rank after a whole step
         try:
             with Reporter(cfg.iters, st.step, quiet) as ui:
                 if st.step == 0 and st.best_iter < 0:
