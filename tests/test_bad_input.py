@@ -209,3 +209,10 @@ def test_eval_limit_onto_a_finished_larger_eval_summarises_what_was_asked(tmp_pa
     assert "already complete (20 problems)" in p.stdout and "The summary below is of those 10 problems" in p.stdout
     assert " n=10 " in p.stdout and " n=20 " not in p.stdout  # the printed summary agrees with the line above
     assert json.loads((tmp_path / "ev" / "summary.json").read_text())["n"] == 20  # the folder is untouched
+
+
+def test_non_utf8_byte_in_a_yaml_config(tmp_path):
+    (tmp_path / "c.yaml").write_bytes(b"n_train: 4\n# caf\xe9\n")
+    p = run(tmp_path, "corpus", "synth", "-c", "c.yaml", "--out", "c")
+    assert_error(p, tmp_path, "c.yaml:2: not UTF-8 (byte 0xe9)")
+    assert not (tmp_path / "c").exists()
