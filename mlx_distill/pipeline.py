@@ -36,7 +36,10 @@ the result: see IGNORED), whose status is not running/interrupted, and -- when
 since it ran. A stage re-runs when its config changed, when it never finished, or when a stage
 it refers to (directly or through others) re-runs: downstream invalidation follows the
 ``${stages...}`` references, so in a recipe with three independent train stages a change to
-one does not retrain the other two.
+one does not retrain the other two. A stage also re-runs when what it reads changed while its
+flags did not (``mlx_distill.fingerprint``): an input file edited in place (its sha256 against
+the one pipeline.json recorded, or the ``{path, sha256}`` its own manifest holds), or any part
+of a URL (a hash of the whole URL is compared; only the scrubbed URL is ever stored).
 
 An output folder that exists but does not match is moved aside to ``<out>.old-<UTC time>``
 (nothing is deleted; remove old folders yourself), because `train`, `logits` and `eval` refuse
