@@ -108,6 +108,11 @@ def writable_dir(folder: str | Path, label: str | None = None) -> Path:
 
 def describe_os_error(e: OSError) -> str:
     """'No space left on device: runs/x/.a.tmp' -- an OSError as a reason, without the errno tuple."""
+    if isinstance(e, (FileExistsError, NotADirectoryError)) and e.filename:
+        path = Path(e.filename)  # mkdir/open through a regular file: say which part of the path it is
+        for p in (path, *path.parents):
+            if p.exists() and not p.is_dir():
+                return f"{p} is a file, not a folder" + (f" (in {path})" if p != path else "")
     what = e.strerror or type(e).__name__
     return f"{what}: {e.filename}" if e.filename else what
 

@@ -216,3 +216,12 @@ def test_non_utf8_byte_in_a_yaml_config(tmp_path):
     p = run(tmp_path, "corpus", "synth", "-c", "c.yaml", "--out", "c")
     assert_error(p, tmp_path, "c.yaml:2: not UTF-8 (byte 0xe9)")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("command", ["variant", "logits"])
+def test_other_commands_out_under_a_regular_file(tmp_path, corpus, tiny_model, command):
+    (tmp_path / "afile").write_text("x")
+    argv = {"variant": ["pipeline", "variant", "--data", corpus, "--out", "afile/v"],
+            "logits": ["logits", "--teacher", tiny_model, "--data", corpus, "--out", "afile/x"]}[command]
+    p = run(tmp_path, *argv)
+    assert_error(p, tmp_path, "afile is a file, not a folder")
