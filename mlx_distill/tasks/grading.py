@@ -17,8 +17,8 @@ Before any of that, a cheap pre-check (``equivalence.too_large``) refuses absurd
 The workers form one pool per memory cap, reused across cases (one round trip through a pipe per
 case, so the cost stays near the in-process path's; see scripts/bench_grading.py), started lazily,
 at most ``min(4, CPUs)``. They come from a ``forkserver`` (``spawn`` where there is none) that has
-already imported math-verify and sympy, so a replacement starts in milliseconds and never inherits
-the parent's threads (MLX, asyncio). ``call`` is safe from any thread; from asyncio, run
+already imported and warmed math-verify and sympy (``grading_preload``), so a replacement starts in
+milliseconds, beside the caller, and never inherits the parent's threads (MLX, asyncio). ``call`` is safe from any thread; from asyncio, run
 ``grade`` with ``asyncio.to_thread``. Workers ignore SIGINT/SIGTERM (the parent's interrupt
 policy decides), exit when the parent's pipe closes, and are stopped at interpreter exit (atexit).
 """
@@ -76,6 +76,11 @@ def _set_limits(memory_mb: int) -> None:
 
 def _worker_main(conn, memory_mb: int) -> None:
     _set_limits(memory_mb)
+    if "mlx_distill.tasks.grading_preload" not in sys.modules:  # spawned, not forked from a warm server
+        try:  # the parser's first use builds its tables: before "ready", so no case's time pays for it
+            equivalence.judge("x+1", "1+x")
+        except Exception:  # noqa: BLE001 (a broken install shows on the first real case)
+            pass
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -104,7 +109,7 @@ def _worker_main(conn, memory_mb: int) -> None:
 def _context():
     if "forkserver" in mp.get_all_start_methods():
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["mlx_distill.tasks.equivalence", "math_verify", "sympy"])
+        ctx.set_forkserver_preload(["mlx_distill.tasks.grading_preload"])
         return ctx
     return mp.get_context("spawn")
 
@@ -200,7 +205,39 @@ class WorkerPool:
                 self._count -= 1
             self._cv.notify()
         if not reuse:
-            w.kill()
+            try:
+                w.proc.kill()  # SIGKILL now; reaping it and starting the replacement happen beside the caller
+            except (OSError, ValueError, AttributeError):
+                pass
+            threading.Thread(target=self._replace, args=(w,), daemon=True, name="mlx-distill-grader-start").start()
+
+    def _replace(self, dead: _Worker) -> None:
+        dead.kill()
+        with self._cv:
+            if self._closed or self._count >= self.size:
+                return
+            self._count += 1
+        try:
+            w = _Worker(self.memory_mb)
+        except BaseException:  # noqa: BLE001 (the next call starts one itself)
+            with self._cv:
+                self._count -= 1
+                self._cv.notify()
+            return
+        with self._cv:
+            if self._closed:
+                self._count -= 1
+            else:
+                self._idle.append(w)
+                self._cv.notify()
+                return
+        w.kill()
+
+    def warm(self) -> None:
+        """Start the workers now (a command about to grade many answers; a benchmark)."""
+        ws = [self._acquire() for _ in range(self.size)]
+        for w in ws:
+            self._release(w, True)
 
     def call(self, fn, *args, timeout: float | None = DEFAULT_TIMEOUT, _retry: bool = True):
         """fn(*args) in a worker (fn importable by name); GradingLimit on timeout / out of memory,
