@@ -422,20 +422,24 @@ def test_on_policy_distillation_on_a_toy_task(tmp_path):
     Scored on 100 held-out problems: greedy and sampled validity, and the student-teacher
     divergence KL(student || teacher) per token on the student's own samples.
 
+    The learning rate is 1e-3: the stable range for reverse KL on the student's own samples with
+    full fine-tuning and no SFT term (README, on-policy distillation; `train` warns above it).
     What is asserted is what held (2-core CPU, 3 seeds; (greedy valid, sampled valid, KL on own
-    samples) per seed):
+    samples) per seed), at lr 1e-3:
       start [1.0 0.88 0.137] [1.0 0.90 0.094] [1.0 0.90 0.159]
-      sft   [1.0 0.93 0.062] [1.0 0.92 0.034] [1.0 0.90 0.071]
+      sft   [1.0 0.94 0.033] [1.0 0.92 0.035] [1.0 0.93 0.066]
+      off   [1.0 0.99 0.002] [1.0 0.99 0.002] [1.0 0.99 0.031]
+      on    [1.0 0.99 0.002] [1.0 0.99 0.002] [1.0 0.98 0.034]
+    On-policy KD lowers the divergence in every seed as far as off-policy KD does (a tie, not a
+    win: 0.002/0.002/0.034 against 0.002/0.002/0.031). Asserted, with margin: both KD arms
+    <= 0.75 x the start's divergence in every seed, on-policy sampled validity >= 0.9.
+    The same budget at lr 3e-3 (the earlier setting of this test) gave
       off   [1.0 0.98 0.004] [1.0 0.98 0.004] [1.0 0.98 0.112]
       on    [1.0 0.99 0.004] [0.78 0.88 0.295] [0.82 0.90 0.309]
-    On this task on-policy KD with reverse KL does NOT beat off-policy KD: it matches it in one
-    seed; in two its training KD loss on its own rollouts stalls at 0.2-0.36 from iteration 25 on
-    and it ends above its start (not diagnosed further; reverse KL is mode-seeking). Off-policy KD lowers the divergence below the start in
-    every seed (margin asserted: <= 0.75 x start); on-policy KD is asserted only to stay a
-    working student (sampled validity >= 0.85, KL < 0.4, finite losses) and its equality with
-    off-policy in the first seed is not asserted. The same run with forward KL for both (not
-    part of this test) gave a tie: off 0.005/0.004/0.006, on 0.004/0.005/0.007 (sampled
-    validity 0.97-0.99 for both). Time: ~4 min on the 2-core box under a load average of ~9."""
+    on-policy's KD loss on its own rollouts stalled or spiked in two seeds and ended above its
+    start: reverse KL with nothing to anchor it (no SFT term) at too high a rate, not a code fault.
+    With forward KL for both at 3e-3: a tie (off 0.005/0.004/0.006, on 0.004/0.005/0.007).
+    Time: ~6 min on the 2-core box under a load average of ~12."""
     import random
 
     from mlx_lm import load
@@ -476,7 +480,7 @@ def test_on_policy_distillation_on_a_toy_task(tmp_path):
                                                on_policy_fraction=1.0 if mode == "on" else 0.0)
             out = tmp_path / f"{mode}{seed}"
             train.run(build(TrainConfig, dict(model=str(student), data=str(corpus), out=str(out), fine_tune_type="full",
-                                              lora_layers=-1, iters=100, batch_size=16, learning_rate=3e-3, warmup=10,
+                                              lora_layers=-1, iters=100, batch_size=16, learning_rate=1e-3, warmup=10,
                                               val_every=100, val_batches=1, report_every=25, save_every=1000,
                                               patience=0, seed=seed, max_seq_length=32,
                                               prompt_template=str(tmp_path / "plain.txt"), **kd)), quiet=True)
@@ -490,4 +494,26 @@ def test_on_policy_distillation_on_a_toy_task(tmp_path):
              "own samples): " + " | ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in r.items()))
     print(table)
     assert np.all(r["off"][:, 2] <= 0.75 * r["start"][:, 2]), table
-    assert np.all(r["on"][:, 1] >= 0.85) and np.all(r["on"][:, 2] < 0.4), table
+    assert np.all(r["on"][:, 2] <= 0.75 * r["start"][:, 2]), table
+    assert np.all(r["on"][:, 1] >= 0.9), table
+
+
+def test_torch_off_policy_kd_rows_keep_the_identity(tiny_llama, tiny_model, corpus, tmp_path):
+    """The torch backend (which refuses on-policy rollouts, `test_refusals`) logs the same identity
+    for off-policy online KD with accumulation 2: train_loss == sft_weight * sft_loss + kd_alpha *
+    kd_loss per row."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("peft") is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("the torch extra (torch, peft) is missing under CI")
+        pytest.skip("needs the torch extra: pip install -e '.[torch]'")
+    run = tmp_path / "run"
+    train.run(op_cfg(tiny_model, tiny_llama, corpus, run, backend="torch", iters=4, val_every=4, report_every=2,
+                     grad_accumulation=2, on_policy_fraction=0.0, kd_kind="forward", kd_alpha=0.5, sft_weight=0.8,
+                     compile=False), quiet=True)
+    rows = [r for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r]
+    assert [r["iter"] for r in rows] == [2, 4]
+    for r in rows:
+        assert r["kd_loss"] > 0 and r["train_loss"] == pytest.approx(0.8 * r["sft_loss"] + 0.5 * r["kd_loss"], rel=1e-4), r
