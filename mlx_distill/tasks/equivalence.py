@@ -340,6 +340,15 @@ def _sympy_rules(pred: str, gold: str, p, g) -> bool:
     return False
 
 
+_ONE_LETTER_UNIT = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s+[A-Za-z](?:\s*\^\s*\{?[23]\}?)?\s*$")
+
+
+def _is_number(v) -> bool:
+    import sympy
+
+    return isinstance(v, sympy.Expr) and not v.free_symbols and bool(v.is_number)
+
+
 _LETTER = re.compile(r"^\s*(?:\\text\s*\{\s*)?\(?\s*([A-Za-z])\s*\)?\s*\}?\s*$")
 
 
@@ -349,6 +358,9 @@ def judge(pred: str, gold: str) -> tuple[str, str, str]:
     if lp and lg:  # single letters (choices, constants): case matters
         return ("correct" if lp.group(1) == lg.group(1) else "wrong"), "string", ""
     cp, cg = canonical(pred), canonical(gold)
+    m = _ONE_LETTER_UNIT.match(cp)
+    if m and not re.search(r"[A-Za-z]", cg):  # "25 m^2" against a plain number: a one-letter unit
+        cp = m.group(1)
     if strings_equal(cp, cg):
         return "correct", "string", ""
     g = mv_parse(cg)
@@ -357,6 +369,9 @@ def judge(pred: str, gold: str) -> tuple[str, str, str]:
         return "invalid", "math-verify", "unparsable"
     if not g:
         return "wrong", "string", "gold unparsable by math-verify"
+    gv, pv = _first(g), _first(p)
+    if _decimals(cg) >= 6 and "." not in cp and _is_number(pv):  # an exact value against a long decimal:
+        return ("correct" if _sympy_rules(cp, cg, pv, gv) else "wrong"), "sympy", ""  # it must round to it
     if mv_verify(g, p):
         return "correct", "math-verify", ""
     sides = _lhs_names_agree(cp, cg)

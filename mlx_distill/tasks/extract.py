@@ -218,6 +218,9 @@ def _answer_after(text: str, end: int) -> str:
             rest = rest[:m.start()]
             break
     ans = _unwrap(rest)
+    head = _unwrap(_CLAUSE_RE.split(ans, 1)[0])
+    if head != ans and re.match(r"[-$\\\d.]", head) and not _is_prose(head):
+        return head  # "30 minutes, since each lap takes 10": the number right after the marker
     if _is_prose(ans):
         # "The largest $n$ is 34" -> "34", "34 is the largest" -> "34"; "Jane started 3 hours ago" -> "3"
         verbs = list(re.finditer(r"\s(?:is|are|was|equals)\s", ans))
