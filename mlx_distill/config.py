@@ -646,7 +646,8 @@ def build(cls, yaml_values: dict | None = None, overrides: dict | None = None, s
             v = [str(x) for x in v if x not in (None, "")]
             v = v[0] if len(v) == 1 else (v or t())
             setattr(cfg, f.name, v)
-        if t in (int, float):  # integers stay integers: YAML `batch_size: 2.5` is an error, never 2
+        if t in (int, float) and not (v is None and f.default is None):  # (Optional[int] = None: None is fine)
+            # integers stay integers: YAML `batch_size: 2.5` is an error, never 2
             where = (flag_name(f) if origin.get(f.name) == "flags" else
                      f"{origin.get(f.name, source)}: {f.name}")
             setattr(cfg, f.name, t(_check_number(cls, f, v, where)))
