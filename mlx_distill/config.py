@@ -195,6 +195,14 @@ class LogitsConfig:
                     "example of both splits is scored.")
     out: str = opt("runs/logits", "Output folder: safetensors shards + manifest.json.")
     top_m: int = opt(25, "Teacher tokens stored per completion position (M).")
+    sampled_k: int = opt(0, "A sampled store instead of the top-M: N token ids per position drawn with replacement "
+                         "from the teacher's tempered distribution, stored with their counts (Sparse Logit Sampling, "
+                         "arXiv 2503.16870; `train --kd` uses its unbiased forward-KL estimator). 0 = top-M store.")
+    sampled_temperature: float = opt(TrainConfig.kd_temperature, "--sampled-k: the temperature of the distribution "
+                                     "drawn from; `train --kd` must use it as --kd-temperature.")
+    seed: int = opt(0, "--sampled-k: seed of the draws (with each example id: the same draws whatever the batching).")
+    store_format: int = opt(3, "Store format written: 3 (compact: ~46 B/token at M=25) or 2 (int32 ids + float16 "
+                            "log-probs, ~180 B/token; for comparison). Both are read.")
     batch_size: int = opt(4, "Examples per teacher forward pass.")
     max_seq_length: int = opt(TrainConfig.max_seq_length, "Longest example in tokens; longer ones are skipped "
                               "(use the value you train with).")
@@ -478,7 +486,8 @@ RANGES: dict[str, dict[str, str]] = {
         loss_chunk="-1|>=0", kd_hidden=">=0"),
     "LogitsConfig": dict(
         top_m=">=1", batch_size=">=1", max_seq_length=">=2", shard_size=">=1", limit="-1|>=0", concurrency=">=1",
-        max_retries=">=0", timeout=">0"),
+        max_retries=">=0", timeout=">0", sampled_k="[0,255]", sampled_temperature=">0", seed=">=0",
+        store_format="[2,3]"),
     "EvalConfig": dict(
         concurrency=">=1", batch_size=">=1", limit=">=0", fewshot=">=0", word_budget=">=0", max_tokens=">=1",
         temperature=">=0", top_p="(0,1]", seed=">=0", grade_timeout=">0", grade_memory_mb=">=256", report_samples=">=0",

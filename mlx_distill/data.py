@@ -303,7 +303,8 @@ def batch_arrays(batch: Batch) -> dict:
     return {"inputs": batch.tokens[:, :-1], "targets": batch.tokens[:, 1:], "mask": loss_mask(batch)}
 
 
-PER_POSITION = ("targets", "mask", "kd_ids", "kd_logits", "kd_span_logp", "kd_span_len", "kd_span_in", "kd_uld")
+PER_POSITION = ("targets", "mask", "kd_ids", "kd_logits", "kd_counts", "kd_span_logp", "kd_span_len", "kd_span_in",
+                "kd_uld")
 
 
 def trim_prompt(arrays: dict, batch: Batch, multiple: int = 16) -> dict:

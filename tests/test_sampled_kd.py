@@ -75,3 +75,87 @@ def test_masked_and_empty_positions_count_nothing():
     assert float(s) == pytest.approx(-1.0 + np.log(5.0), rel=1e-5)
     s, n = sampled_kd_loss(z, ids, logp, counts, mx.zeros((1, 3)), 1.0)
     assert float(s) == 0.0 and float(n) == 0.0
+
+
+# ----------------------------------------------------------------------------- logits --sampled-k -> train --kd
+def _records(n):
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        a, b = int(rng.integers(1, 99)), int(rng.integers(1, 99))
+        out.append({"id": f"q{i}", "question": f"Ann has {a} coins and buys {b} more. How many now?",
+                    "reasoning": f"Ann has {a} + {b} = {a + b} coins.", "answer": str(a + b)})
+    return out
+
+
+def test_sampled_store_trains_with_falling_kd_loss(tiny_model, tiny_llama, tmp_path):
+    """`logits --sampled-k 12` on a tiny teacher, then `train --kd` of a student of the same tokenizer:
+    the store records N, T and the seed, holds N draws per position (the same ones whatever the
+    batching), serves counts beside the ids, refuses reverse KL and another temperature, and its
+    KD loss is finite and falls."""
+    import json
+
+    from mlx_distill.config import LogitsConfig, TrainConfig, build
+    from mlx_distill.io import InputError, read_jsonl
+    from mlx_distill.paths import REPO
+    from mlx_distill.teacher.logits import extract
+    from mlx_distill.teacher.store import TopMStore
+    from mlx_distill.training import train
+    from mlx_distill.training.kd import kd_setup
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in _records(16)))
+    tpl = str(REPO / "prompts" / "train_user.txt")
+
+    def lcfg(out, **kw):
+        base = dict(teacher=str(tiny_model), data=str(corpus), out=str(out), sampled_k=12, batch_size=3,
+                    prompt_template=tpl, max_seq_length=512)
+        return build(LogitsConfig, {**base, **kw})
+
+    s = extract(lcfg(tmp_path / "s"), quiet=True)
+    man = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert man["format"] == 3 and man["sampled"] == {"n": 12, "temperature": 2.0, "seed": 0}
+    # a random tiny teacher is flat (~12 distinct ids a position): still under the 32 B the real one meets
+    assert 0 < man["stats"]["file_bytes_per_token"] <= 32, man["stats"]
+    extract(lcfg(tmp_path / "s2", **{"batch_size": 5}), quiet=True)  # other batches: the same draws
+    a, b = TopMStore(tmp_path / "s"), TopMStore(tmp_path / "s2")
+    same = total = 0
+    for eid in a.entries:
+        (ia, _), (ib, _), ca, cb = a.rows(eid), b.rows(eid), a.counts(eid), b.counts(eid)
+        assert (ca.sum(-1) == 12).all()
+        for r in range(len(ia)):  # a draw at a CDF boundary may flip with the padding's float noise
+            same += dict(zip(ia[r].tolist(), ca[r].tolist())) == dict(zip(ib[r].tolist(), cb[r].tolist()))
+            total += 1
+    assert same / total > 0.95, (same, total)
+
+    def tcfg(**kw):
+        base = dict(model=str(tiny_llama), data=str(corpus), prompt_template=tpl, max_seq_length=512,
+                    kd_dir=str(tmp_path / "s"), out=str(tmp_path / "run"), iters=16, batch_size=4, val_every=8,
+                    report_every=4, save_every=100, learning_rate=1e-2, warmup=0, lora_layers=-1, seed=0,
+                    kd_alpha=1.0, sft_weight=0.0)
+        base.update(kw)
+        return build(TrainConfig, base)
+
+    from mlx_lm import load
+
+    from mlx_distill import data
+
+    _, tok = load(str(tiny_llama))
+    exs = data.load_examples(tcfg(), tok, "train")
+    with pytest.raises(InputError, match="forward KL"):
+        kd_setup(tcfg(kd_kind="reverse"), {"train": exs}, tok)
+    with pytest.raises(InputError, match="drawn at T=2.0"):
+        kd_setup(tcfg(kd_temperature=1.0), {"train": exs}, tok)
+    src = kd_setup(tcfg(), {"train": exs}, tok)
+    batch = data.collate(exs, [0, 1, 2], data.pad_id_of(tok))
+    arr = src.batch_arrays(batch, 5)  # --kd-top-k does not cut a sampled store: every draw counts
+    assert arr["kd_counts"].shape == arr["kd_ids"].shape and arr["kd_ids"].shape[-1] == 12
+    mask = data.batch_arrays(batch)["mask"]
+    n = arr["kd_counts"].sum(-1)
+    assert set(np.unique(n[mask > 0]).tolist()) == {12.0}
+    assert np.isfinite(arr["kd_logits"][arr["kd_counts"] > 0]).all()
+
+    train.run(tcfg(), quiet=True)
+    rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
+    kd = [r["kd_loss"] for r in rows]
+    assert len(kd) == 4 and all(np.isfinite(kd)) and kd[-1] < 0.9 * kd[0], kd

@@ -76,6 +76,44 @@ class LocalTeacher:
             tok = np.where(pad, np.nan, tok)
         return finish_scores(ids, lps, tok, self.score_vocab)
 
+    def sample(self, tokens: np.ndarray, n: int, temperature: float, start: int, rngs: list, spans: list,
+               lengths: np.ndarray | None = None):
+        """A sampled store's rows (`logits --sampled-k`): one forward of tokens[:, :-1], then for row r
+        `codec.draw_rows` over its positions spans[r] = (lo, hi) (relative to `start`; n draws from
+        softmax(z / temperature) with ``rngs[r]``, so the draws do not depend on the batch) -> a
+        namespace of ids, counts, logprobs (log p_T of each drawn id) (B, T, n), empty outside the
+        spans, and token_logprobs (B, T) (T = 1, as `score` gives them)."""
+        from types import SimpleNamespace
+
+        from mlx_distill.teacher import codec
+
+        tokens = np.asarray(tokens, np.int32)
+        if self.backend == "mlx":
+            import mlx.core as mx
+
+            z = self.model(mx.array(tokens)[:, :-1])[:, start:].astype(mx.float32)
+            z = np.array(z)
+        else:
+            import torch
+
+            with torch.no_grad():
+                x = torch.from_numpy(tokens.astype(np.int64)).to(self.model.device)
+                z = self.model(input_ids=x[:, :-1], use_cache=False).logits[:, start:].float().cpu().numpy()
+        zz = z.astype(np.float64)
+        lse = np.log(np.exp(zz - zz.max(-1, keepdims=True)).sum(-1)) + zz.max(-1)
+        tok = (np.take_along_axis(zz, tokens[:, start + 1:, None].astype(np.int64), -1)[..., 0] - lse)
+        if lengths is not None:
+            pad = np.arange(start, tokens.shape[1] - 1)[None, :] >= (np.asarray(lengths)[:, None] - 1)
+            tok = np.where(pad, np.nan, tok)
+        B, T = z.shape[:2]
+        out = {"ids": np.zeros((B, T, n), np.int32), "counts": np.zeros((B, T, n), np.int32),
+               "logprobs": np.full((B, T, n), -np.inf, np.float32)}
+        for r, (lo, hi) in enumerate(spans):
+            d = codec.draw_rows(z[r, lo:hi], n, temperature, rngs[r])
+            for k in out:
+                out[k][r, lo:hi] = d[k]
+        return SimpleNamespace(**out, token_logprobs=tok.astype(np.float32))
+
     def _mlx(self, tokens: np.ndarray, k: int, start: int) -> tuple:
         import mlx.core as mx
 

@@ -54,10 +54,11 @@ from mlx_distill.config import LogitsConfig, TrainConfig
 from mlx_distill.interrupts import Interrupts
 from mlx_distill.io import InputError, atomic_write_json, read_json, write_manifest
 from mlx_distill.progress import Heartbeat
-from mlx_distill.teacher import align
+from mlx_distill.teacher import align, codec
 from mlx_distill.teacher.base import first_target, tokenizer_fingerprint, tokens_sha, vocab_strings
 from mlx_distill.teacher.local import LocalTeacher
-from mlx_distill.teacher.store import DTYPES, FORMAT, MANIFEST, PIECES, VOCAB, StoreWriter, bytes_per_token
+from mlx_distill.teacher.store import (DTYPES, DTYPES_COMPACT, MANIFEST, PIECES, VOCAB, StoreWriter,
+                                       bytes_per_token)
 
 
 # ----------------------------------------------------------------------------- the examples
@@ -98,6 +99,11 @@ def open_teacher(cfg: LogitsConfig):
         raise InputError("--teacher is required (a local model folder, a Hugging Face repo id, or api)")
     if cfg.top_m < 1:
         raise InputError(f"--top-m must be >= 1, got {cfg.top_m}")
+    if cfg.sampled_k and cfg.store_format != 3:
+        raise InputError("--sampled-k writes store format 3; drop --store-format 2")
+    if cfg.sampled_k and cfg.teacher == "api":
+        raise InputError("--sampled-k draws from the teacher's whole distribution, which a vLLM server does not "
+                         "return (its prompt_logprobs are a top-k); use a local --teacher, or a top-M store")
     if cfg.teacher != "api":
         return LocalTeacher(cfg.teacher, cfg.backend, adapter=cfg.adapter)
     if cfg.adapter:
@@ -144,16 +150,19 @@ class Extraction:
     def _open_manifest(self) -> dict:
         """The stored manifest when resuming (teacher, tokenizer and M must match), else a new one."""
         cfg, mpath = self.cfg, self.mpath
+        sampled = ({"n": cfg.sampled_k, "temperature": cfg.sampled_temperature, "seed": cfg.seed}
+                   if cfg.sampled_k else None)
         if not mpath.is_file():
-            return {"format": FORMAT, "examples": {}, "shards": []}
+            return {"format": cfg.store_format, "examples": {}, "shards": [], "sampled": sampled}
         man = read_json(mpath)
         if not cfg.resume:
             raise InputError(f"{self.out}: already holds teacher logits for {len(man.get('examples', {}))} "
                              "example(s); pass --resume to add the missing ones, or choose another --out")
-        if man.get("format") != FORMAT:
-            raise InputError(f"{mpath}: --resume into a logits folder of format {man.get('format')!r}; this version "
-                             f"writes format {FORMAT} (with what cross-tokenizer alignment needs); use another --out")
+        if man.get("format") != cfg.store_format:
+            raise InputError(f"{mpath}: --resume into a logits folder of format {man.get('format')!r}; this run "
+                             f"writes format {cfg.store_format} (--store-format); use another --out")
         for key, have, want in (("top_m", man.get("top_m"), cfg.top_m),
+                                ("--sampled-k / --sampled-temperature / --seed", man.get("sampled"), sampled),
                                 ("tokenizer fingerprint", man.get("tokenizer", {}).get("fingerprint"), self.tok_fp),
                                 ("teacher", man.get("teacher", {}).get("weights"), self.t_fp["weights"])):
             if have != want:
@@ -163,11 +172,13 @@ class Extraction:
 
     def save_manifest(self) -> None:
         cfg, t = self.cfg, self.teacher
-        write_manifest(self.mpath, "logits", config.to_dict(cfg), format=FORMAT, teacher=self.t_fp,
+        fmt = self.man["format"]
+        write_manifest(self.mpath, "logits", config.to_dict(cfg), format=fmt, teacher=self.t_fp,
                        teacher_vocab_size=t.vocab_size,
                        tokenizer={"fingerprint": self.tok_fp, "size": len(self.t_vocab), "file": VOCAB,
                                   "pieces": PIECES},
-                       top_m=cfg.top_m, dtype=DTYPES, stats=bytes_per_token(self.man["shards"]),
+                       top_m=cfg.top_m, sampled=self.man.get("sampled"),
+                       dtype=DTYPES if fmt == 2 else DTYPES_COMPACT, stats=bytes_per_token(self.man["shards"]),
                        shards=self.man["shards"], examples=self.man["examples"],
                        **({"status": "interrupted" if self.interrupted else "incomplete" if self.failed else
                            "complete", "failures": self.failed,
@@ -189,8 +200,13 @@ class Extraction:
         b = data.collate(todo, idx, data.pad_id_of(self.teacher.tokenizer))
         tic = time.perf_counter()
         start = min(first_target(todo[i].prompt_len) for i in idx)
-        # the top-M and the log-probability of each actual next token (the span signal across tokenizers)
-        sc = self.teacher.score(b.tokens, self.cfg.top_m, start, lengths=b.lengths)
+        if self.cfg.sampled_k:  # N draws per position, keyed by the seed and each example's id
+            rngs = [codec.example_seed(self.cfg.seed, todo[i].id) for i in idx]
+            spans = [(first_target(todo[i].prompt_len) - start, len(todo[i].tokens) - 1 - start) for i in idx]
+            sc = self.teacher.sample(b.tokens, self.cfg.sampled_k, self.cfg.sampled_temperature, start, rngs,
+                                     spans, lengths=b.lengths)
+        else:  # the top-M and the log-probability of each actual next token (the span signal across tokenizers)
+            sc = self.teacher.score(b.tokens, self.cfg.top_m, start, lengths=b.lengths)
         self.t_model += time.perf_counter() - tic
         lost = self.teacher.failures if self.remote else {}
         for r, i in enumerate(idx):
@@ -199,7 +215,8 @@ class Extraction:
                 self.failed[e.id] = lost[r]
                 continue
             lo, hi = first_target(e.prompt_len) - start, len(e.tokens) - 1 - start
-            self.writer.add(e, sc.ids[r, lo:hi], sc.logprobs[r, lo:hi], sc.token_logprobs[r, lo:hi])
+            self.writer.add(e, sc.ids[r, lo:hi], sc.logprobs[r, lo:hi], sc.token_logprobs[r, lo:hi],
+                            sc.counts[r, lo:hi] if self.cfg.sampled_k else None)
             self.n_pos += hi - lo
             self.n_fwd += len(e.tokens) - 1
         self.n_tried += len(idx)
@@ -261,7 +278,8 @@ class Extraction:
                 kinds["not tried (stopped)"] = len(todo) - self.n_tried
             summary.update(failed=sum(kinds.values()), failures=dict(kinds), servers=self.teacher.server_stats())
         self.say(f"stored {len(self.man['examples'])} examples, {stats['positions']} completion positions | "
-                 f"{stats['payload_bytes_per_token']:.0f} bytes/token (ids + float16 log-probs; "
+                 f"{stats['payload_bytes_per_token']:.0f} bytes/token (ids + log-probs, format {self.man['format']}"
+                 f"{', sampled N=' + str(self.cfg.sampled_k) if self.cfg.sampled_k else ''}; "
                  f"{stats['file_bytes_per_token']:.1f} with the scored token ids and headers) | "
                  f"{summary['tokens_per_sec']} completion tokens/s ({summary['forward_tokens_per_sec']} forward "
                  "tokens/s)")

@@ -338,7 +338,8 @@ class Planner:
         `losses.kd_loss` reads them: ``spans``: kd_span_logp, kd_span_len (at each span's last
         position) and kd_span_in (B, L-1); ``uld``: kd_uld (B, L-1), its positions holding the
         teacher's sorted top-K log-probabilities with id -1."""
-        k = self.m if top_k is None else int(top_k)
+        sampled = bool(getattr(self.source, "sampled", None))  # a sampled store: every drawn id, with counts
+        k = self.m if top_k is None or sampled else int(top_k)
         if k > self.m:
             raise InputError(f"--kd-top-k {k} > M={self.m} stored in {self.label}; lower --kd-top-k or re-extract "
                              f"with --top-m >= {k}")
@@ -346,6 +347,8 @@ class Planner:
             raise RuntimeError("check(...) must run before batch_arrays")
         B, L = batch.tokens.shape
         out = {"kd_ids": np.zeros((B, L - 1, k), np.int32), "kd_logits": np.full((B, L - 1, k), -np.inf, np.float32)}
+        if sampled:  # `losses.sampled_kd_loss`: kd_logits hold log p_T of each drawn id
+            out["kd_counts"] = np.zeros((B, L - 1, k), np.float32)
         if self.mode == "spans":
             out.update(kd_span_logp=np.zeros((B, L - 1), np.float32), kd_span_len=np.zeros((B, L - 1), np.int32),
                        kd_span_in=np.zeros((B, L - 1), np.float32))
@@ -368,6 +371,9 @@ class Planner:
             order = np.argsort(-lps, axis=-1, kind="stable")[:, :k]  # slots are sorted; re-sort after drops
             out["kd_ids"][r, t] = np.maximum(np.take_along_axis(ids, order, -1), 0)
             out["kd_logits"][r, t] = np.take_along_axis(lps, order, -1)
+            if "kd_counts" in out:
+                c = np.where(ids >= 0, self.source.counts(eid)[rows], 0)
+                out["kd_counts"][r, t] = np.take_along_axis(c, order, -1)
         if self.mode == "spans" and len(p["span_end"]):
             # the teacher's sequence log-probability of each span's text: its tokens' sum
             act = self.source.token_logprobs(eid).astype(np.float64)

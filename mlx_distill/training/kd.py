@@ -60,6 +60,27 @@ def _online(cfg: TrainConfig, examples_by_split: dict, tokenizer, v: int):
     return src, False
 
 
+def _check_sampled(cfg: TrainConfig, src: TopMStore, tokenizer) -> None:
+    """A sampled store (`logits --sampled-k`) trains with `losses.sampled_kd_loss` only: forward KL at
+    the temperature it was drawn at, with the teacher's own tokenizer, off-policy."""
+    s = src.sampled
+    if cfg.kd_kind != "forward":
+        raise InputError(f"--kd-kind {cfg.kd_kind} with the sampled store {cfg.kd_dir}: its draws estimate "
+                         "E_teacher[...] (forward KL) without bias, but reverse KL and JSD weigh the student's own "
+                         "mass on ids the teacher never drew; use --kd-kind forward, or a top-M store")
+    if abs(cfg.kd_temperature - float(s["temperature"])) > 1e-9:
+        raise InputError(f"--kd-temperature {cfg.kd_temperature}: the sampled store {cfg.kd_dir} was drawn at "
+                         f"T={s['temperature']}, and the estimator is unbiased only at that temperature; pass "
+                         f"--kd-temperature {s['temperature']} (or re-extract with --sampled-temperature)")
+    if cfg.on_policy_fraction > 0:
+        raise InputError(f"--on-policy-fraction with the sampled store {cfg.kd_dir}: rollouts need a teacher that "
+                         "scores them (--kd-teacher); a store only holds the corpus")
+    if src.resolve_mode(tokenizer, cfg.kd_align) != "exact":
+        raise InputError(f"the sampled store {cfg.kd_dir} needs the student's tokenizer: across tokenizers the "
+                         "draws the student cannot spell would be dropped and the estimate biased; use a top-M "
+                         "store (`logits` without --sampled-k) for cross-family KD")
+
+
 def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: int | None = None):
     """Open cfg.kd_dir and check it against the student's examples (called by `train`), or
     load the online teacher (cfg.kd_teacher). Coverage is enforced on the train split; other
@@ -78,7 +99,9 @@ def kd_setup(cfg: TrainConfig, examples_by_split: dict, tokenizer, vocab_size: i
             return src
     else:
         src = TopMStore(cfg.kd_dir)
-        if cfg.kd_top_k > src.m:
+        if src.sampled:
+            _check_sampled(cfg, src, tokenizer)
+        elif cfg.kd_top_k > src.m:
             raise InputError(f"--kd-top-k {cfg.kd_top_k} > M={src.m} stored in {cfg.kd_dir}; lower --kd-top-k "
                              f"or re-extract with --top-m >= {cfg.kd_top_k}")
     for split, exs in examples_by_split.items():

@@ -79,6 +79,15 @@ def sampled_kd_loss(student_logits, teacher_ids, teacher_logp, counts, mask, tem
     return o.sum(per_pos * m), o.sum(m)
 
 
+def sampled_lm_losses(out, targets, mask, teacher_ids, teacher_logp, counts, temperature: float):
+    """`lm_losses` for a sampled store: (sft_sum, ntokens, kd_sum, kd_count) with the KD term from
+    `sampled_kd_loss`. A `SplitHead` (``--loss-chunk``) is applied whole here (its full logits)."""
+    logits = out.head(out.hidden) if hasattr(out, "head") and hasattr(out, "hidden") else out
+    s, n = sft_loss(logits, targets, mask)
+    k, nk = sampled_kd_loss(logits, teacher_ids, teacher_logp, counts, mask, temperature)
+    return s, n, k, nk
+
+
 # ----------------------------------------------------------------------------- top-K logit distillation
 KD_KINDS = ("forward", "reverse", "jsd")
 EMPTY_BELOW = -1e8  # a teacher logit at or below this (e.g. -inf) marks an empty slot

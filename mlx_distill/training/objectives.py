@@ -6,7 +6,7 @@ schedule helpers here, so neither imports the other for them."""
 import numpy as np
 
 from mlx_distill.config import TrainConfig
-from mlx_distill.training.losses import lm_losses
+from mlx_distill.training.losses import lm_losses, sampled_lm_losses
 
 
 def sft_objective(forward, split: bool = False):
@@ -58,9 +58,13 @@ def kd_objective(forward, cfg: TrainConfig, tail: bool = False, split: bool = Fa
                      "span_in": b["kd_span_in"]}
         if "kd_uld" in b:
             cross["uld"] = b["kd_uld"]
-        s, n, k, nk = lm_losses(out, b["targets"], b["mask"], kd=dict(
-            teacher_ids=b["kd_ids"], teacher_logits=b["kd_logits"], temperature=cfg.kd_temperature, kind=cfg.kd_kind,
-            tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta, **cross))
+        if "kd_counts" in b:  # a sampled store: the unbiased forward-KL estimator (`losses.sampled_kd_loss`)
+            s, n, k, nk = sampled_lm_losses(out, b["targets"], b["mask"], b["kd_ids"], b["kd_logits"], b["kd_counts"],
+                                            cfg.kd_temperature)
+        else:
+            s, n, k, nk = lm_losses(out, b["targets"], b["mask"], kd=dict(
+                teacher_ids=b["kd_ids"], teacher_logits=b["kd_logits"], temperature=cfg.kd_temperature,
+                kind=cfg.kd_kind, tail=tail, top_k=cfg.kd_top_k, beta=cfg.kd_beta, **cross))
         if "kd_scale" in b:
             scale = b["kd_scale"]
         else:
