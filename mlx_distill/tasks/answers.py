@@ -130,7 +130,7 @@ def grade(response: str, gold: str | int | float, kind: str, timeout: float | No
     `gold`: for ``gsm8k`` the dataset's answer (the text after ``####`` is used when present);
     for ``math`` the gold final answer (if it has a ``\\boxed{}``, its content is used).
     `timeout` (seconds; None = no limit) and `memory_mb` bound the grading worker that compares a
-    MATH-style pair (``tasks.grading``); thread-safe.
+    MATH-style pair (``tasks.grading``; ``memory_mb=0``: in this process, unbounded); thread-safe.
     """
     kind = normalise_kind(kind)
     final = final_text(response)

@@ -358,6 +358,9 @@ def judge(pred: str, gold: str) -> tuple[str, str, str]:
     if lp and lg:  # single letters (choices, constants): case matters
         return ("correct" if lp.group(1) == lg.group(1) else "wrong"), "string", ""
     cp, cg = canonical(pred), canonical(gold)
+    m = re.match(r"^\s*([A-Za-z](?:_\{?\w+\}?)?)\s*=\s*(.+)$", cp)
+    if m and "=" not in cg and "=" not in m.group(2):  # "x = 10,\!080" against "10,\!080": no name to agree on
+        return judge(m.group(2), gold)
     m = _ONE_LETTER_UNIT.match(cp)
     if m and not re.search(r"[A-Za-z]", cg):  # "25 m^2" against a plain number: a one-letter unit
         cp = m.group(1)

@@ -323,11 +323,14 @@ if hasattr(os, "register_at_fork"):
 def math_equal(pred: str, gold: str, timeout: float | None = DEFAULT_TIMEOUT,
                memory_mb: int = DEFAULT_MEMORY_MB) -> tuple[str, str, str]:
     """(status, method, reason) of a MATH-style answer pair: the string check here, the rest in a
-    worker (``equivalence.judge``) under the time and memory limits."""
+    worker (``equivalence.judge``) under the time and memory limits. ``memory_mb=0``: compare in this
+    process without any limit (the path before the pool: for debugging and scripts/bench_grading.py)."""
     if strings_equal(pred, gold):
         return "correct", "string", ""
     if len(pred) > MAX_ANSWER_CHARS:
         return "invalid", "string", "unparsable"
+    if not memory_mb:
+        return equivalence.judge(pred, gold)
     if too_large(pred):
         return "invalid", "precheck", "too large"
     try:
