@@ -12,6 +12,11 @@ kind x scope; every counted disagreement is listed (gold, response, expected, go
 Cases not counted (a non-default option of the reference grader, a decimal comma, a gold with
 several boxes, or a debatable verdict) are reported apart, for information only.
 
+Then (unless ``--no-plain``) it reports where ``answers.grade`` and plain ``math_verify.verify`` (parse
+both, default options) disagree, and which side the expectation backs: on the suite's counted cases,
+and on a seeded sample of the metamorphic set (``tasks.rewrites`` over the MATH-500 and GSM8K test golds
+from ``MLX_DISTILL_DATA``: equivalents expected correct, near misses expected not).
+
 Exits 1 when the agreement on counted cases is below ``--target``, 2 when the file cannot be read.
 The cases are data of another project: they are read from where the user has them, never copied
 into this repository.
@@ -70,6 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per math-verify call (answers.grade)")
     ap.add_argument("--show-uncounted", action="store_true", help="also list disagreements on uncounted cases")
     ap.add_argument("--width", type=int, default=160, help="characters shown of each gold / response")
+    ap.add_argument("--no-plain", action="store_true",
+                    help="skip the comparison with plain math_verify.verify (suite and metamorphic set)")
+    ap.add_argument("--metamorphic-sample", type=int, default=2000,
+                    help="metamorphic cases compared with plain math-verify (seeded sample; 0 = all)")
+    ap.add_argument("--show-plain", type=int, default=10, help="disagreements with plain math-verify listed")
     args = ap.parse_args(argv)
 
     path = args.cases or default_cases()
@@ -123,7 +133,66 @@ def main(argv=None) -> int:
         print(f"    extracted: {v.extracted!r}")
     print(f"\nagreement on counted cases: {a}/{n} = {rate:.1%} (target {args.target:.0%}): "
           f"{'PASS' if rate >= args.target else 'FAIL'}")
+    if not args.no_plain:
+        plain_disagreements("Math-Verify suite (counted cases)",
+                            [(c["id"], c["response"], c["gold"], c["kind"], bool(c["adjudicated_expected"]))
+                             for c in cases if c["counted"]], args)
+        data = os.environ.get("MLX_DISTILL_DATA")
+        if data:
+            plain_disagreements(f"metamorphic set (a seeded sample of {args.metamorphic_sample})",
+                                metamorphic_cases(Path(data), args.metamorphic_sample), args)
     return 0 if rate >= args.target else 1
+
+
+def metamorphic_cases(data: Path, sample: int) -> list[tuple]:
+    """(kind of rewrite, response, gold, answer kind, expected) from tasks.rewrites over the MATH-500 and
+    GSM8K test golds; a seeded sample (plain math-verify is slow on thousands of cases)."""
+    import random
+
+    from mlx_distill.tasks.answers import gsm8k_gold
+    from mlx_distill.tasks.rewrites import equivalents, near_misses
+
+    golds = [(json.loads(line)["answer"], "math") for line in open(data / "math500" / "test.jsonl")]
+    golds += [(gsm8k_gold(json.loads(line)["answer"]), "gsm8k") for line in open(data / "gsm8k" / "test.jsonl")]
+    out = [(k, r, g, kind, True) for g, kind in golds for k, r in equivalents(g, kind)]
+    out += [(k, r, g, kind, False) for g, kind in golds for k, r in near_misses(g, kind)]
+    random.Random(0).shuffle(out)
+    return out[:sample] if sample else out
+
+
+def plain_verify(response: str, gold: str) -> bool:
+    """Hugging Face math-verify as its README shows it: parse both, verify(gold, answer), default options."""
+    from math_verify import parse, verify
+
+    try:
+        return bool(verify(parse("\\boxed{" + str(gold) + "}"), parse(response)))
+    except Exception:  # noqa: BLE001 (its own timeout raises; counted as "not equal")
+        return False
+
+
+def plain_disagreements(title: str, cases: list[tuple], args) -> None:
+    """Where answers.grade and plain math_verify.verify disagree, and which of them the expectation backs."""
+    from mlx_distill.tasks import answers
+
+    t0 = time.perf_counter()
+    tally, shown = Counter(), []
+    for tag, response, gold, kind, expected in cases:
+        ours = answers.grade(response, gold, kind=kind, timeout=args.timeout).correct
+        plain = plain_verify(response, gold)
+        if ours == plain:
+            tally["agree"] += 1
+            continue
+        who = "grade right" if ours == expected else "math-verify right" if plain == expected else "both wrong"
+        tally[who] += 1
+        tally[f"{who} / {tag}"] += 1
+        if len(shown) < args.show_plain:
+            shown.append((tag, who, short(gold, 60), short(response, 90)))
+    print(f"\ngrade vs plain math_verify.verify on the {title}: {len(cases)} cases in "
+          f"{time.perf_counter() - t0:.0f} s")
+    for k, v in sorted(tally.items(), key=lambda kv: (" / " in kv[0], kv[0])):
+        print(f"  {k:<44}{v:>6}")
+    for tag, who, g, r in shown:
+        print(f"  - [{tag}] {who}: gold {g!r}  response {r!r}")
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ def test_no_number_from_words(response, gold, ok):
     ("\\frac{2}{3}", "0.6666666666667", True),
     ("\\frac{1}{7}", "0.142857142857", True),
     ("\\frac{1}{7}", "0.142857142858", False),
+    # an inequality in one variable is the interval it describes
+    ("x>3", "(3,\\infty)", True),
+    ("x \\geq -1", "[-1,\\infty)", True),
+    ("1 < x \\le 2", "(1,2]", True),
+    ("x>3", "[3,\\infty)", False),
+    ("y>2x", "(2,\\infty)", False),
     # case is kept
     ("E", "e", False),
     ("B", "b", False),

@@ -240,6 +240,27 @@ def _sqrt_plain(s: str) -> str:
     return "".join(out)
 
 
+_LT = r"(<|\\lt|\\leq?|\\leqslant|≤|<=)"
+_GT = r"(>|\\gt|\\geq?|\\geqslant|≥|>=)"
+
+
+def _inequality_to_interval(s: str) -> str:
+    """``x > 3`` -> ``(3,\\infty)``, ``x \\leq 3`` -> ``(-\\infty,3]``, ``1 < x \\le 2`` -> ``(1,2]`` (one
+    variable, numbers or expressions without another comparison): the same set written as an interval."""
+    closed = lambda op: "<=" in op or "le" in op or "ge" in op or op in "≤≥" or ">=" in op  # noqa: E731
+    if re.search(r"[A-Za-z].*[<>≤≥\\].*[A-Za-z]", re.sub(r"\\(?:[lg]eq?|[lg]t|[lg]eqslant|infty|pi|sqrt|frac)", "<", s)):
+        return s  # a bound with a variable in it (y > 2x): not an interval of numbers
+    m = re.fullmatch(rf"\s*([^<>=≤≥\\]+?|\\[A-Za-z]+)\s*{_LT}\s*([A-Za-z])\s*{_LT}\s*([^<>=≤≥]+?)\s*", s)
+    if m:
+        return f"{'[' if closed(m.group(2)) else '('}{m.group(1)},{m.group(5)}{']' if closed(m.group(4)) else ')'}"
+    m = re.fullmatch(rf"\s*([A-Za-z])\s*(?:{_GT}|{_LT})\s*([^<>=≤≥]+?)\s*", s)
+    if m:
+        if m.group(2):
+            return f"{'[' if closed(m.group(2)) else '('}{m.group(4)},\\infty)"
+        return f"(-\\infty,{m.group(4)}{']' if closed(m.group(3)) else ')'}"
+    return s
+
+
 def canonical(s: str) -> str:
     """The general plain-text to LaTeX rewrite applied to both sides (see the module docstring)."""
     s = str(s).strip().replace("°", "^\\circ").replace("\\degree", "^\\circ").replace("−", "-")
@@ -253,6 +274,7 @@ def canonical(s: str) -> str:
     m = _MIXED.match(s)
     if m:
         s = f"{m.group(1)}\\left({m.group(2)}+\\frac{{{m.group(3)}}}{{{m.group(4)}}}\\right)"
+    s = _inequality_to_interval(s)
     m = _RIGHT_VAR.match(s)
     if m and m.group(2) not in re.sub(r"\\[A-Za-z]+", "", m.group(1)):
         s = f"{m.group(2)}={m.group(1)}"
