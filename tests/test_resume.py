@@ -232,3 +232,34 @@ def test_sigterm_with_sigint_ignored_checkpoints_exits_143_and_resumes(tiny_mode
     assert iters == list(range(31)), iters  # every step once (report every step), none duplicated
     assert json.loads((out / "manifest.json").read_text())["result"]["last_iter"] == 30
 
+
+def test_a_second_signal_stops_at_once(tiny_model, corpus, tmp_path):
+    """Two signals inside one micro-batch: the second raises at once (no step finished, no
+    checkpoint written, the handlers put back); --resume then says how to start over."""
+    real_step = MLXBackend.train_step
+
+    def two_signals_at_micro_4(self, arrays, update, micro=0):
+        if micro == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, arrays, update, micro=micro)
+
+    out = tmp_path / "run"
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    MLXBackend.train_step = two_signals_at_micro_4
+    try:
+        with pytest.raises(KeyboardInterrupt) as exc:
+            train.run(cfg_for(tiny_model, corpus, out), quiet=True)
+        after = {s: signal.getsignal(s) for s in found}
+    finally:
+        MLXBackend.train_step = real_step
+        for s, h in found.items():
+            signal.signal(s, h)
+    assert "stopped at once" in str(exc.value) and after == found
+    assert not (out / "checkpoints" / "last").exists()  # save_every 100: none yet, and none written mid-step
+    assert [r["iter"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    with pytest.raises(InputError, match=r"no checkpoint in .*stopped before its first one\); start over without "
+                                         r"--resume into a new --out \(or delete .*run first\)"):
+        train.run(cfg_for(tiny_model, corpus, out, resume=True), quiet=True)
+

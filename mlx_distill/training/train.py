@@ -197,7 +197,8 @@ def _check_run_folder(cfg: TrainConfig, out: Path) -> None:
     ckpt = out / "checkpoints" / "last"
     if cfg.resume:
         if not ckpt.is_dir() and not ckpt.with_name("last.old").is_dir():
-            raise InputError(f"{out}: --resume given but there is no checkpoint in {ckpt}")
+            raise InputError(f"{out}: --resume given but there is no checkpoint in {ckpt} (the run stopped before "
+                             f"its first one); {checkpoint_fix(ckpt).split(': ', 1)[1]}")
         # a damaged state.json: last.old when it is whole, else one error line (`io.read_complete_dir`)
         state = read_complete_dir(ckpt, lambda found: read_json(found / "state.json"), "checkpoint",
                                   checkpoint_fix(ckpt))
