@@ -1,7 +1,9 @@
 """Bad input tried as a new user would (issue 18 item 5): each case runs ``python -m mlx_distill ...``
 in a subprocess and must end with one ``error:`` line on stderr, a non-zero exit, no traceback
 and no temporary file left behind. The cases that are not errors (a problem eval cannot grade,
-``eval --limit`` onto a finished evaluation) assert what the user must see instead.
+``eval --limit`` onto a finished evaluation) assert what the user must see instead. (Issue 18's
+sixteenth case, `train` silent for 70 s when its output is not a terminal, is a timing question:
+not here.)
 
 A full disk and a folder without write permission are simulated by patching the one system
 call (ENOSPC from ``os.replace`` / ``os.fsync``, EACCES from ``tempfile.mkstemp``): the tests run
@@ -104,7 +106,9 @@ def test_train_option_out_of_range(tmp_path, corpus, tiny_model, flags, words):
 
 def test_yaml_integer_option_given_a_fraction(tmp_path, corpus, tiny_model):
     (tmp_path / "c.yaml").write_text("batch_size: 2.5\n")
-    p = run(tmp_path, *train_args(tiny_model, corpus, tmp_path / "run")[:-8], "-c", "c.yaml")
+    argv = [a for a in train_args(tiny_model, corpus, tmp_path / "run")]
+    del argv[argv.index("--batch-size"):argv.index("--batch-size") + 2]  # from the YAML file instead
+    p = run(tmp_path, *argv, "-c", "c.yaml")
     assert_error(p, tmp_path, "c.yaml: batch_size must be a whole number, got 2.5")
     assert not (tmp_path / "run").exists()
 
@@ -145,6 +149,16 @@ def test_train_out_under_a_regular_file(tmp_path, corpus, tiny_model):
 def test_train_out_on_a_full_disk_leaves_no_temp_file(tmp_path, corpus, tiny_model):
     p = run(tmp_path, *train_args(tiny_model, corpus, tmp_path / "run"), patch=("enospc-replace", tmp_path / "run"))
     assert_error(p, tmp_path, "No space left on device")
+
+
+def test_resume_after_a_truncated_checkpoint(tmp_path, corpus, tiny_model):
+    """(The fallback to the checkpoint before it, when there is one, is tests/test_resume.py's.)"""
+    out = tmp_path / "run"
+    assert run(tmp_path, *train_args(tiny_model, corpus, out), "--save-every", "2").returncode == 0
+    ckpt = out / "checkpoints" / "last" / "adapters.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])  # cut short after it was written
+    p = run(tmp_path, *train_args(tiny_model, corpus, out), "--iters", "4", "--save-every", "2", "--resume", "--extend")
+    assert_error(p, tmp_path, "cannot read the checkpoint", "checkpoints/last")
 
 
 # ----------------------------------------------------------------------------- encodings, wrong kinds of input
@@ -225,3 +239,16 @@ def test_other_commands_out_under_a_regular_file(tmp_path, corpus, tiny_model, c
             "logits": ["logits", "--teacher", tiny_model, "--data", corpus, "--out", "afile/x"]}[command]
     p = run(tmp_path, *argv)
     assert_error(p, tmp_path, "afile is a file, not a folder")
+
+
+def test_kd_store_made_from_another_corpus(tmp_path, corpus, tiny_model):
+    """Says the store comes from another corpus (not: the prompt template)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    write_jsonl(other / "train.jsonl", arith_records(4, seed=5, start=500))
+    write_jsonl(other / "valid.jsonl", arith_records(2, seed=6, start=600))
+    assert run(tmp_path, "logits", "--teacher", tiny_model, "--data", other, "--out", "store",
+               "--max-seq-length", "128").returncode == 0
+    p = run(tmp_path, *train_args(tiny_model, corpus, tmp_path / "run"), "--kd", "store")
+    line = assert_error(p, tmp_path, "it was made from another corpus")
+    assert "template" not in line
