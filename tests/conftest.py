@@ -7,6 +7,7 @@ user's machine, and fail under CI (``CI=true``), where the data must be present.
 """
 
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +26,22 @@ if sys.platform.startswith("linux") and not blas.preloaded():
     warnings.warn(blas.INSTALL_HINT + " Run the tests through `make test` (it preloads OpenBLAS).")
 
 DATA = data_dir()
+
+
+@pytest.fixture(autouse=True)
+def _signal_dispositions_are_left_as_found():
+    """Whatever the launcher left (a terminal's default handler, or SIGINT ignored under
+    `setsid ... < /dev/null` and in CI: see .ci/run), every test must leave SIGINT and SIGTERM as it
+    found them: a command run in-process restores the handlers it replaced (mlx_distill.interrupts).
+    A test that leaks one fails here, and the next test still starts from the launcher's state."""
+    found = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    after = {s: signal.getsignal(s) for s in found}
+    for s, h in found.items():
+        signal.signal(s, h)
+    leaked = {signal.Signals(s).name: (found[s], h) for s, h in after.items() if h != found[s]}
+    if leaked:
+        pytest.fail(f"the test left signal handlers changed (found -> left): {leaked}")
 
 
 @pytest.fixture(scope="session")
