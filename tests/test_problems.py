@@ -165,3 +165,16 @@ def test_hugging_face_names_map_to_the_same_records(monkeypatch):
     assert len(m) == 7 and m[0]["answer"] == "3" and m[0]["meta"]["level"] == 2
     assert load_problems("HuggingFaceH4/MATH-500")[0]["id"] == "math500-test/algebra/1"
     assert load_problems("someone/comp")[0]["answer"] == "7"
+
+
+def test_a_csv_with_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
+    from mlx_distill.io import InputError
+    from mlx_distill.tasks.problems import _read_rows
+
+    bad = tmp_path / "set.csv"
+    bad.write_bytes(b"problem,answer\nWhat is 2+2?,4\ncaf\xe9 price?,5\n")
+    with pytest.raises(InputError, match=r"set.csv:3: not UTF-8"):
+        _read_rows(bad)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbfproblem,answer\nWhat is 2+2?,4\n")
+    assert _read_rows(bom) == [(f"{bom}:2", {"problem": "What is 2+2?", "answer": "4"})]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import re
@@ -43,7 +44,7 @@ from typing import Iterable, Optional
 
 from mlx_distill import tasks
 from mlx_distill.tasks.answers import boxed_content, gsm8k_gold
-from mlx_distill.io import InputError, iter_jsonl
+from mlx_distill.io import InputError, iter_jsonl, read_text
 
 DATA_ENV = "MLX_DISTILL_DATA"
 FIGURE_FIELDS = ("figure", "has_figure", "needs_figure", "requires_figure", "diagram", "image")
@@ -187,7 +188,8 @@ def _read_rows(path: Path) -> list[tuple[str, dict]]:
     if not path.is_file():
         raise InputError(f"{path}: problems file not found")
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        text = read_text(path)  # a byte that is not UTF-8: FILE:LINE: not UTF-8
+        with io.StringIO(text[1:] if text.startswith("\ufeff") else text, newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames:
                 raise InputError(f"{path}: empty CSV (expected a header with problem,answer[,year,figure])")
