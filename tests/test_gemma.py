@@ -123,7 +123,12 @@ def test_turn_template_and_prompt_mask(gemma3):
 
 # ----------------------------------------------------------------------------- the independent reader
 PROMPTS = ["The capital of France is", "Question: 12 + 30 = ?\nAnswer:", "def add(a, b):\n    return"]
-LOGPROB_ATOL = 0.02  # float32 both sides; measured max |diff| over the top-20 ~0.004 (summation order)
+# float32 both sides; measured max |diff| over the top-20 at every position: 0.012 / 0.019 / 0.020 on the
+# three prompts (last positions ~0.004); top-1 equal everywhere
+LOGPROB_ATOL = 0.05
+# MLX 4-bit blocks vs float32, KL(float32 || 4-bit) averaged over every position: measured 0.17 / 0.26 / 0.30
+# nat (top-1 agreement 64-80%): 4-bit costs a 270M model this much; QLoRA trains on top of it
+KL_4BIT_MAX = 0.5
 
 
 def log_softmax(x):
@@ -137,7 +142,7 @@ def test_matches_transformers_gguf_reader(gemma3, gemma3_4bit):
     """transformers (>= 5) reads the same GGUF with its own code: same token ids on every text,
     and the same next-token log-probabilities (top-20 of its distribution, within LOGPROB_ATOL) at
     every position of three prompts. The MLX 4-bit model stays close to the float32 one
-    (mean KL at the last position < 0.1 nat). ~3 min on an idle 2-core CPU (the GGUF tokenizer's
+    (mean KL over the positions < KL_4BIT_MAX). ~3 min on an idle 2-core CPU (the GGUF tokenizer's
     merges and the torch dequantization dominate)."""
     import mlx.core as mx
     import torch
@@ -163,6 +168,6 @@ def test_matches_transformers_gguf_reader(gemma3, gemma3_4bit):
         print(f"{p!r}: max |log p diff| over top-20 = {diff:.5f}")
         assert diff < LOGPROB_ATOL, (p, diff)
         assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
-        kls.append(float((np.exp(got[-1]) * (got[-1] - got4[-1])).sum()))
-    print(f"4-bit vs float32 KL at the last position: {kls}")
-    assert np.mean(kls) < 0.1, kls
+        kls.append(float((np.exp(got) * (got - got4)).sum(-1).mean()))
+    print(f"4-bit vs float32 KL, mean over positions: {kls}")
+    assert max(kls) < KL_4BIT_MAX, kls
