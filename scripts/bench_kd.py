@@ -1,5 +1,6 @@
-"""KD cost: one SFT+KD training step vs one SFT step on the same batch, through the trainer's
-real batch path, and teacher top-M extraction throughput and bytes/token, side by side in one run.
+"""KD cost and store size: one SFT+KD training step per teacher store vs one SFT step on the same
+batch, through the trainer's real batch path, with each store's bytes/token, its decoding cost and
+the KD loss it gives, side by side in one run.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \
         python scripts/bench_kd.py --model smollm2 --teacher smollm2 --n 48 --batch-size 4 --steps 8 --out runs/bench_kd
@@ -10,22 +11,27 @@ real batch path, and teacher top-M extraction throughput and bytes/token, side b
 Data: the first --n training records of --data: a corpus folder or JSONL file, by default
 corpora/demo (written first with `python -m mlx_distill corpus synth --out corpora/demo` when
 missing), or ``gsm8k`` for the GSM8K training problems of the data setting (MLX_DISTILL_DATA)
-with their reference solutions as traces. The teacher re-scores them with `mlx_distill logits`
-(M = --top-m); the student (LoRA on 16 blocks, the trainer's own compiled step from
-`backends/mlx.py`) then runs SFT steps and SFT+KD steps (K = --top-k, T = 2, forward KL,
-alpha = 0.35) on the *same* batch, alternating so that any drift in machine load hits both.
-Target (issue 4): KD step <= 1.15 x SFT step.
+with their reference solutions as traces.
 
-Each step gets its arrays the way `train` builds them: ``data.batch_arrays`` (+ the store's
-``TopMStore.batch_arrays`` gather, ``kd_alpha`` and the step's ``kd_scale`` for KD), then
-``data.trim_prompt``, which drops the prompt columns every row masks, so the step is timed on
-the shapes the trainer really runs. Prints the median step seconds of each and their ratio,
-for the compiled step alone and with that host-side preparation; extraction completion
-tokens/s and bytes per completion token (payload: int32 ids + float16 log-probs, and the
-whole files including the scored token ids).
+Stores (--arms, default ``2,3,s12,s24``): the teacher re-scores the records with `mlx_distill
+logits` once per arm: ``2`` the format-2 top-M store (int32 ids + float16 log-probs), ``3`` the
+compact format-3 top-M store (`teacher.codec`), ``sN`` a sampled store of N draws per position
+(`logits --sampled-k N`, T = 2). The student (LoRA on 16 blocks, the trainer's own compiled step
+from `backends/mlx.py`) runs SFT steps and SFT+KD steps of every arm (K = --top-k for top-M
+stores, every draw for sampled ones, T = 2, forward KL, alpha = 0.35) on the *same* batch,
+alternating the order so that drift in machine load hits all arms.
+
+Each step gets its arrays the way `train` builds them: ``data.batch_arrays`` + the store's
+``batch_arrays`` gather, ``kd_alpha`` and the step's ``kd_scale``, then ``data.trim_prompt``.
+Printed per arm: bytes per completion token in the files (and the ratio to the first arm), the
+median KD step, its ratio to the SFT step, the warm prep (gather) time, the decode time (the
+gather with every shard opened and decoded from its file again, minus the warm gather) and that
+cold gather as a share of the KD step (target <= 3%), and the KD loss of the untrained student on
+the batch (forward only, before any step).
 """
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -87,6 +93,10 @@ def main():
     ap.add_argument("--top-m", type=int, default=25)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--steps", type=int, default=8, help="timed steps of each kind (after 2 warm-up steps each)")
+    ap.add_argument("--arms", default="2,3,s12,s24", help="stores compared: 2 / 3 (top-M store of that format), "
+                    "sN (sampled store, N draws); the first is the reference (default: %(default)s)")
+    ap.add_argument("--stores", default="", help="ARM=DIR,...: stores already extracted by `logits` from --data "
+                    "(the same records and rendering), used instead of extracting those arms again")
     ap.add_argument("--out", default="runs/bench_kd")
     args = ap.parse_args()
     from mlx_distill import blas
@@ -116,40 +126,61 @@ def main():
         args.model, args.teacher = (tiny if m == "tiny" else m for m in (args.model, args.teacher))
     print(f"blas: {blas.status()}")
 
-    # ---------------------------------------------------------------- extraction
-    lcfg = build(LogitsConfig, dict(teacher=args.teacher, data=str(corpus), out=str(out / f"logits-{time.time_ns()}"),
-                                    top_m=args.top_m, batch_size=args.batch_size, max_seq_length=1024))
-    ex = extract(lcfg, quiet=True)
-    print(f"extraction  teacher {args.teacher}, {ex['examples']} examples, {ex['positions']} completion tokens: "
-          f"{ex['tokens_per_sec']} completion tokens/s ({ex['forward_tokens_per_sec']} forward tokens/s) | "
-          f"{ex['payload_bytes_per_token']:.1f} bytes/token payload (target <= 150 for M = 25), "
-          f"{ex['file_bytes_per_token']:.1f} bytes/token in files (with scored token ids, headers)")
+    # ---------------------------------------------------------------- extraction: one store per arm
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    stores = {}
+    given = dict(x.split("=", 1) for x in args.stores.split(",") if x)
+    for arm in arms:  # "2" / "3": top-M store of that format; "sN": sampled store, N draws (format 3)
+        if arm in given:  # a store made before by `logits` from these records (the manifest has its stats)
+            st = json.loads((Path(given[arm]) / "manifest.json").read_text())["stats"]
+            stores[arm] = (given[arm], st)
+            print(f"store       {arm_name(arm, args.top_m)}: {given[arm]} (given) | {st['payload_bytes_per_token']:.1f} "
+                  f"B/token payload, {st['file_bytes_per_token']:.1f} B/token in files")
+            continue
+        kw = dict(sampled_k=int(arm[1:])) if arm.startswith("s") else dict(store_format=int(arm))
+        lcfg = build(LogitsConfig, dict(teacher=args.teacher, data=str(corpus), out=str(out / f"logits-{arm}-"
+                                        f"{time.time_ns()}"), top_m=args.top_m, batch_size=args.batch_size,
+                                        max_seq_length=1024, **kw))
+        ex = extract(lcfg, quiet=True)
+        stores[arm] = (lcfg.out, ex)
+        print(f"extraction  {arm_name(arm, args.top_m)}: teacher {args.teacher}, {ex['examples']} examples, "
+              f"{ex['positions']} completion tokens, {ex['tokens_per_sec']} completion tokens/s | "
+              f"{ex['payload_bytes_per_token']:.1f} B/token payload, {ex['file_bytes_per_token']:.1f} B/token in files")
 
-    # ---------------------------------------------------------------- step timing
+    # ---------------------------------------------------------------- the student, one batch
     cfg = build(TrainConfig, dict(model=args.model, data=str(corpus), out=str(out / "run"), batch_size=args.batch_size,
-                                  max_seq_length=1024, kd_dir=lcfg.out, kd_top_k=args.top_k, lora_layers=16,
+                                  max_seq_length=1024, kd_dir=stores[arms[0]][0], kd_top_k=args.top_k, lora_layers=16,
                                   warmup=0, val_fraction=0.0))
     backend = get_backend(cfg)
     _, tok = backend.load()
     examples = data.load_examples(cfg, tok, "train")
     backend.prepare()
     backend.init_optimizer()
-    store = kd_setup(cfg, {"train": examples}, tok)
     stream = data.BatchStream(examples, cfg.batch_size, cfg.seed, data.pad_id_of(tok))
     b = stream.at(len(stream) // 2)  # a mid-length batch
+    srcs = {arm: kd_setup(dataclasses.replace(cfg, kd_dir=stores[arm][0]), {"train": examples}, tok) for arm in arms}
 
     # the trainer's batch path (train.py, batch_for; one micro-batch per optimizer step)
     def sft_arrays():
         return data.trim_prompt(data.batch_arrays(b), b)
 
-    def kd_arrays():
-        a = {**data.batch_arrays(b), **store.batch_arrays(b, cfg.kd_top_k)}
+    def kd_arrays(arm, cold=False):
+        if cold:  # decode from the files again: the cost a shuffled run over a large store pays
+            srcs[arm]._shards.clear()
+        a = {**data.batch_arrays(b), **srcs[arm].batch_arrays(b, cfg.kd_top_k)}
         a["kd_alpha"] = np.array(cfg.kd_alpha, dtype=np.float32)
         a["kd_scale"] = np.array(objectives.kd_step_scale([a])[0], dtype=np.float32)  # N / N_KD of the step
         return data.trim_prompt(a, b)
 
+    objs = {"sft": sft_objective(backend.forward), "kd": kd_objective(backend.forward, cfg)}
+    # the KD loss of the untrained student on this batch, per arm (forward only, before any step)
+    kd_loss_at = {}
+    for arm in arms:
+        _, _, parts = objs["kd"](backend.model, backend.to_arrays(kd_arrays(arm)))
+        kd_loss_at[arm] = float(parts["kd_loss"]) / max(float(parts["kd_positions"]), 1.0)
+
     steps = {}
-    for name, obj in (("sft", sft_objective(backend.forward)), ("kd", kd_objective(backend.forward, cfg))):
+    for name, obj in objs.items():
         backend.build_step(obj)
         steps[name] = backend._step
 
@@ -159,33 +190,50 @@ def main():
         r = backend.train_step(arrays, update=True)
         return time.perf_counter() - t, r
 
-    sft_a, kd_a = sft_arrays(), kd_arrays()
+    warm = {arm: kd_arrays(arm) for arm in arms}
     for _ in range(2):  # compile + warm caches
-        run("sft", sft_a)
-        run("kd", kd_a)
-    times = {"sft": [], "kd": [], "sft_prep": [], "kd_prep": []}
-    for _ in range(args.steps):
-        for name, prepare in (("sft", sft_arrays), ("kd", kd_arrays)):
+        run("sft", sft_arrays())
+        for arm in arms:
+            run("kd", warm[arm])
+    times = {k: [] for k in ["sft", "sft_prep"] + [f"kd{a}" for a in arms] + [f"kd{a}_prep" for a in arms]
+             + [f"kd{a}_cold" for a in arms]}
+    for i in range(args.steps):
+        t = time.perf_counter()
+        a = sft_arrays()
+        times["sft_prep"].append(time.perf_counter() - t)
+        times["sft"].append(run("sft", a)[0])
+        for arm in (arms if i % 2 == 0 else arms[::-1]):  # alternate the order: drift in load hits all arms
             t = time.perf_counter()
-            a = prepare()
-            times[f"{name}_prep"].append(time.perf_counter() - t)
-            dt, r = run(name, a)
-            times[name].append(dt)
+            a = kd_arrays(arm)
+            times[f"kd{arm}_prep"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            kd_arrays(arm, cold=True)
+            times[f"kd{arm}_cold"].append(time.perf_counter() - t)
+            times[f"kd{arm}"].append(run("kd", a)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
-    with_prep = {k: statistics.median(s + p for s, p in zip(times[k], times[f"{k}_prep"])) for k in ("sft", "kd")}
-    rows, width = kd_a["inputs"].shape
+    rows, width = warm[arms[0]]["inputs"].shape
     print(f"step timing  model {args.model}, batch {b.tokens.shape[0]}x{b.tokens.shape[1]} ({b.ntokens} completion "
-          f"tokens; the step sees inputs {rows}x{width}, logits for the last {kd_a['targets'].shape[1]} positions), "
-          f"vocab {store.student_vocab}, M={store.m} K={cfg.kd_top_k}, {args.steps} alternating steps, median:")
-    print(f"  SFT step            {med['sft'] * 1e3:8.1f} ms")
-    print(f"  SFT+KD step         {med['kd'] * 1e3:8.1f} ms   ratio {med['kd'] / med['sft']:.3f}x (target <= 1.15x)")
-    print(f"  with batch prep     {with_prep['sft'] * 1e3:8.1f} ms vs {with_prep['kd'] * 1e3:.1f} ms   ratio "
-          f"{with_prep['kd'] / with_prep['sft']:.3f}x (prep: SFT {med['sft_prep'] * 1e3:.2f} ms, "
-          f"KD {med['kd_prep'] * 1e3:.2f} ms)")
-    nk = r.get("kd_positions") or r["ntokens"]
-    print(f"  last KD step: sft_loss {r['sft_loss'] / r['ntokens']:.4f} per completion token, "
-          f"kd_loss {r['kd_loss'] / max(nk, 1):.4f} per {'teacher-covered position' if 'kd_positions' in r else 'token'}")
+          f"tokens; the step sees inputs {rows}x{width}), vocab {srcs[arms[0]].student_vocab}, K={cfg.kd_top_k} "
+          f"(sampled: every draw), T={cfg.kd_temperature}, {args.steps} alternating steps, median:")
+    print(f"  SFT step                  {med['sft'] * 1e3:8.1f} ms   (prep {med['sft_prep'] * 1e3:.2f} ms)")
+    base = stores[arms[0]][1]["file_bytes_per_token"]
+    print(f"  {'store':<22}{'B/token':>9}{'vs first':>16}{'KD step ms':>12}"
+          f"{'KD/SFT':>8}{'prep ms':>9}{'decode ms':>11}{'decode %':>10}{'KD loss':>10}")
+    for arm in arms:
+        ex = stores[arm][1]
+        step = med[f"kd{arm}"] + med[f"kd{arm}_prep"]
+        decode = max(med[f"kd{arm}_cold"] - med[f"kd{arm}_prep"], 0.0)  # cold gather - warm gather
+        print(f"  {arm_name(arm, args.top_m):<22}{ex['file_bytes_per_token']:>9.1f}"
+              f"{base / ex['file_bytes_per_token']:>15.2f}x{med[f'kd{arm}'] * 1e3:>12.1f}"
+              f"{med[f'kd{arm}'] / med['sft']:>8.3f}{med[f'kd{arm}_prep'] * 1e3:>9.2f}{decode * 1e3:>11.2f}"
+              f"{100 * med[f'kd{arm}_cold'] / step:>9.2f}%{kd_loss_at[arm]:>10.4f}")
+    print("  (decode %: the cold gather, every shard decoded from its file again, as a share of a warm KD step "
+          "with its prep; KD loss: forward KL per covered position of the untrained student on this batch)")
     print(f"  peak memory {mx.get_peak_memory() / 1e9:.2f} GB")
+
+
+def arm_name(arm: str, m: int) -> str:
+    return f"sampled N={arm[1:]}" if arm.startswith("s") else f"format {arm} top-{m}"
 
 
 if __name__ == "__main__":
