@@ -12,13 +12,16 @@ from mlx_distill.backends.distributed import SINGLE, Group
 @dataclass
 class SplitHead:
     """A student's output before its LM head, for losses that apply the head `chunk` positions at
-    a time (`training.losses.lm_losses`): at most `chunk` x vocabulary logits exist at once, and
-    `checkpoint(fn)` makes each chunk's backward recompute its logits instead of keeping them."""
+    a time (`training.losses.lm_losses`). ``run(piece, x, bounds)`` evaluates ``piece(x[:, lo:hi], j)``
+    (a tuple of arrays) for each chunk ``j = (lo, hi)`` of `bounds` and returns all their outputs in
+    one flat list, so that each chunk's logits are made, reduced and dropped before the next chunk's,
+    in the forward and in the backward pass (which recomputes them): `backends.mlx.run_chunks`,
+    `backends.torch.run_chunks`."""
 
     hidden: Any  # (B, T, D) final hidden states (after the last norm) of the positions that get logits
     head: Callable  # (1, C, D) -> (1, C, V) logits, soft-capping included where the model has it
     chunk: int  # positions per chunk
-    checkpoint: Callable  # fn -> fn with the same outputs whose backward recomputes (mx.checkpoint, torch's)
+    run: Callable  # (piece, x, bounds) -> flat list of every chunk's outputs
 
 
 @runtime_checkable

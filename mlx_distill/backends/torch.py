@@ -55,6 +55,17 @@ BETAS, EPS = (0.9, 0.999), 1e-8  # mlx.optimizers.AdamW defaults
 
 
 
+def run_chunks(piece, x, bounds):
+    """`SplitHead.run` on torch: eager, so the chunks run in turn; each under activation
+    checkpointing, so the backward recomputes one chunk's logits at a time instead of keeping all."""
+    from torch.utils.checkpoint import checkpoint
+
+    outs = []
+    for j, (lo, hi) in enumerate(bounds):
+        outs.extend(checkpoint(piece, x[:, lo:hi], j, use_reentrant=False))
+    return outs
+
+
 def lr_at(cfg, step: int) -> float:
     """Learning rate of update number ``step + 1`` (0-based ``step``): `MLXBackend.schedule`
     in closed form. Warm-up step s gets lr*(s+1)/warmup; then cosine / linear / constant
@@ -245,11 +256,6 @@ class TorchBackend(BackendBase):
             self.loss_chunk = 0
         return found
 
-    def _checkpoint(self, fn):
-        from torch.utils.checkpoint import checkpoint
-
-        return lambda *args: checkpoint(fn, *args, use_reentrant=False)
-
     def parameter_counts(self) -> dict:
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for _, p, _ in self.params)
@@ -262,7 +268,7 @@ class TorchBackend(BackendBase):
             decoder, head = self._split
             h = decoder(input_ids=inputs, use_cache=False).last_hidden_state
             return SplitHead(h if keep is None or keep >= inputs.shape[1] else h[:, -keep:], head, self.loss_chunk,
-                             self._checkpoint)
+                             run_chunks)
         if keep is None or keep >= inputs.shape[1]:
             return model(input_ids=inputs, use_cache=False).logits
         return model(input_ids=inputs, use_cache=False, logits_to_keep=keep).logits

@@ -305,8 +305,8 @@ def lm_losses(out, targets, mask, kd: dict | None = None):
     B*T positions are taken `chunk` at a time: the head makes that chunk's logits, `sft_loss` and
     `kd_loss` sum over it, and the sums add up (the same (sum, count) as the whole batch; float32
     reduction order aside). Each chunk runs under the backend's checkpoint, so its backward
-    recomputes its logits: at most `chunk` x V logits (and their softmax) are alive at once, forward
-    and backward, instead of B*T x V.
+    recomputes its logits: memory grows with `chunk` x V, not with B*T x V (`SplitHead.run`: in MLX
+    a few chunks are in flight at once).
 
     The one term not local to a position, the span KL across tokenizers, needs the student's
     log-probability of its own token over each span's positions, which a chunk border may cut: each
@@ -340,7 +340,13 @@ def lm_losses(out, targets, mask, kd: dict | None = None):
     h = flat(out.hidden)
     arrays = {k: flat(v) for k, v in per_pos.items()}
 
-    def piece(h_c, a):
+    bounds = [(i, min(i + out.chunk, B * T)) for i in range(0, B * T, out.chunk)]
+    # the batch's arrays enter as constants (closure), the hidden states as the one input: no
+    # cotangent is asked of token ids (MLX refuses one) or of the teacher's numbers
+    chunks = [{k: v[:, lo:hi] for k, v in arrays.items()} for lo, hi in bounds]
+
+    def piece(h_c, j):
+        a = chunks[j]
         logits = out.head(h_c)
         s, n = sft_loss(logits, a["targets"], a["mask"])
         if kd is None:
@@ -356,12 +362,11 @@ def lm_losses(out, targets, mask, kd: dict | None = None):
         lq = o.squeeze(o.take(z, o.expand(o.as_index(a["targets"]), -1), -1) - o.logsumexp(z, -1), -1)
         return s, n, k, nk, lq
 
+    flat_out = out.run(piece, h, bounds)
+    per = len(flat_out) // len(bounds)
     sums, lqs = None, []
-    for i in range(0, B * T, out.chunk):
-        # the batch's arrays enter as constants (closure), the hidden states as the one input: no
-        # cotangent is asked of token ids (MLX refuses one) or of the teacher's numbers
-        a = {k: v[:, i:i + out.chunk] for k, v in arrays.items()}
-        r = out.checkpoint(lambda h_c, a=a: piece(h_c, a))(h[:, i:i + out.chunk])
+    for j in range(len(bounds)):
+        r = flat_out[j * per:(j + 1) * per]
         if spans:
             lqs.append(r[4])
             r = r[:4]
