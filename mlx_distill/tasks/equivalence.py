@@ -274,7 +274,6 @@ def canonical(s: str) -> str:
     m = _MIXED.match(s)
     if m:
         s = f"{m.group(1)}\\left({m.group(2)}+\\frac{{{m.group(3)}}}{{{m.group(4)}}}\\right)"
-    s = _inequality_to_interval(s)
     m = _RIGHT_VAR.match(s)
     if m and m.group(2) not in re.sub(r"\\[A-Za-z]+", "", m.group(1)):
         s = f"{m.group(2)}={m.group(1)}"
@@ -380,6 +379,11 @@ def judge(pred: str, gold: str) -> tuple[str, str, str]:
     if lp and lg:  # single letters (choices, constants): case matters
         return ("correct" if lp.group(1) == lg.group(1) else "wrong"), "string", ""
     cp, cg = canonical(pred), canonical(gold)
+    interval = re.compile(r"^\s*[(\[].*,.*[)\]]\s*$")
+    if interval.match(cg) and not interval.match(cp):  # "x > 3" against "(3,\infty)": the same set
+        cp = _inequality_to_interval(cp)
+    elif interval.match(cp) and not interval.match(cg):
+        cg = _inequality_to_interval(cg)
     m = re.match(r"^\s*([A-Za-z](?:_\{?\w+\}?)?)\s*=\s*(.+)$", cp)
     if m and "=" not in cg and "=" not in m.group(2):  # "x = 10,\!080" against "10,\!080": no name to agree on
         return judge(m.group(2), gold)
