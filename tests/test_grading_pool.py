@@ -188,3 +188,16 @@ def test_grade_cli_adversarial_beside_ordinary(tmp_path):
     s = json.loads(out.read_text())
     assert s["grading_limits"]["too large"] >= 3
     assert "grading limits" in r.stdout
+
+
+def test_no_worker_outlives_its_process():
+    """A process that graded (and exits without closing anything itself) leaves no worker behind."""
+    code = ("from mlx_distill.tasks import grading\n"
+            "from mlx_distill.tasks.answers import grade\n"
+            "assert grade('\\\\boxed{x^2+2x+1}', '(x+1)^2', 'math').correct\n"
+            "print(' '.join(map(str, grading.get_pool().pids())))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    pids = [int(p) for p in r.stdout.split()]
+    assert pids and _all_gone(pids)
