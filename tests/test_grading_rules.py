@@ -34,7 +34,13 @@ from mlx_distill.tasks.equivalence import canonical, strings_equal
     ("#### 7 billion", "7", False),
     ("#### half a dozen", "6", False),      # a fraction word: invalid rather than guessed
     ("#### 4 and a half", "4", False),
+    ("#### 5 thousandths", "5", False),
+    ("#### 5k", "5", False),
+    ("#### $2.5M", "2500000", True),
+    ("#### 3bn", "3", False),
+    ("#### 12m", "12", True),              # a lone lowercase m is metres
     # ranges and alternatives: invalid
+    ("#### 5 (or 6)", "5", False),
     ("#### 5 or 7", "5", False),
     ("#### 5 or 7", "7", False),
     ("#### 5-7", "5", False),

@@ -388,8 +388,12 @@ def numeric_text(s: str) -> str:
 _CLAUSE_RE = re.compile(r"[,;]\s+(?=[A-Za-z])|\s+(?:because|since|as|so|which|given|when|where|if|while|after)\b"
                         r"|\s+\(", re.I)
 _NEGATION_RE = re.compile(r"\b(?:not|no|never|none|neither|nor|cannot)\b|n't\b|\bnt\b", re.I)
-_FRACTION_WORD_RE = re.compile(r"\b(?:half|halves|thirds?|quarters?|fourths?|fifths?|sixths?|eighths?|tenths?)\b", re.I)
-_RANGE_RE = re.compile(r"\d\s*(?:\b(?:or|to|through|and)\b|[-~])\s*-?\d", re.I)
+_FRACTION_WORD_RE = re.compile(r"\b(?:half|halves|thirds?|quarters?|fourths?|fifths?|sixths?|eighths?|tenths?"
+                               r"|hundredths?|thousandths?|millionths?)\b", re.I)
+_RANGE_RE = re.compile(r"\d\s*\(?\s*(?:\b(?:or|to|through|and)\b|[-~])\s*-?\$?\d", re.I)
+# a scale letter written on the number: 5k, $2.5M, 3bn (a lone lowercase m stays metres)
+_SUFFIX_SCALE_RE = re.compile(r"(\d(?:[\d.]*\d)?)(k|K|M|mn|B|bn)\b")
+_SUFFIX_SCALES = {"k": 1000, "K": 1000, "M": 10 ** 6, "mn": 10 ** 6, "B": 10 ** 9, "bn": 10 ** 9}
 _SCALES = {"hundred": 100, "thousand": 1000, "million": 10 ** 6, "billion": 10 ** 9, "trillion": 10 ** 12, "dozen": 12}
 _SCALE_RE = re.compile(r"(\d(?:[\d.]*\d)?)\s*(" + "|".join(_SCALES) + r")s?\b", re.I)
 _SIGN_WORD_RE = re.compile(r"\b(?:minus|negative)\s+(?=\.?\d)", re.I)
@@ -401,9 +405,12 @@ def _read_words(s: str) -> str | None:
     the answer ends at a clause break; a negation, a fraction word or a range/alternative makes it
     invalid; "minus"/"negative" before and "below zero" after give the sign; "hundred", "thousand",
     "million", "billion", "trillion" and "dozen" after a number multiply it."""
-    s = _CLAUSE_RE.split(s, 1)[0]
-    if _NEGATION_RE.search(s) or _FRACTION_WORD_RE.search(s) or _RANGE_RE.search(s):
+    if _RANGE_RE.search(s):  # "5 or 7", "5-7", "5 (or 6)": alternatives anywhere in the answer
         return None
+    s = _CLAUSE_RE.split(s, 1)[0]
+    if _NEGATION_RE.search(s) or _FRACTION_WORD_RE.search(s):
+        return None
+    s = _SUFFIX_SCALE_RE.sub(lambda m: f"{m.group(1)}*{_SUFFIX_SCALES[m.group(2)]}", s)
     s = _SIGN_WORD_RE.sub("-", s)
 
     def below(m):
