@@ -447,6 +447,8 @@ class MLXBackend(BackendBase):
         if dist.is_main:
             def read(found: Path):  # every file read (and evaluated) before any is applied
                 weights = mx.load(str(found / "adapters.safetensors"))
+                if PROJECTION in self.model and (found / f"{PROJECTION}.safetensors").is_file():  # --kd-hidden
+                    weights.update(mx.load(str(found / f"{PROJECTION}.safetensors")))
                 opt = mx.load(str(found / "optimizer.safetensors"))
                 mx.eval(list(weights.values()), list(opt.values()))
                 return weights, opt, json.loads((found / "state.json").read_text())

@@ -48,7 +48,8 @@ def parse_layers(spec: str, n_student: int, n_teacher: int) -> list[tuple[int, i
     spec = (spec or "auto").strip()
     if spec == "auto":
         k = min(MAX_AUTO_PAIRS, n_student, n_teacher)
-        pairs = [(round((j + 1) * n_student / k) - 1, round((j + 1) * n_teacher / k) - 1) for j in range(k)]
+        # block (j + 1) n / k - 1, rounded half up (Python's round() rounds half to even)
+        pairs = [(int((j + 1) * n_student / k + 0.5) - 1, int((j + 1) * n_teacher / k + 0.5) - 1) for j in range(k)]
         return list(dict.fromkeys(pairs))
     pairs = []
     for item in spec.split(","):
