@@ -74,8 +74,8 @@ def test_preflight_within_30_percent_of_the_peak_at_batch_4x256(gemma3, tmp_path
 
     d = tmp_path / "corpus"
     d.mkdir()
-    write_jsonl(d / "train.jsonl", long_records(8, repeat=18))
-    write_jsonl(d / "valid.jsonl", long_records(4, seed=1, repeat=18, start=100))
+    write_jsonl(d / "train.jsonl", long_records(8, repeat=14))
+    write_jsonl(d / "valid.jsonl", long_records(4, seed=1, repeat=14, start=100))
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
