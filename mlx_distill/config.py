@@ -169,7 +169,7 @@ class TrainConfig:
     # the LM head and the losses chunk by chunk (issue 20 item 3)
     loss_chunk: int = opt(-1, "Positions per chunk of the LM head and the SFT/KD losses: the logits of at most N "
                           "positions x vocabulary exist at once, each chunk recomputed in the backward pass. 0 = off "
-                          "(one full logits tensor); -1 = auto: 1024 when the student's vocabulary has >= 100,000 "
+                          "(one full logits tensor); -1 = auto: 128 when the student's vocabulary has >= 100,000 "
                           "rows (Gemma's 262,144), else off (measured: docs/BENCHMARKS.md, scripts/bench_loss_chunk.py).")
     # feature (hidden-state) distillation (issue 20 item 5); needs --kd-teacher (MLX)
     kd_hidden: float = opt(0.0, "Weight gamma of the hidden-state loss: L = w*L_SFT + alpha*L_KD + gamma*L_hidden "

@@ -115,7 +115,7 @@ def backend_members() -> tuple[str, ...]:
 
 # --loss-chunk -1 (auto): chunk the LM head from this vocabulary size on (docs/BENCHMARKS.md, "Chunked LM-head loss")
 AUTO_CHUNK_VOCAB = 100_000
-AUTO_CHUNK = 1024
+AUTO_CHUNK = 128
 
 
 def resolve_loss_chunk(setting: int, vocab_size: int) -> int:
