@@ -193,3 +193,24 @@ def test_torch_lora_gradients_chunked_equal_unchunked(tiny_model):
         ref = g0[k].abs().max().item()
         assert ref > 0, k
         assert (g1[k] - g0[k]).abs().max().item() <= 1e-5 * ref + 1e-9, k
+
+
+def test_soft_capped_head_is_found():
+    """Gemma 2's logits are 30 tanh(z / 30) of the tied head: the split head includes the cap."""
+    import mlx.core as mx
+    from mlx_lm.models import gemma2
+
+    from mlx_distill.backends.mlx import MLXBackend
+
+    args = gemma2.ModelArgs(model_type="gemma2", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
+                            num_attention_heads=2, head_dim=16, rms_norm_eps=1e-6, vocab_size=300, num_key_value_heads=1)
+    model = gemma2.Model(args)
+    model.model.embed_tokens.weight = model.model.embed_tokens.weight * 50  # logits large enough to be capped
+    be = MLXBackend(TrainConfig(loss_chunk=8))
+    be.model = model
+    head = be._find_head()
+    assert head is not None
+    x = mx.array([[1, 2, 3, 4, 5]])
+    z = model(x)
+    assert float(mx.abs(z).max()) > 15  # the cap is doing something here
+    assert mx.allclose(head(model.model(x)), z, atol=1e-4).item()

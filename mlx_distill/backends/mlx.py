@@ -205,7 +205,8 @@ class MLXBackend(BackendBase):
             head, self._head_module = inner.embed_tokens.as_linear, inner.embed_tokens
         if inner is None or head is None:
             return None
-        cap = getattr(getattr(model, "args", None), "final_logit_softcapping", None)
+        cap = getattr(model, "final_logit_softcapping", None) or getattr(getattr(model, "args", None),
+                                                                          "final_logit_softcapping", None)
         if cap:
             linear = head
 
