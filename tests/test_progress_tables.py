@@ -20,11 +20,19 @@ FAST = {progress.ENV: "0.05"}  # a progress line every 50 ms instead of 10 s
 
 
 # ----------------------------------------------------------------------------- progress lines
+def _wait_for(buf, ok, limit: float = 60.0) -> None:
+    """Wait until the background heartbeat has written what `ok(text)` asks for (never a fixed time:
+    a loaded machine may run the thread late)."""
+    t0 = time.monotonic()
+    while not ok(buf.getvalue()) and time.monotonic() - t0 < limit:
+        time.sleep(0.01)
+
+
 def test_heartbeat_prints_done_total_rate_elapsed_and_fields():
     buf = io.StringIO()
     with progress.Heartbeat("logits", total=10, unit="examples", every=0.03, stream=buf) as hb:
         hb.update(advance=3, shards=1)
-        time.sleep(0.2)
+        _wait_for(buf, lambda text: len(text.splitlines()) >= 2)
     lines = buf.getvalue().splitlines()
     assert len(lines) >= 2
     assert lines[-1].startswith("logits: 3/10 examples (30.0%) | ") and "/s | elapsed 0:00 | eta " in lines[-1]
@@ -51,7 +59,7 @@ def test_corpus_progress_is_plain_lines_off_a_terminal():
         prog.update(task, advance=1, verified=1, rejected=0, failed=0, spend=cost(0.0012))
         prog.update(task, total=prog.tasks[0].total + 2)
         prog.update(task, advance=1, verified=1, rejected=1, failed=0, spend=cost(0.0024))
-        time.sleep(0.15)
+        _wait_for(buf, lambda text: "spend $0.0024" in text)
     last = buf.getvalue().splitlines()[-1]
     assert last.startswith("corpus build: 2/6 attempts (33.3%)")
     assert last.endswith("verified 1, rejected 1, failed 0, spend $0.0024")
@@ -84,7 +92,10 @@ def test_corpus_build_prints_progress_when_piped(tiny_model, tmp_path):
                                          "answer": f"#### {i + 2}"}) + "\n" for i in range(3)))
     r = _piped(["corpus", "build", "--teacher", "mlx", "--model", tiny_model, "--source", "jsonl", "--problems",
                 probs, "--out", tmp_path / "c", "--max-tokens", 48, "--concurrency", 1, "--leakage", "warn"])
-    assert r.returncode == 0, r.stderr
+    # a random tiny model verifies nothing: the build says so and exits 1 (an empty corpus is an error)
+    assert r.returncode in (0, 1), r.stderr
+    if r.returncode == 1:
+        assert "is empty: 0 of 3 attempt(s) verified" in r.stderr, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("corpus build: ")]
     assert lines, r.stderr
     assert all("/3 attempts" in ln and "verified " in ln and "rejected " in ln and "failed " in ln for ln in lines)
