@@ -159,3 +159,14 @@ def test_sampled_store_trains_with_falling_kd_loss(tiny_model, tiny_llama, tmp_p
     rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train_loss" in r]
     kd = [r["kd_loss"] for r in rows]
     assert len(kd) == 4 and all(np.isfinite(kd)) and kd[-1] < 0.9 * kd[0], kd
+
+
+def test_sampled_k_refusals_before_any_work():
+    from mlx_distill.config import LogitsConfig, build
+    from mlx_distill.io import InputError
+    from mlx_distill.teacher.logits import open_teacher
+
+    with pytest.raises(InputError, match="prompt_logprobs are a top-k"):
+        open_teacher(build(LogitsConfig, dict(teacher="api", sampled_k=12)))
+    with pytest.raises(InputError, match="drop --store-format 2"):
+        open_teacher(build(LogitsConfig, dict(teacher="smollm2", sampled_k=12, store_format=2)))
