@@ -78,6 +78,10 @@ class TrainConfig:
                               "subset of the validation split spread over lengths; <= 0 = all).")
     val_max_tokens: int = opt(256, "With --select-by accuracy: generation cap per problem (a truncated response is "
                               "graded as it is, usually invalid).")
+    grade_timeout: float = opt(5.0, "With --select-by accuracy: seconds allowed to grade one answer (math-verify/sympy "
+                               "in a worker process; an overrun is invalid, reason timeout).")
+    grade_memory_mb: int = opt(2048, "With --select-by accuracy: memory cap of each grading worker process in MB (an "
+                               "overrun is invalid, reason memory).")
     patience: int = opt(5, "Stop after this many validations without improvement (0 = never stop early); with "
                         "--select-by accuracy it counts accuracy validations.")
     min_delta: float = opt(0.0, "Smallest improvement that counts: a validation-loss decrease (--select-by loss) or "
@@ -483,7 +487,7 @@ RANGES: dict[str, dict[str, str]] = {
         kd_alpha=">=0", kd_temperature=">0", kd_top_k=">=1", kd_warmup=">=0", kd_min_coverage="[0,1]",
         on_policy_fraction="[0,1]", kd_beta="[0,1]", sft_weight=">=0", rollout_max_tokens=">=1",
         rollout_temperature=">=0", rollout_top_p="(0,1]", save_rollouts=">=0",
-        loss_chunk="-1|>=0", kd_hidden=">=0"),
+        loss_chunk="-1|>=0", kd_hidden=">=0", grade_timeout=">0", grade_memory_mb=">=256"),
     "LogitsConfig": dict(
         top_m=">=1", batch_size=">=1", max_seq_length=">=2", shard_size=">=1", limit="-1|>=0", concurrency=">=1",
         max_retries=">=0", timeout=">0", sampled_k="[0,255]", sampled_temperature=">0", seed=">=0",

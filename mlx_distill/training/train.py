@@ -342,7 +342,7 @@ def _load(r: _Run) -> None:
             raise InputError(f"--select-by accuracy: the {backend.name} backend cannot generate; use --select-by loss")
         r.accuracy = selection.AccuracyValidator(
             selection.load_problems(cfg, r.tokenizer, r.reports["valid"].path, r.val_ex, cfg.val_accuracy_n),
-            cfg.val_max_tokens)
+            cfg.val_max_tokens, grade_timeout=cfg.grade_timeout, grade_memory_mb=cfg.grade_memory_mb)
 
 
 def _manifest_extra(r: _Run) -> dict:
