@@ -38,7 +38,8 @@ def stores(tmp_path_factory, tiny_llama, corpus):
     out = {}
     for backend in ("mlx", "torch"):
         cfg = LogitsConfig(teacher=str(tiny_llama), data=str(corpus), out=str(root / backend), top_m=8,
-                           batch_size=3, backend=backend, max_seq_length=256)
+                           batch_size=3, backend=backend, max_seq_length=256,
+                           store_format=2)  # float16 arrays, compared file to file below (format 3: test_logits)
         extract(cfg, quiet=True)
         out[backend] = root / backend
     return out
