@@ -148,3 +148,82 @@ def test_refusals(tiny_model, wide_teacher, corpus, tmp_path):
                         "--out", str(tmp_path / "d"), "--kd-hidden", "1.0", "--backend", "torch",
                         "--kd-teacher", str(wide_teacher)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0 and p.stderr.strip().startswith("error:") and "Traceback" not in p.stderr, p.stderr
+
+
+# ----------------------------------------------------------------------------- learning test
+@pytest.mark.slow
+def test_feature_kd_on_the_toy_task(tmp_path):
+    """SFT vs SFT + logit KD vs SFT + feature KD, 3 seeds, on `test_kd_train`'s toy task (six
+    digits given; four digits are correct answers; a trace shows one, the teacher's distribution
+    holds all four). Teacher: width 64, 2 blocks, trained to ~100%; students: width 48, 2 blocks,
+    briefly pre-trained on the answer format, then 300 full fine-tuning steps on 100 sampled
+    traces, same seed and budget per arm. Logit KD: the online teacher, K = 10, T = 1, alpha = 2.
+    Feature KD: the same teacher online, alpha = 0, gamma = 1, cosine, auto pairs (0:0, 1:1): the
+    student's block outputs projected to width 64 match the teacher's at every completion position.
+    Scored at each run's last state on 400 held-out problems: greedy accuracy and p(correct).
+
+    Measured once (2-core Linux CPU under heavy parallel load, 654 s; greedy accuracy per seed,
+    chance 0.4): SFT 0.41/0.57/0.59 (mean 0.52), + logit KD 0.72/0.79/0.83 (0.78), + feature KD
+    0.41/0.63/0.65 (0.56); hidden_loss fell 0.26 -> 0.17, 0.25 -> 0.13, 0.25 -> 0.14. Seed 0's SFT
+    and feature runs both collapsed to one constant answer (0.41). So on this task matching the
+    teacher's block outputs moved accuracy little (+0.04 mean, within seed noise) while matching
+    its answer distribution moved it much: here the answer distribution is what transfers.
+
+    Asserted is only what held: logit KD beats SFT on mean accuracy, and feature KD trains (finite,
+    falling hidden loss); no claim that feature KD beats SFT."""
+    import random
+    import shutil
+
+    from test_kd_train import DIGITS, _answer_probs, _direct_train, _score, correct_answers, toy_problems
+
+    from mlx_distill.tiny import build_model, build_tokenizer
+
+    rng = random.Random(0)
+    tokdir = tmp_path / "tok"
+    build_tokenizer(tokdir, texts=[DIGITS] + ["user\nassistant\nsystem\n"] * 50, vocab_size=261 + 18)
+    t0 = build_model(tmp_path / "t0", tokenizer_dir=tokdir, seed=0, hidden=64, layers=2, heads=4, kv_heads=2,
+                     intermediate=128)
+    teacher = _direct_train(t0, tmp_path / "teacher", 1000, 2e-3, lambda p: rng.choice(correct_answers(p)), rng)
+    held_out = toy_problems(rng, 400)
+    t_acc, t_mass = _score(teacher, held_out)
+    assert t_acc > 0.95, t_acc
+    train_p, valid_p = toy_problems(rng, 100), toy_problems(rng, 100)
+    probs, tok = _answer_probs(teacher, train_p)
+    nrng = np.random.default_rng(0)
+    traces = [tok.convert_ids_to_tokens(int(nrng.choice(len(p), p=p / p.sum()))) for p in probs]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "train.jsonl", [{"id": f"t{i}", "prompt": p, "completion": c}
+                                         for i, (p, c) in enumerate(zip(train_p, traces))])
+    write_jsonl(corpus / "valid.jsonl", [{"id": f"v{i}", "prompt": p, "completion": rng.choice(correct_answers(p))}
+                                         for i, p in enumerate(valid_p)])
+    (tmp_path / "plain.txt").write_text("{question}")
+    common = dict(data=str(corpus), prompt_template=str(tmp_path / "plain.txt"), max_seq_length=64)
+    arms = {"sft": {}, "logit": dict(kd_teacher=str(teacher), kd_alpha=2.0, kd_temperature=1.0, kd_top_k=10),
+            "feature": dict(kd_teacher=str(teacher), kd_alpha=0.0, kd_hidden=1.0)}
+    results = {k: [] for k in arms}
+    hidden_rows = []
+    for seed in range(3):
+        s0 = build_model(tmp_path / f"s0-{seed}", tokenizer_dir=tokdir, seed=100 + seed, hidden=48, layers=2, heads=4,
+                         kv_heads=2, intermediate=96)
+        student = _direct_train(s0, tmp_path / f"student{seed}", 150, 3e-3, lambda p: rng.choice(DIGITS), rng)
+        for arm, kw in arms.items():
+            out = tmp_path / f"{arm}{seed}"
+            train.run(build(TrainConfig, dict(model=str(student), out=str(out), fine_tune_type="full", lora_layers=-1,
+                                              iters=300, batch_size=16, learning_rate=3e-3, warmup=10, val_every=100,
+                                              report_every=50, save_every=1000, patience=0, seed=seed, **common,
+                                              **kw)), quiet=True)
+            last = tmp_path / f"{arm}-last{seed}"  # each arm at its last state: early stopping is not compared
+            last.mkdir()
+            shutil.copy(out / "adapter_config.json", last)
+            shutil.copy(out / "checkpoints" / "last" / "adapters.safetensors", last)
+            results[arm].append(_score(student, held_out, adapter=last))
+            if arm == "feature":
+                hidden_rows.append([r["hidden_loss"] for r in read_jsonl(out / "metrics.jsonl") if "hidden_loss" in r])
+    res = {k: np.array(v) for k, v in results.items()}
+    table = (f"teacher {t_acc:.3f}/{t_mass:.3f} | (greedy acc, p(correct)) per seed: "
+             + " | ".join(f"{k} {np.round(v, 3).tolist()} mean acc {v[:, 0].mean():.3f}" for k, v in res.items())
+             + f" | feature hidden_loss first/last {[(round(h[0], 3), round(h[-1], 3)) for h in hidden_rows]}")
+    print(table)
+    assert res["logit"][:, 0].mean() > res["sft"][:, 0].mean(), table
+    assert all(np.isfinite(h).all() and h[-1] < h[0] for h in hidden_rows), table
