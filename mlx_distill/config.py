@@ -171,8 +171,9 @@ class TrainConfig:
     save_rollouts: int = opt(0, "On-policy: write N rollouts of the latest rollout batches to rollouts.jsonl at each "
                              "validation (prompt, student text, truncation, teacher log-prob summary per token).")
     # the LM head and the losses chunk by chunk (issue 20 item 3)
-    loss_chunk: int = opt(-1, "Positions per chunk of the LM head and the SFT/KD losses: the logits of at most N "
-                          "positions x vocabulary exist at once, each chunk recomputed in the backward pass. 0 = off "
+    loss_chunk: int = opt(-1, "Positions per chunk of the LM head and the SFT/KD losses: the chunks run one after "
+                          "another, each recomputed in the backward pass, so the logits' memory grows with N x "
+                          "vocabulary, not with the batch (same losses and gradients up to float rounding). 0 = off "
                           "(one full logits tensor); -1 = auto: 128 when the student's vocabulary has >= 100,000 "
                           "rows (Gemma's 262,144), else off (measured: docs/BENCHMARKS.md, scripts/bench_loss_chunk.py).")
     # feature (hidden-state) distillation (issue 20 item 5); needs --kd-teacher (MLX)

@@ -61,7 +61,7 @@ from mlx_distill.training.objectives import fold_step, kd_alpha_at, kd_objective
 # `data` is a path: the data is compared by the sha256 of its files instead (manifest.json).
 # `iters` may only be raised, with --extend (see `check_resume`).
 RESUME_MAY_CHANGE = ("out", "resume", "extend", "data", "backend", "compile", "grad_checkpoint", "report_every",
-                     "save_every", "kd_min_coverage", "save_rollouts", "report_to", "preflight")
+                     "save_every", "kd_min_coverage", "save_rollouts", "report_to", "preflight", "loss_chunk")
 
 
 @dataclass
