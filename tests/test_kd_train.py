@@ -64,7 +64,8 @@ def test_kd_alpha_warmup_and_refusals(tiny_llama, kd_corpus, tmp_path):
 
 def test_online_teacher_matches_the_offline_cache(tiny_model, tiny_llama, kd_corpus, tmp_path):
     """--kd-teacher (teacher in memory) trains on the same targets as the extracted cache:
-    the same run, offline and online, logs the same KD losses (float16 cache vs float32)."""
+    the same run, offline and online, logs the same KD losses (the store's format-3 coding, log-probs
+    within 0.02 nats, vs float32)."""
     kw = dict(iters=4, report_every=1, val_every=4, learning_rate=1e-3)
     off = train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "off", **kw), quiet=True)
     on = train.run(kd_cfg(tiny_llama, kd_corpus, tmp_path / "on", kd_dir="", kd_teacher=str(tiny_model), **kw),
@@ -72,8 +73,9 @@ def test_online_teacher_matches_the_offline_cache(tiny_model, tiny_llama, kd_cor
     a = [r for r in read_jsonl(tmp_path / "off" / "metrics.jsonl") if "kd_loss" in r]
     b = [r for r in read_jsonl(tmp_path / "on" / "metrics.jsonl") if "kd_loss" in r]
     assert len(a) == len(b) == 4
-    # step 1 sees identical weights: the targets agree to the float16 rounding of the cache
-    assert b[0]["kd_loss"] == pytest.approx(a[0]["kd_loss"], rel=1e-3)
+    # step 1 sees identical weights: the targets agree to the store's coding (format 3: within 1% of
+    # float32, tests/test_store_compact.py; measured 0.18% here, 1e-3 with format 2's float16)
+    assert b[0]["kd_loss"] == pytest.approx(a[0]["kd_loss"], rel=1e-2)
     assert b[0]["sft_loss"] == pytest.approx(a[0]["sft_loss"], rel=1e-6)
     # later steps drift apart only through that rounding
     for x, y in zip(a[1:], b[1:]):
@@ -152,7 +154,14 @@ def test_distillation_transfers_on_a_toy_task(tmp_path):
 
     Stated margin, over 4 seeds: SFT+KD beats SFT by >= 0.15 mean greedy accuracy and in at
     least 3 of 4 seeds. Measured (2-core Linux CPU, ~100 s): SFT+KD 0.73/0.86/0.82/0.86,
-    SFT best 0.38/0.38/0.42/0.40, SFT last 0.41/0.57/0.59/0.67."""
+    SFT best 0.38/0.38/0.42/0.40, SFT last 0.41/0.57/0.59/0.67.
+
+    Third arm: SFT + KD from a sampled store (`logits --sampled-k 12`, T = 1; the unbiased
+    estimator `losses.sampled_kd_loss`), same budget. Measured once with the format-3 stores
+    (2026-12-07, loaded machine, ~8.5 min): SFT+KD top-10 0.545/0.685/0.798/0.825 (mean 0.713),
+    sampled 0.382/0.685/0.718/0.782 (mean 0.642), SFT best-of-two 0.41/0.57/0.59/0.67 (mean 0.561);
+    p(correct) 0.530 / 0.498 / 0.465. The sampled arm beats SFT in 3 of 4 seeds but not the top-10
+    store: 12 draws of a 4-answer distribution are noisier targets than its exact top-10."""
     import random
     import shutil
 
@@ -184,14 +193,18 @@ def test_distillation_transfers_on_a_toy_task(tmp_path):
     common = dict(data=str(corpus), prompt_template=str(tmp_path / "plain.txt"), max_seq_length=64)
     extract(build(LogitsConfig, dict(teacher=str(teacher), out=str(tmp_path / "logits"), top_m=10, batch_size=50,
                                      **common)), quiet=True)
+    # the third arm: a sampled store (12 draws per position at T = 1, `losses.sampled_kd_loss`)
+    extract(build(LogitsConfig, dict(teacher=str(teacher), out=str(tmp_path / "sampled"), sampled_k=12,
+                                     sampled_temperature=1.0, batch_size=50, **common)), quiet=True)
 
-    results = {"sft": [], "sft_last": [], "kd": []}
+    results = {"sft": [], "sft_last": [], "kd": [], "sampled": []}
     for seed in range(4):
         s0 = build_model(tmp_path / f"s0-{seed}", tokenizer_dir=tokdir, seed=100 + seed, hidden=48, layers=2, heads=4,
                          kv_heads=2, intermediate=96)
         student = _direct_train(s0, tmp_path / f"student{seed}", 150, 3e-3, lambda p: rng.choice(DIGITS), rng)
-        for mode in ("sft", "kd"):
-            kd = dict(kd_dir=str(tmp_path / "logits"), kd_alpha=2.0, kd_temperature=1.0, kd_top_k=10) if mode == "kd" else {}
+        for mode in ("sft", "kd", "sampled"):
+            store = {"kd": "logits", "sampled": "sampled"}.get(mode)
+            kd = dict(kd_dir=str(tmp_path / store), kd_alpha=2.0, kd_temperature=1.0, kd_top_k=10) if store else {}
             out = tmp_path / f"{mode}{seed}"
             train.run(build(TrainConfig, dict(model=str(student), out=str(out), fine_tune_type="full", lora_layers=-1,
                                               iters=300, batch_size=16, learning_rate=3e-3, warmup=10, val_every=25,
@@ -204,7 +217,7 @@ def test_distillation_transfers_on_a_toy_task(tmp_path):
                 shutil.copy(out / "adapter_config.json", last)
                 shutil.copy(out / "checkpoints" / "last" / "adapters.safetensors", last)
                 results["sft_last"].append(_score(student, held_out, adapter=last))
-    sft, kd, sft_last = (np.array(results[k]) for k in ("sft", "kd", "sft_last"))
+    sft, kd, sft_last, sampled = (np.array(results[k]) for k in ("sft", "kd", "sft_last", "sampled"))
     table = (f"teacher {t_acc:.3f}/{t_mass:.3f} | (greedy acc, p(correct)) per seed: "
              + " | ".join(f"{k} {np.round(v, 3).tolist()}" for k, v in results.items()))
     print(table)
@@ -212,3 +225,7 @@ def test_distillation_transfers_on_a_toy_task(tmp_path):
     assert kd[:, 0].mean() - best_sft[:, 0].mean() >= 0.15, table
     assert np.sum(kd[:, 0] > best_sft[:, 0]) >= 3, table
     assert kd[:, 1].mean() > best_sft[:, 1].mean(), table
+    # the sampled store (12 draws a position, unbiased) carries the teacher's uncertainty too, less
+    # well than its top-10 here (measured once, see the docstring): asserted only above SFT
+    assert sampled[:, 0].mean() > best_sft[:, 0].mean() and np.sum(sampled[:, 0] > best_sft[:, 0]) >= 2, table
+    assert sampled[:, 1].mean() > best_sft[:, 1].mean(), table
