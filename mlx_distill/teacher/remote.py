@@ -67,20 +67,20 @@ _CAP = re.compile(r"greater than max allowed:\s*(-?\d+)")
 
 
 def load_tokenizer(name: str, flag: str = "--teacher-tokenizer"):
-    """`name` (a local folder, 'smollm2', or a Hugging Face id: its tokenizer files only) -> (folder, tokenizer),
+    """`name` (a local folder, 'smollm2' / 'gemma3-270m', or a Hugging Face id: its tokenizer files only) -> (folder, tokenizer),
     the tokenizer loaded the way mlx-lm loads a model's (the local teacher's rendering)."""
     if not name or not str(name).strip():
         raise InputError(f"--teacher api needs {flag}: a local folder or Hugging Face id holding the teacher's "
                          "tokenizer (the one the server's model uses; no weights needed)")
     from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
-    from mlx_distill import embedded
-    from mlx_distill.models import hub_offline, is_hub_id
+    from mlx_distill import embedded, gemma
+    from mlx_distill.models import hub_offline, is_hub_id, resolve_model
 
     name = str(name).strip()
     path = Path(name).expanduser()
-    if name.lower() in embedded.NAMES and not path.exists():
-        path = Path(embedded.ensure_smollm2())
+    if name.lower() in embedded.NAMES + gemma.NAMES + gemma.NAMES_4BIT and not path.exists():
+        path = Path(resolve_model(name, flag))  # a model this package builds offline (smollm2, gemma3-270m)
     if not path.exists():
         if not is_hub_id(name):
             raise InputError(f"{flag} {name}: no such folder, and not a Hugging Face id")
