@@ -24,7 +24,7 @@ ifeq ($(MLX_DISTILL_DATA),)
   endif
 endif
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-heavy bench clean
 
 $(BIN)/.installed: pyproject.toml
 	@if [ "$(UNAME)" = "Linux" ] && [ ! -f $(OPENBLAS) ]; then \
@@ -57,7 +57,13 @@ demo: setup
 	$(DEMO) compare runs/demo/eval-base runs/demo/eval --names base adapter --show 3
 
 test: setup
-	$(RUNENV) $(BIN)/python -m pytest -q tests
+	$(RUNENV) $(BIN)/python -m pytest -q -m "not heavy" tests
+
+# The real-model checks that take 5-20 min each on 2 CPU cores (Gemma-3-270M against transformers'
+# GGUF reader, QLoRA on the 4-bit base, the preflight at batch 4 x 256, cross-family KD both ways,
+# the feature-KD learning test): run them by hand before changing that code.
+test-heavy: setup
+	$(RUNENV) $(BIN)/python -m pytest -q -m heavy tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -17,6 +17,14 @@ import pytest
 from mlx_distill import blas
 from mlx_distill.tasks.problems import DATA_ENV, data_dir
 
+# Test modules live in one folder per wing of the package (tests/teacher/, tests/training/, ...); a
+# few share builders across wings (`from test_kd_train import toy_problems`), so every wing folder
+# is importable whichever file pytest is asked to run.
+_HERE = Path(__file__).resolve().parent
+for _wing in sorted(d for d in _HERE.iterdir() if d.is_dir() and any(d.glob("test_*.py"))):
+    if str(_wing) not in sys.path:
+        sys.path.append(str(_wing))
+
 # Nothing in the suite may reach the Hugging Face Hub (there is no network here, and a test
 # must not depend on one): the loaders' Hub fallback fails at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

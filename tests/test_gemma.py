@@ -138,6 +138,7 @@ def log_softmax(x):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_matches_transformers_gguf_reader(gemma3, gemma3_4bit):
     """transformers (>= 5) reads the same GGUF with its own code: same token ids on every text,
     and the same next-token log-probabilities (top-20 of its distribution, within LOGPROB_ATOL) at

@@ -43,6 +43,7 @@ def kd_rows(out):
 
 # ----------------------------------------------------------------------------- QLoRA
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_qlora_on_the_4bit_base_and_mlx_lm_generate_reads_the_adapter(gemma3_4bit, tmp_path):
     data = corpus(tmp_path)
     out = tmp_path / "run"
@@ -59,6 +60,7 @@ def test_qlora_on_the_4bit_base_and_mlx_lm_generate_reads_the_adapter(gemma3_4bi
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_preflight_within_30_percent_of_the_peak_at_batch_4x256(gemma3, tmp_path, monkeypatch):
     """Gemma's shapes (head size 256 x 4 heads > width 640, four norms per block, the 262k-wide
     logits under the automatic --loss-chunk) at batch 4 x 256 tokens. On the float32 folder: the
@@ -119,6 +121,7 @@ def assert_kd_falls(out):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_smollm2_teaches_gemma_from_a_store(smollm2_store, smollm2, gemma3, tmp_path):
     d = smollm2_store
     out = tmp_path / "run"
@@ -132,6 +135,7 @@ def test_smollm2_teaches_gemma_from_a_store(smollm2_store, smollm2, gemma3, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_gemma_teaches_smollm2_offline_and_online(gemma3, smollm2, tmp_path):
     data = corpus(tmp_path, n_train=4)
     extract(build(LogitsConfig, dict(teacher="gemma3-270m", data=str(data), out=str(tmp_path / "logits"), top_m=16,

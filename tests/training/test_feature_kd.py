@@ -152,6 +152,7 @@ def test_refusals(tiny_model, wide_teacher, corpus, tmp_path):
 
 # ----------------------------------------------------------------------------- learning test
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_feature_kd_on_the_toy_task(tmp_path):
     """SFT vs SFT + logit KD vs SFT + feature KD, 3 seeds, on `test_kd_train`'s toy task (six
     digits given; four digits are correct answers; a trace shows one, the teacher's distribution
