@@ -213,7 +213,11 @@ def build_tokenizer(meta: dict):
     return tok
 
 
-def tokenizer_config(meta: dict) -> dict:
+def tokenizer_config(meta: dict, context_key: str = "llama.context_length", default_context: int = 8192,
+                     chat_template: str | None = None) -> dict:
+    """tokenizer_config.json of a tokenizer rebuilt from a GGUF's metadata: the special tokens by
+    the GGUF's ids, BOS/EOS flags, the context length under `context_key`, and the GGUF's own chat
+    template unless `chat_template` is given (a base model's GGUF has none: gemma.py passes ours)."""
     tokens = meta["tokenizer.ggml.tokens"]
     name = lambda key: tokens[meta[key]] if key in meta else None  # noqa: E731
     return {
@@ -225,8 +229,8 @@ def tokenizer_config(meta: dict) -> dict:
         "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get("llama.context_length", 8192)),
-        "chat_template": meta.get("tokenizer.chat_template"),
+        "model_max_length": int(meta.get(context_key, default_context)),
+        "chat_template": chat_template if chat_template is not None else meta.get("tokenizer.chat_template"),
     }
 
 

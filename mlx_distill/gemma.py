@@ -50,7 +50,7 @@ import json
 import time
 from pathlib import Path
 
-from mlx_distill import blas, paths
+from mlx_distill import blas, embedded, paths
 from mlx_distill.embedded import MissingWheelError, build_folder, read_metadata
 from mlx_distill.io import InputError, read_json, versions
 
@@ -257,20 +257,7 @@ def build_tokenizer(meta: dict):
 
 
 def tokenizer_config(meta: dict) -> dict:
-    tokens = meta["tokenizer.ggml.tokens"]
-    name = lambda key: tokens[meta[key]] if key in meta else None  # noqa: E731
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": name("tokenizer.ggml.bos_token_id"),
-        "eos_token": name("tokenizer.ggml.eos_token_id"),
-        "pad_token": name("tokenizer.ggml.padding_token_id"),
-        "unk_token": name("tokenizer.ggml.unknown_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta.get("gemma3.context_length", 32768)),
-        "chat_template": CHAT_TEMPLATE,
-    }
+    return embedded.tokenizer_config(meta, "gemma3.context_length", 32768, chat_template=CHAT_TEMPLATE)
 
 
 def convert(gguf_file: str | Path, out_dir: str | Path, sha256: str) -> dict:
