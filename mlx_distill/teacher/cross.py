@@ -22,10 +22,10 @@ import numpy as np
 from mlx_distill import data
 from mlx_distill.teacher import align
 from mlx_distill.teacher.base import first_target, tokenizer_fingerprint
-from mlx_distill.teacher.plan import Planner, alignment_summary, empty_plan, last_in_text
+from mlx_distill.teacher.plan import Planned, Planner, empty_plan, last_in_text
 
 
-class OnlineCrossTeacher:
+class OnlineCrossTeacher(Planned):
     """The rows of `teacher` (a `Teacher` of another tokenizer) for each batch, planned by a `Planner`
     over this object (a `plan.ScoredRows`: the teacher's renderings and this batch's scores)."""
 
@@ -75,21 +75,6 @@ class OnlineCrossTeacher:
         return None  # scored per batch, always with the actual tokens' log-probabilities
 
     # -------------------------------------------------------------- the KD source's teacher
-    @property
-    def mode(self) -> str:
-        return self.planner.mode
-
-    @property
-    def report(self) -> dict:
-        return self.planner.report
-
-    @property
-    def reports(self) -> dict:
-        return self.planner.reports
-
-    def alignment_summary(self) -> dict:
-        return alignment_summary(self.planner.reports)
-
     def check(self, examples: list, student_vocab_size: int, tokenizer, min_coverage: float = 0.95,
               where: str = "train", mode: str = "auto") -> dict:
         self._student_tok = tokenizer

@@ -95,6 +95,41 @@ OTHER_TEXT = ("; as no example's completion text matches under the same id, the 
               "another corpus (its --data: {data}): give the --kd store made from this corpus")
 
 
+class Planned:
+    """What a KD source served through a `Planner` reports: the resolved alignment mode, the
+    per-split reports and the manifest's summary. The store (`store.TopMStore`) and the online
+    cross-family teacher (`cross.OnlineCrossTeacher`) each hold a planner; they share this small
+    interface, not an ancestor that holds data."""
+
+    planner: "Planner"
+
+    @property
+    def mode(self) -> str:
+        return self.planner.mode
+
+    @property
+    def cross(self) -> bool:
+        return self.planner.cross
+
+    @property
+    def report(self) -> dict:
+        return self.planner.report
+
+    @property
+    def reports(self) -> dict:
+        return self.planner.reports
+
+    @property
+    def student_vocab(self) -> int | None:
+        return self.planner.student_vocab
+
+    def resolve_mode(self, tokenizer, mode: str = "auto") -> str:
+        return self.planner.resolve_mode(tokenizer, mode)
+
+    def alignment_summary(self) -> dict:
+        return alignment_summary(self.planner.reports)
+
+
 class Planner:
     """Plans and serves KD arrays over `source` (a `ScoredRows`) holding top-`m` rows.
 

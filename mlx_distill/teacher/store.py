@@ -39,7 +39,7 @@ import numpy as np
 from mlx_distill.io import InputError, atomic_path, read_json
 from mlx_distill.teacher import align, codec
 from mlx_distill.teacher.base import first_target, tokens_sha
-from mlx_distill.teacher.plan import Planner, alignment_summary
+from mlx_distill.teacher.plan import Planned, Planner
 
 FORMAT = 3  # 2: + the teacher's completion offsets, text hash and token log-probabilities (cross-tokenizer);
 # 3: the same, compact (`teacher.codec`), and sampled stores
@@ -169,7 +169,7 @@ class StoreWriter:
 
 
 # ----------------------------------------------------------------------------- reading
-class TopMStore:
+class TopMStore(Planned):
     """Read a logits folder, check it against the student's examples, serve KD batch arrays.
 
     `check` must see an example before `batch_arrays` serves it; both are the store's `Planner`
@@ -254,31 +254,5 @@ class TopMStore:
         """Plan how every example's loss positions read the store; report and enforce coverage."""
         return self.planner.check(examples, student_vocab_size, tokenizer, min_coverage, where, mode)
 
-    def resolve_mode(self, tokenizer, mode: str = "auto") -> str:
-        return self.planner.resolve_mode(tokenizer, mode)
-
     def batch_arrays(self, batch, top_k: int | None = None) -> dict:
         return self.planner.batch_arrays(batch, top_k)
-
-    def alignment_summary(self) -> dict:
-        return alignment_summary(self.planner.reports)
-
-    @property
-    def mode(self) -> str:
-        return self.planner.mode
-
-    @property
-    def cross(self) -> bool:
-        return self.planner.cross
-
-    @property
-    def report(self) -> dict:
-        return self.planner.report
-
-    @property
-    def reports(self) -> dict:
-        return self.planner.reports
-
-    @property
-    def student_vocab(self) -> int | None:
-        return self.planner.student_vocab
