@@ -55,6 +55,16 @@ def problems_file(path, n=3):
     return path
 
 
+def build_unverified(argv, capsys):
+    """`corpus build` with a random model: every trace is rejected, so the build says the corpus is
+    empty (with its top rejection reasons) and exits 1, after writing its traces and manifest."""
+    with pytest.raises(SystemExit) as e:
+        B.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "is empty: 0 of" in err and "Top rejection reasons:" in err, err
+
+
 def check_corpus(out, n_problems, samples, model):
     traces = read_jsonl(out / "traces.jsonl")
     keys = [r["key"] for r in traces]
@@ -72,27 +82,27 @@ def check_corpus(out, n_problems, samples, model):
     return traces, man
 
 
-def test_build_against_mlx_lm_server(tmp_path, mlx_server, monkeypatch):
+def test_build_against_mlx_lm_server(tmp_path, mlx_server, monkeypatch, capsys):
     monkeypatch.setenv("DEEPSEEK_API_KEY", "")  # a local server needs no key
     probs = problems_file(tmp_path / "p.jsonl")
     out = tmp_path / "c"
     argv = ["build", "--source", "gsm8k", "--problems", str(probs), "--base-url", mlx_server,
             "--model", "default_model", "--samples", "2", "--max-tokens", "12", "--concurrency", "4",
             "--temperature", "0.8", "--out", str(out), "--leakage", "warn"]
-    B.main(argv)
+    build_unverified(argv, capsys)
     traces, man = check_corpus(out, 3, 2, "default_model")
     assert man["models_reported"] == {"default_model": 6} and man["tokens"]["solver"]["prompt_tokens"] > 0
-    B.main(argv)  # re-run: nothing new asked, nothing duplicated
+    build_unverified(argv, capsys)  # re-run: nothing new asked, nothing duplicated
     assert read_jsonl(out / "traces.jsonl") == traces
 
 
-def test_build_with_local_mlx_teacher(tmp_path, tiny_model):
+def test_build_with_local_mlx_teacher(tmp_path, tiny_model, capsys):
     probs = problems_file(tmp_path / "p.jsonl", 4)
     out = tmp_path / "m"
     argv = ["build", "--teacher", "mlx", "--model", str(tiny_model), "--source", "gsm8k", "--problems", str(probs),
             "--samples", "2", "--max-tokens", "10", "--concurrency", "4", "--out", str(out), "--leakage", "warn"]
-    B.main(argv)
+    build_unverified(argv, capsys)
     traces, man = check_corpus(out, 4, 2, str(tiny_model))
     assert man["this_run"]["new_traces"] == 8 and man["cost_usd"] == 0  # local: no API prices
-    B.main(argv)
+    build_unverified(argv, capsys)
     assert read_jsonl(out / "traces.jsonl") == traces
