@@ -522,7 +522,8 @@ def _checkpoint(r: _Run) -> None:
 def _write_row(r: _Run, row: dict, ui: Reporter) -> None:
     r.metrics.write(row)
     ui.line(fmt_row(row))
-    if "val_loss" in row:  # RUN/training.png, rewritten atomically; never raises (mlx_distill.plots)
+    if "val_loss" in row and row["iter"] > 0:  # RUN/training.png (from the first trained validation on),
+        # rewritten atomically; never raises (mlx_distill.plots)
         from mlx_distill.plots import refresh as refresh_plot
 
         r.dist.main_only(refresh_plot, r.out, r.st.best_iter)
