@@ -78,7 +78,7 @@ from typing import Any
 import yaml
 
 from mlx_distill import config as C
-from mlx_distill.corpus.variant import variant_main, write_variant  # noqa: F401  (`pipeline variant`)
+from mlx_distill.corpus.variant import variant_main
 from mlx_distill.interrupts import Interrupted, Interrupts
 from mlx_distill.fingerprint import fingerprint, fingerprint_diff, manifest_inputs_changed
 from mlx_distill.io import InputError, atomic_write_json, atomic_write_text, read_json, scrub

@@ -145,7 +145,6 @@ def tail_logmass(lps: np.ndarray) -> np.ndarray:
 def _encode_rows(ids: np.ndarray, lps: np.ndarray, actual: np.ndarray, targets: np.ndarray | None,
                  counts: np.ndarray | None, rank_of: np.ndarray, widths: dict) -> bytes:
     """One chunk of rows -> its raw (uncompressed) bytes; see the module docstring."""
-    R = ids.shape[0]
     keep = np.isfinite(lps) & (lps > -np.inf) if counts is None else counts > 0
     k = keep.sum(1)
     ranks = np.where(keep, rank_of[np.where(keep, ids, 0)], np.iinfo(np.int64).max)
