@@ -81,6 +81,33 @@ def run_one_and_two(args, out_one, out_two, launch, repo):
     return runs
 
 
+def free_ports(n: int = 1) -> int:
+    """The first of `n` consecutive loopback ports that are free now (a launcher's ranks take
+    `port`, `port + 1`, ...). Never a fixed number: two suites, or anything else on the machine,
+    may hold one."""
+    import socket
+
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + n > 65535:
+            continue
+        socks = []
+        try:
+            for k in range(n):
+                t = socket.socket()
+                socks.append(t)
+                t.bind(("127.0.0.1", port + k))
+            return port
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError(f"no {n} consecutive free loopback ports")
+
+
 def run_one_and_torchrun_two(args, out_one, out_two, port, repo):
     """`python <args> --out out_one` as one process, then under torchrun with 2 ranks; both must succeed."""
     return run_one_and_two(args, out_one, out_two, [sys.executable, "-m", "torch.distributed.run",

@@ -23,7 +23,7 @@ from mlx_distill.config import LogitsConfig, build
 from mlx_distill.io import read_jsonl
 from mlx_distill.paths import REPO
 
-from helpers import ddp_corpus, kill_group, run_one_and_mlx_launch_two, run_session
+from helpers import ddp_corpus, free_ports, kill_group, run_one_and_mlx_launch_two, run_session
 
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(), reason="this MLX build has no distributed backend")
 
@@ -60,7 +60,7 @@ def sft_runs(tiny_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("launch")
     corpus = ddp_corpus(d / "corpus")
     args = [*ARGS, "--model", str(tiny_model), "--data", str(corpus)]
-    _, launched = run_one_and_mlx_launch_two(args, d / "one", d / "two", 32531, REPO)
+    _, launched = run_one_and_mlx_launch_two(args, d / "one", d / "two", free_ports(2), REPO)
     return args, d, launched
 
 
@@ -84,7 +84,7 @@ def test_mlx_launch_resume_continues_the_same_curve(sft_runs, tmp_path):
     five = [*args[:at], "--iters", "5", *args[at + 2:]]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     for extra, out in ((["--resume", "--extend"], "resumed"), (["--decay-iters", "3"], "straight")):
-        r = run_session([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", "32541", "--",
+        r = run_session([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)), "--",
                          sys.executable, *five, *extra, "--out", str(tmp_path / out)], 300, cwd=REPO, env=env)
         assert r.returncode == 0, r.stderr[-3000:]
     resumed, straight = (read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("resumed", "straight"))
@@ -117,7 +117,7 @@ def test_sigint_to_one_rank_stops_every_rank_at_the_same_step(tiny_model, tmp_pa
     args = [*ARGS[:at], "--iters", "500", *ARGS[at + 2:], "--model", str(tiny_model), "--data", str(corpus)]
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    p = subprocess.Popen([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", "32581", "--",
+    p = subprocess.Popen([str(MLX_LAUNCH), "--backend", "ring", "-n", "2", "--starting-port", str(free_ports(2)), "--",
                           sys.executable, *args, "--out", str(out)], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -149,7 +149,7 @@ def test_mlx_launch_two_ranks_kd_with_partial_coverage(tiny_model, tiny_llama, t
                                      limit=5, max_seq_length=256, backend="mlx")), quiet=True)
     args = [*ARGS, "--model", str(tiny_llama), "--data", str(corpus), "--kd", str(tmp_path / "kd"), "--kd-top-k", "4",
             "--kd-min-coverage", "0.2"]
-    run_one_and_mlx_launch_two(args, tmp_path / "one", tmp_path / "two", 32551, REPO)
+    run_one_and_mlx_launch_two(args, tmp_path / "one", tmp_path / "two", free_ports(2), REPO)
     m1, _ = same_run(tmp_path / "one", tmp_path / "two", keys=("train_loss", "sft_loss", "kd_loss", "kd_coverage",
                                                                "val_loss"))
     trained = [r for r in m1 if "train_loss" in r]
@@ -214,7 +214,7 @@ def launch_collectives(tmp_path, port, *argv) -> dict:
 
 
 def test_group_collectives_under_mlx_launch(tmp_path):
-    for d in launch_collectives(tmp_path, 32561).values():
+    for d in launch_collectives(tmp_path, free_ports(2)).values():
         assert d["json"] == {"step": 7, "best": float("inf")}  # rank 0's loop state, on every rank
         assert d["any_one"] is True and d["any_none"] is False  # a stop request on rank 1 stops both
         assert d["rows"] == [list(range(i + 1)) for i in range(5)]
@@ -225,7 +225,7 @@ def test_group_collectives_under_mlx_launch(tmp_path):
 
 @pytest.mark.slow  # two ranks load the tiny model and sample (14-46 s on 2 cores at load 5-8)
 def test_rollouts_by_shard_and_fewer_rows_than_ranks_under_mlx_launch(tiny_model, tmp_path):
-    res = launch_collectives(tmp_path, 32571, str(tiny_model))
+    res = launch_collectives(tmp_path, free_ports(2), str(tiny_model))
     assert res[0]["rolls"] == res[1]["rolls"] and len(res[0]["rolls"]) == 4
     for rank in (0, 1):
         assert res[rank]["rolls"][rank::2] == res[rank]["mine"]

@@ -12,7 +12,7 @@ pytest.importorskip("peft")
 
 from mlx_distill.paths import REPO  # noqa: E402
 
-from helpers import ddp_corpus, run_one_and_torchrun_two  # noqa: E402
+from helpers import ddp_corpus, free_ports, run_one_and_torchrun_two  # noqa: E402
 
 
 def test_torchrun_two_ranks_equals_one_process(tiny_model, tmp_path):
@@ -23,7 +23,7 @@ def test_torchrun_two_ranks_equals_one_process(tiny_model, tmp_path):
             "--iters", "3", "--batch-size", "4", "--grad-accumulation", "2", "--val-every", "3", "--report-every", "1",
             "--learning-rate", "3e-3", "--warmup", "1", "--lora-layers", "-1", "--lora-rank", "4",
             "--max-seq-length", "256"]
-    run_one_and_torchrun_two(args, tmp_path / "one", tmp_path / "two", 29517, REPO)
+    run_one_and_torchrun_two(args, tmp_path / "one", tmp_path / "two", free_ports(), REPO)
 
     from safetensors.numpy import load_file
 

@@ -14,7 +14,7 @@ from mlx_distill.config import LogitsConfig, build  # noqa: E402
 from mlx_distill.teacher.logits import extract  # noqa: E402
 from mlx_distill.paths import REPO  # noqa: E402
 
-from helpers import ddp_corpus, run_one_and_torchrun_two  # noqa: E402
+from helpers import ddp_corpus, free_ports, run_one_and_torchrun_two  # noqa: E402
 
 
 @pytest.mark.slow  # three processes that import torch (~50 s on an idle 2-core CPU)
@@ -30,7 +30,7 @@ def test_torchrun_two_ranks_kd_with_partial_coverage(tiny_model, tiny_llama, tmp
             "--iters", "3", "--batch-size", "4", "--grad-accumulation", "2", "--val-every", "3", "--report-every", "1",
             "--learning-rate", "3e-3", "--warmup", "1", "--lora-layers", "-1", "--lora-rank", "4",
             "--max-seq-length", "256", "--kd", str(tmp_path / "kd"), "--kd-top-k", "4", "--kd-min-coverage", "0.2"]
-    run_one_and_torchrun_two(args, tmp_path / "one", tmp_path / "two", 29523, REPO)
+    run_one_and_torchrun_two(args, tmp_path / "one", tmp_path / "two", free_ports(), REPO)
 
     from safetensors.numpy import load_file
 
