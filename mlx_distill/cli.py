@@ -59,8 +59,11 @@ def main(argv=None) -> None:
     except OSError as e:  # a file or folder the system refused (full disk, no permission, a file in the path)
         from mlx_distill.io import describe_os_error
 
-        print(f"error: {describe_os_error(e)} (check the path, its permissions and the free disk space)",
-              file=sys.stderr)
+        if e.filename:
+            print(f"error: {describe_os_error(e)} (check the path, its permissions and the free disk space)",
+                  file=sys.stderr)
+        else:  # no file named: a socket or connection error, said as it is
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         raise SystemExit(1)
     except KeyboardInterrupt as e:  # mlx_distill.interrupts.Interrupted carries 130 (SIGINT) or 143 (SIGTERM)
         from mlx_distill.interrupts import exit_code
