@@ -158,13 +158,19 @@ def unpermute(w, n_head: int):
     return w.reshape(n_head, d, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_name(gguf_name: str) -> str:
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
+def map_name(gguf_name: str, top: dict, block: dict, arch: str) -> str:
+    """A GGUF tensor name -> its Hugging Face / mlx-lm name by the two tables (whole-model tensors,
+    per-block tensors `blk.N.<name>`); an unknown tensor is an InputError naming `arch`."""
+    if gguf_name in top:
+        return top[gguf_name]
     parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
-    raise InputError(f"GGUF tensor {gguf_name!r} has no llama counterpart; this converter does not handle it")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in block:
+        return f"model.layers.{parts[1]}.{block[parts[2]]}"
+    raise InputError(f"GGUF tensor {gguf_name!r} has no {arch} counterpart; this converter does not handle it")
+
+
+def hf_name(gguf_name: str) -> str:
+    return map_name(gguf_name, _TOP_NAMES, _BLOCK_NAMES, "llama")
 
 
 def convert_weights(reader, cfg: dict) -> dict:

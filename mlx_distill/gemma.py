@@ -182,12 +182,7 @@ def hf_config(meta: dict) -> dict:
 
 
 def hf_name(gguf_name: str) -> str:
-    if gguf_name in _TOP_NAMES:
-        return _TOP_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_NAMES:
-        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}"
-    raise InputError(f"GGUF tensor {gguf_name!r} has no gemma3_text counterpart; this converter does not handle it")
+    return embedded.map_name(gguf_name, _TOP_NAMES, _BLOCK_NAMES, "gemma3_text")
 
 
 def convert_weights(reader) -> dict:
