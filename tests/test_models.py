@@ -213,3 +213,40 @@ def test_portable_name_keeps_a_hub_id_and_resolves_paths(tmp_path, monkeypatch):
     (tmp_path / "local").mkdir()
     assert portable_name("local", str(tmp_path / "local")) == str(tmp_path / "local")  # a folder, not a repo id
     assert portable_name("./x/y/z", "/abs/x/y/z") == "/abs/x/y/z"
+
+
+def test_quantized_layers_on_blas_match_mlx_quantized_matmul(tiny_model, tmp_path):
+    """On a CPU, `load_mlx` routes 4-bit layers through dequantize-then-matmul (60x faster here than
+    MLX's CPU quantized matmul): the logits and the LoRA gradients must be those of
+    `mx.quantized_matmul`, for training-sized inputs (>= 32 rows) and for decode-sized ones."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm import convert, load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    q = tmp_path / "q4"
+    convert(str(tiny_model), mlx_path=str(q), quantize=True, q_bits=4, q_group_size=32)
+    plain, _ = load(str(q))
+    fast, _ = models.load_mlx(str(q))
+    layers = [m for _, m in fast.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert layers and all(type(m).__name__.startswith("CPUQuantized") for m in layers)
+    assert models.use_blas_for_quantized(load(str(tiny_model))[0]) == 0  # a float model: nothing to switch
+
+    def lora_grads(model, x):
+        model.freeze()
+        linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+        mx.random.seed(1)  # the same nonzero adapter in both models (lora_b starts at zero)
+        model.update(tree_map(lambda a: 0.05 * mx.random.normal(a.shape), model.trainable_parameters()))
+        value, grads = nn.value_and_grad(model, lambda m: (m(x) ** 2).mean())(model)
+        return value.item(), dict(tree_flatten(grads))
+
+    for x in (mx.random.randint(0, 500, (4, 10)), mx.random.randint(0, 500, (3, 1))):  # BLAS path; decode-sized
+        a, b = plain(x), fast(x)
+        assert mx.abs(a - b).max().item() <= 1e-4 * mx.abs(a).max().item()
+    x = mx.random.randint(0, 500, (4, 12))
+    (va, ga), (vb, gb) = lora_grads(plain, x), lora_grads(fast, x)
+    assert abs(va - vb) <= 1e-4 * abs(va)
+    assert ga and ga.keys() == gb.keys()
+    for k in ga:
+        assert mx.abs(ga[k] - gb[k]).max().item() <= 1e-3 * (mx.abs(ga[k]).max().item() or 1.0), k

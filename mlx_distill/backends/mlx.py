@@ -143,10 +143,10 @@ class MLXBackend(BackendBase):
 
     # ------------------------------------------------------------------ model
     def load(self):
-        from mlx_lm import load
+        from mlx_distill.models import load_mlx
 
         self.model_path = resolve_model(self.cfg.model)
-        self.model, self.tokenizer = load(self.model_path)
+        self.model, self.tokenizer = load_mlx(self.model_path)
         return self.model, self.tokenizer
 
     def prepare(self):

@@ -531,11 +531,9 @@ class MLXClient:
         if model_obj is not None:
             self.model, self.tokenizer = model_obj
         else:
-            from mlx_lm import load
+            from mlx_distill.models import load_mlx, resolve_model
 
-            from mlx_distill.models import resolve_model
-
-            self.model, self.tokenizer = load(resolve_model(self.model_path), adapter_path=adapter_path)
+            self.model, self.tokenizer = load_mlx(resolve_model(self.model_path), adapter_path=adapter_path)
         # mlx_lm.load leaves (adapter) weights lazy, tied to this thread's stream; decoding runs
         # in a worker thread, where evaluating them fails ("There is no Stream(cpu, 0) in current thread").
         import mlx.core as mx

@@ -37,9 +37,9 @@ class LocalTeacher:
             backend = auto_backend()
         self.backend = backend
         if self.backend == "mlx":
-            from mlx_lm import load
+            from mlx_distill.models import load_mlx
 
-            self.model, self.tokenizer = load(self.path, adapter_path=self.adapter or None)
+            self.model, self.tokenizer = load_mlx(self.path, adapter_path=self.adapter or None)
         else:  # float32 on CPU, bfloat16 on CUDA (backends/torch.py)
             from mlx_distill.backends.torch import load_model
 
