@@ -216,17 +216,18 @@ def model_main(argv=None) -> None:
     print(f"[model] ready in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
 
 
-__all__ = ["model_main", "resolve_model", "portable_name", "from_hub", "check_folder", "is_hub_id", "what_to_pass", "HUB_FILES"]
+__all__ = ["model_main", "resolve_model", "load_mlx", "use_blas_for_quantized", "portable_name", "from_hub", "check_folder", "is_hub_id", "what_to_pass", "HUB_FILES"]
 
 
 # --------------------------------------------------------------------------- loading with MLX
 # On a CPU, MLX's quantized matmul is a plain loop, not BLAS: for a 1024-row batch through a
-# 640x2048 4-bit layer it took 1.33 s against 22 ms for dequantize-then-matmul (60x; forward and
-# backward alike; scripts/bench_cpu_quantized.py). Metal and CUDA have fast quantized kernels, so
+# 640x2048 4-bit layer it took 1.33 s against 22 ms for dequantize-then-matmul (60x idle; 30-39x
+# forward and 10-13x for the input gradient under load: scripts/bench_cpu_quantized.py). Metal and CUDA have fast quantized kernels, so
 # the switch below happens on a CPU device only, and only for inputs of at least `_DEQUANT_ROWS`
 # rows (decoding a few sequences is as fast either way). The dequantized weight is never kept for
 # the backward pass: the custom vjp dequantizes again, so QLoRA's memory stays that of the 4-bit
-# weights plus a layer's float32 copy at a time (compiled or not: tests/test_models.py).
+# weights plus a few layers' float32 copies in flight, however deep the model (compiled or not:
+# tests/test_models.py).
 _DEQUANT_ROWS = 32
 _DEQUANT_MATMULS: dict = {}
 
