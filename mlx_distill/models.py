@@ -23,6 +23,7 @@ Every failure raises `io.InputError` naming the flag, what was tried, and what t
 prints it as one ``error: ...`` line and exits 2.
 """
 
+import functools
 import os
 import re
 import sys
@@ -229,37 +230,35 @@ __all__ = ["model_main", "resolve_model", "load_mlx", "use_blas_for_quantized", 
 # weights plus a few layers' float32 copies in flight, however deep the model (compiled or not:
 # tests/test_models.py).
 _DEQUANT_ROWS = 32
-_DEQUANT_MATMULS: dict = {}
 
 
+@functools.cache
 def _dequant_matmul(group_size: int, bits: int, mode: str):
-    """x @ dequantize(w).T as an mx.custom_function whose vjp dequantizes again (no saved copy)."""
-    key = (group_size, bits, mode)
-    if key not in _DEQUANT_MATMULS:
-        import mlx.core as mx
+    """x @ dequantize(w).T as an mx.custom_function whose vjp dequantizes again (no saved copy);
+    one per quantization setting."""
+    import mlx.core as mx
 
-        def weight(w, scales, biases, after):
-            # Tied to `after` (the input, or in the backward pass the cotangent): MLX schedules a
-            # node whose inputs are all ready early, so an untied dequantize of every layer ran
-            # first and all the float copies coexisted (8 layers of 1024 x 1024: 34 MB, where one
-            # is 4 MB); and mx.compile merged the forward and backward dequantize into one node,
-            # alive until the backward pass (+0.40 GB for Gemma-3-270M). Tied, each copy is made
-            # just before its product and freed after it.
-            w, scales, biases = mx.depends([w, scales, biases], [after])
-            return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode).astype(after.dtype)
+    def weight(w, scales, biases, after):
+        # Tied to `after` (the input, or in the backward pass the cotangent): MLX schedules a
+        # node whose inputs are all ready early, so an untied dequantize of every layer ran
+        # first and all the float copies coexisted (24 layers of 1024 x 1024: 130 MB, where
+        # one is 4 MB); and mx.compile merged the forward and backward dequantize into one
+        # node, alive until the backward pass (+0.40 GB for Gemma-3-270M). Tied, each copy is
+        # made just before its product: ~18 MB in flight at 8 and at 16 layers.
+        w, scales, biases = mx.depends([w, scales, biases], [after])
+        return mx.dequantize(w, scales, biases, group_size=group_size, bits=bits, mode=mode).astype(after.dtype)
 
-        @mx.custom_function
-        def matmul(x, w, scales, biases):
-            return x @ weight(w, scales, biases, x).T
+    @mx.custom_function
+    def matmul(x, w, scales, biases):
+        return x @ weight(w, scales, biases, x).T
 
-        @matmul.vjp
-        def matmul_vjp(primals, cotangent, output):
-            x, w, scales, biases = primals
-            frozen = [mx.zeros_like(a) for a in (w, scales, biases)]  # quantized weights are never trained
-            return (cotangent @ weight(w, scales, biases, cotangent), *frozen)
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, w, scales, biases = primals
+        frozen = [mx.zeros_like(a) for a in (w, scales, biases)]  # quantized weights are never trained
+        return (cotangent @ weight(w, scales, biases, cotangent), *frozen)
 
-        _DEQUANT_MATMULS[key] = matmul
-    return _DEQUANT_MATMULS[key]
+    return matmul
 
 
 def _quantized_matmul(layer, x):
@@ -295,13 +294,9 @@ def use_blas_for_quantized(model) -> int:
     return n
 
 
-_CPU_CLASSES: list = []
-
-
+@functools.cache
 def _cpu_classes():
     """The two subclasses (made once, on first use: mlx is imported lazily here)."""
-    if _CPU_CLASSES:
-        return _CPU_CLASSES
     import mlx.nn as nn
 
     class CPUQuantizedLinear(nn.QuantizedLinear):
@@ -313,8 +308,7 @@ def _cpu_classes():
         def as_linear(self, x):
             return _quantized_matmul(self, x)
 
-    _CPU_CLASSES.extend([CPUQuantizedLinear, CPUQuantizedEmbedding])
-    return _CPU_CLASSES
+    return CPUQuantizedLinear, CPUQuantizedEmbedding
 
 
 def load_mlx(path: str, adapter_path: str | None = None, **kwargs):

@@ -27,15 +27,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def timed(fn, rounds: int) -> list[float]:
+def timed(fn) -> float:
+    """Seconds to build and evaluate fn()'s arrays once."""
     import mlx.core as mx
 
-    out = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        mx.eval(fn())
-        out.append(time.perf_counter() - t)
-    return out
+    t = time.perf_counter()
+    mx.eval(fn())
+    return time.perf_counter() - t
 
 
 def layers(rows_list: list[int], rounds: int) -> None:
@@ -44,6 +42,11 @@ def layers(rows_list: list[int], rounds: int) -> None:
 
     from mlx_distill.models import use_blas_for_quantized
 
+    class Holder(nn.Module):  # a one-layer "model" for use_blas_for_quantized
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
     print(f"{'in -> out':>12} {'rows':>5} | {'fwd MLX s':>9} {'fwd ours s':>10} {'x':>6} | "
           f"{'grad MLX s':>10} {'grad ours s':>11} {'x':>6} | max rel diff")
     for d_in, d_out in ((640, 2048), (2048, 640), (640, 1024)):
@@ -51,12 +54,6 @@ def layers(rows_list: list[int], rounds: int) -> None:
         base = nn.QuantizedLinear.from_linear(nn.Linear(d_in, d_out, bias=False), group_size=64, bits=4)
         ours = nn.QuantizedLinear.from_linear(nn.Linear(d_in, d_out, bias=False), group_size=64, bits=4)
         ours.update(base.parameters())
-
-        class Holder(nn.Module):
-            def __init__(self, layer):
-                super().__init__()
-                self.layer = layer
-
         assert use_blas_for_quantized(Holder(ours)) == 1
         for rows in rows_list:
             x = mx.random.normal((rows, d_in))
@@ -66,10 +63,10 @@ def layers(rows_list: list[int], rounds: int) -> None:
                 mx.eval(f())
             t = {k: [] for k in "abcd"}
             for _ in range(rounds):
-                t["a"] += timed(fa, 1)
-                t["b"] += timed(fb, 1)
-                t["c"] += timed(lambda: ga(x), 1)
-                t["d"] += timed(lambda: gb(x), 1)
+                t["a"].append(timed(fa))
+                t["b"].append(timed(fb))
+                t["c"].append(timed(lambda: ga(x)))
+                t["d"].append(timed(lambda: gb(x)))
             m = {k: statistics.median(v) for k, v in t.items()}
             ref = base(x)
             diff = (mx.abs(ref - ours(x)).max() / mx.abs(ref).max()).item()
@@ -115,7 +112,7 @@ def model_step(name: str, batch: int, seq: int, rounds: int) -> None:
     for _ in range(rounds):
         for label, step in runs.items():
             mx.reset_peak_memory()
-            times[label] += timed(step, 1)
+            times[label].append(timed(step))
             peaks[label] = max(peaks[label], mx.get_peak_memory() / 1e9)
     base = statistics.median(times[next(iter(runs))])
     print(f"\n{name}, LoRA step on {batch} x {seq} tokens (both models resident; peak = the process's):")
